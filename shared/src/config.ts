@@ -1,0 +1,64 @@
+import { z } from 'zod'
+
+export const Modality = z.enum(['text', 'image', 'audio'])
+export type Modality = z.infer<typeof Modality>
+
+export const Task = z.string().regex(/^[a-z][a-z0-9_-]{0,31}$/, 'task names are lower-case words')
+
+/** An expert pool: one queue, one model, optionally a subset of the model's experts. */
+export const ExpertPool = z.object({
+  name: z.string().regex(/^[a-z][a-z0-9-]{0,62}$/, 'pool names are lower-case, digits and dashes'),
+  description: z.string().default(''),
+  /** Model directory (HF layout), relative to the repo root unless absolute. */
+  modelDir: z.string().min(1),
+  /** The model id clients see (`model` in the API). */
+  modelId: z.string().min(1),
+  /** Experts this pool may route tokens to; null means all. */
+  experts: z.array(z.number().int().min(0)).min(1).nullable().default(null),
+  modalities: z.array(Modality).min(1).default(['text']),
+  /** Deeper than this, the edge answers 503 with Retry-After instead of queueing. */
+  maxQueueDepth: z.number().int().positive().default(1000),
+  maxTokensLimit: z.number().int().positive().default(4096),
+})
+export type ExpertPool = z.infer<typeof ExpertPool>
+
+export const PoolsFile = z
+  .object({ pools: z.array(ExpertPool).min(1) })
+  .refine((f) => new Set(f.pools.map((p) => p.name)).size === f.pools.length, 'pool names must be unique')
+export type PoolsFile = z.infer<typeof PoolsFile>
+
+export const Route = z.object({
+  task: Task,
+  utterances: z.array(z.string().min(1)).min(1),
+})
+export type Route = z.infer<typeof Route>
+
+export const WebhookEndpoint = z.object({
+  id: z.string().min(1),
+  url: z.string().url(),
+  secret: z.string().startsWith('whsec_'),
+  events: z.array(z.string()).min(1),
+  disabled: z.boolean().default(false),
+})
+export type WebhookEndpoint = z.infer<typeof WebhookEndpoint>
+
+/** Per-tenant config: which pools, how requests map to them, limits. */
+export const TenantConfig = z.object({
+  id: z.string().regex(/^[a-zA-Z0-9_-]{1,64}$/),
+  name: z.string().min(1),
+  allowedPools: z.array(z.string()).min(1),
+  defaultPool: z.string(),
+  /** `task` or `task:modality` -> pool name. */
+  poolMap: z.record(z.string(), z.string()).default({}),
+  /** Extra routes (or extra utterances for built-in ones). */
+  routes: z.array(Route).default([]),
+  rateLimits: z
+    .object({
+      requestsPerMinute: z.number().int().positive(),
+      tokensPerMinute: z.number().int().positive(),
+    })
+    .default({ requestsPerMinute: 600, tokensPerMinute: 200_000 }),
+  cacheTtlSeconds: z.number().int().min(0).default(300),
+  webhooks: z.array(WebhookEndpoint).default([]),
+})
+export type TenantConfig = z.infer<typeof TenantConfig>

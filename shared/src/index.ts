@@ -1,0 +1,6 @@
+export * from './config.ts'
+export * from './errors.ts'
+export * from './job.ts'
+export * from './keys.ts'
+export * from './openai.ts'
+export * from './stream.ts'

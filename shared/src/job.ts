@@ -1,0 +1,44 @@
+import { z } from 'zod'
+import { ChatMessage } from './openai.ts'
+
+/** What the worker should generate from: chat messages (templated by the model) or a raw prompt. */
+export const JobInput = z.discriminatedUnion('kind', [
+  z.object({ kind: z.literal('chat'), messages: z.array(ChatMessage).min(1) }),
+  z.object({ kind: z.literal('text'), prompt: z.string() }),
+  z.object({ kind: z.literal('tokens'), inputIds: z.array(z.number().int().min(0)).min(1) }),
+])
+export type JobInput = z.infer<typeof JobInput>
+
+/** Sampling, already normalised from the OpenAI request (defaults applied at the edge). */
+export const SamplingParams = z.object({
+  maxTokens: z.number().int().positive(),
+  temperature: z.number().min(0).max(2),
+  topP: z.number().gt(0).max(1),
+  topK: z.number().int().min(0),
+  /** Always set: the request's seed, or one the edge derived from the job id, so a retry repeats itself. */
+  seed: z.number().int().min(0).max(Number.MAX_SAFE_INTEGER),
+  stop: z.array(z.string().min(1)).max(4),
+})
+export type SamplingParams = z.infer<typeof SamplingParams>
+
+/** The BullMQ job payload on `pool.<name>`. The job id is the request id. */
+export const JobPayload = z.object({
+  version: z.literal(1),
+  requestId: z.string().min(1).max(128),
+  tenantId: z.string().min(1).max(128),
+  pool: z.string().min(1).max(64),
+  model: z.string().min(1).max(256),
+  input: JobInput,
+  sampling: SamplingParams,
+  /** Epoch ms after which the job is not worth running. */
+  deadline: z.number().int().positive(),
+  /** Epoch ms when the edge accepted the request (queue-wait metrics). */
+  createdAt: z.number().int().positive(),
+  /** Batch jobs run behind live traffic. */
+  priority: z.enum(['live', 'batch']).default('live'),
+})
+export type JobPayload = z.infer<typeof JobPayload>
+export type JobPayloadInput = z.input<typeof JobPayload>
+
+/** BullMQ priorities: lower runs first. */
+export const JOB_PRIORITY = { live: 1, batch: 10 } as const

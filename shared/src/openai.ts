@@ -1,0 +1,86 @@
+import { z } from 'zod'
+
+// The OpenAI-compatible request bodies the service accepts. Parameters that
+// OpenAI has but we do not implement are listed so a request using them gets a
+// 400 naming them, never silence.
+
+const TextPart = z.object({ type: z.literal('text'), text: z.string() })
+const ImagePart = z.object({
+  type: z.literal('image_url'),
+  image_url: z.object({ url: z.string(), detail: z.enum(['auto', 'low', 'high']).optional() }),
+})
+const AudioPart = z.object({
+  type: z.literal('input_audio'),
+  input_audio: z.object({ data: z.string(), format: z.string() }),
+})
+export const ContentPart = z.discriminatedUnion('type', [TextPart, ImagePart, AudioPart])
+export type ContentPart = z.infer<typeof ContentPart>
+
+export const ChatMessage = z.object({
+  role: z.enum(['system', 'developer', 'user', 'assistant']),
+  content: z.union([z.string(), z.array(ContentPart).min(1)]),
+  name: z.string().max(256).optional(),
+})
+export type ChatMessage = z.infer<typeof ChatMessage>
+
+export const Stop = z.union([z.string().min(1), z.array(z.string().min(1)).max(4)]).nullable()
+
+/** Sampling parameters shared by chat and text completions. */
+const SamplingFields = {
+  model: z.string().min(1).max(256),
+  max_tokens: z.number().int().positive().nullable().optional(),
+  temperature: z.number().min(0).max(2).nullable().optional(),
+  top_p: z.number().gt(0).max(1).nullable().optional(),
+  /** Not in OpenAI's API, but in vLLM's and most open servers'. */
+  top_k: z.number().int().min(0).nullable().optional(),
+  seed: z.number().int().min(0).max(Number.MAX_SAFE_INTEGER).nullable().optional(),
+  stop: Stop.optional(),
+  stream: z.boolean().nullable().optional(),
+  stream_options: z.object({ include_usage: z.boolean().optional() }).nullable().optional(),
+  user: z.string().max(256).optional(),
+  metadata: z.record(z.string().max(64), z.string().max(512)).nullable().optional(),
+  n: z.literal(1).nullable().optional(),
+}
+
+export const ChatCompletionRequest = z.strictObject({
+  ...SamplingFields,
+  messages: z.array(ChatMessage).min(1),
+  max_completion_tokens: z.number().int().positive().nullable().optional(),
+})
+export type ChatCompletionRequest = z.infer<typeof ChatCompletionRequest>
+
+export const CompletionRequest = z.strictObject({
+  ...SamplingFields,
+  prompt: z.union([z.string(), z.array(z.number().int().min(0)).min(1)]),
+})
+export type CompletionRequest = z.infer<typeof CompletionRequest>
+
+/** OpenAI parameters we know but do not support; a request that sets one gets a 400 naming it. */
+export const UNSUPPORTED_PARAMETERS = [
+  'tools',
+  'tool_choice',
+  'functions',
+  'function_call',
+  'logprobs',
+  'top_logprobs',
+  'logit_bias',
+  'response_format',
+  'audio',
+  'modalities',
+  'prediction',
+  'best_of',
+  'echo',
+  'suffix',
+  'presence_penalty',
+  'frequency_penalty',
+  'parallel_tool_calls',
+  'web_search_options',
+] as const
+
+export type FinishReason = 'stop' | 'length' | 'cancelled' | 'error'
+
+export interface Usage {
+  prompt_tokens: number
+  completion_tokens: number
+  total_tokens: number
+}

@@ -1,0 +1,62 @@
+import { z } from 'zod'
+import { ErrorCode } from './errors.ts'
+
+// Events on `moe:job:<id>:events`. Every token carries its index, so a consumer
+// that reconnects, or reads a job retried after a crash, keeps each index once.
+
+export const TokenEvent = z.object({
+  type: z.literal('token'),
+  index: z.number().int().min(0),
+  text: z.string(),
+  tokenId: z.number().int().min(0),
+})
+export type TokenEvent = z.infer<typeof TokenEvent>
+
+export const UsageStats = z.object({
+  promptTokens: z.number().int().min(0),
+  completionTokens: z.number().int().min(0),
+})
+export type UsageStats = z.infer<typeof UsageStats>
+
+export const Timings = z.object({
+  queueWaitMs: z.number().min(0),
+  timeToFirstTokenMs: z.number().min(0),
+  totalMs: z.number().min(0),
+  tokensPerSecond: z.number().min(0),
+})
+export type Timings = z.infer<typeof Timings>
+
+/** Tokens routed to each expert, per MoE layer: expertLoad[layer][expert]. */
+export const RoutingStats = z.object({
+  expertLoad: z.array(z.array(z.number().int().min(0))),
+  allowedExperts: z.array(z.number().int().min(0)).nullable(),
+})
+export type RoutingStats = z.infer<typeof RoutingStats>
+
+export const DoneEvent = z.object({
+  type: z.literal('done'),
+  finishReason: z.enum(['stop', 'length', 'cancelled']),
+  text: z.string(),
+  usage: UsageStats,
+  timings: Timings,
+  routing: RoutingStats,
+  seed: z.number().int().min(0),
+})
+export type DoneEvent = z.infer<typeof DoneEvent>
+
+export const ErrorEvent = z.object({
+  type: z.literal('error'),
+  code: ErrorCode,
+  message: z.string(),
+})
+export type ErrorEvent = z.infer<typeof ErrorEvent>
+
+export const StreamEvent = z.discriminatedUnion('type', [TokenEvent, DoneEvent, ErrorEvent])
+export type StreamEvent = z.infer<typeof StreamEvent>
+
+/** Redis stream entries carry one field, `e`, holding the event as JSON. */
+export const STREAM_FIELD = 'e'
+
+export const encodeStreamEvent = (event: StreamEvent): string => JSON.stringify(event)
+
+export const decodeStreamEvent = (raw: string): StreamEvent => StreamEvent.parse(JSON.parse(raw))

@@ -1,0 +1,69 @@
+import { describe, expect, it } from 'vitest'
+import poolsJson from '../../infra/config/pools.json' with { type: 'json' }
+import {
+  ChatCompletionRequest,
+  decodeStreamEvent,
+  encodeStreamEvent,
+  JobPayload,
+  jobCancelKey,
+  jobEventsKey,
+  MoeError,
+  PoolsFile,
+  poolQueueName,
+} from '../src/index.ts'
+
+describe('contracts', () => {
+  it('names queues and keys as ARCHITECTURE.md says', () => {
+    expect(poolQueueName('code')).toBe('pool.code')
+    expect(jobEventsKey('r1')).toBe('moe:job:r1:events')
+    expect(jobCancelKey('r1')).toBe('moe:job:r1:cancel')
+  })
+
+  it('accepts the shipped pools file and rejects duplicate names', () => {
+    const pools = PoolsFile.parse(poolsJson)
+    expect(pools.pools.some((p) => p.experts !== null)).toBe(true)
+    const dup = { pools: [pools.pools[0], pools.pools[0]] }
+    expect(PoolsFile.safeParse(dup).success).toBe(false)
+  })
+
+  it('rejects unknown chat parameters instead of ignoring them', () => {
+    const ok = ChatCompletionRequest.safeParse({ model: 'm', messages: [{ role: 'user', content: 'hi' }] })
+    expect(ok.success).toBe(true)
+    const bad = ChatCompletionRequest.safeParse({
+      model: 'm',
+      messages: [{ role: 'user', content: 'hi' }],
+      tools: [],
+    })
+    expect(bad.success).toBe(false)
+  })
+
+  it('validates job payloads and fills the priority default', () => {
+    const job = JobPayload.parse({
+      version: 1,
+      requestId: 'r1',
+      tenantId: 't',
+      pool: 'general',
+      model: 'tiny',
+      input: { kind: 'text', prompt: 'hello' },
+      sampling: { maxTokens: 8, temperature: 0, topP: 1, topK: 0, seed: 1, stop: [] },
+      deadline: Date.now() + 1000,
+      createdAt: Date.now(),
+    })
+    expect(job.priority).toBe('live')
+    expect(JobPayload.safeParse({ ...job, sampling: { ...job.sampling, maxTokens: -1 } }).success).toBe(false)
+  })
+
+  it('round-trips stream events and refuses malformed ones', () => {
+    const ev = { type: 'token', index: 3, text: 'a', tokenId: 97 } as const
+    expect(decodeStreamEvent(encodeStreamEvent(ev))).toEqual(ev)
+    expect(() => decodeStreamEvent('{"type":"token","index":-1}')).toThrow()
+  })
+
+  it('maps errors to the OpenAI error shape', () => {
+    const err = new MoeError('invalid_api_key', 'bad key')
+    expect(err.status).toBe(401)
+    expect(err.toBody()).toEqual({
+      error: { message: 'bad key', type: 'authentication_error', param: null, code: 'invalid_api_key' },
+    })
+  })
+})

@@ -1,0 +1,2 @@
+// End-to-end suites live here; see README "Tests".
+export {}
