@@ -1,0 +1,198 @@
+import { parseArgs } from 'node:util'
+import { type GenerateRequest, MoeEngine } from './engine/engine.ts'
+import { ModelDirError, openModelDir } from './engine/model-dir.ts'
+import { ensureExported } from './engine/onnx-export.ts'
+import { BENCH_CONFIG, TINY_CONFIG, writeRandomMixtral } from './engine/random-model.ts'
+import type { ExecutionProviderChoice } from './engine/session.ts'
+
+const USAGE = `usage: moe <command> [options]
+
+commands:
+  generate --model DIR (--prompt TEXT | --input-ids 1,2,3) [--max-tokens N] [--temperature T]
+           [--top-p P] [--top-k K] [--seed S] [--stop TEXT]... [--experts 0,2,5] [--chat] [--json]
+           [--ep cpu|cuda|auto] [--threads N]
+      Generate from a prompt. --chat applies the model's chat template; --json prints one JSON object.
+  export --model DIR [--dtype fp32|fp16]
+      Export the model to ONNX (cached next to the model) and print where.
+  make-model --out DIR [--preset tiny|bench] [--seed N]
+      Write a deterministic random-weight Mixtral in the Hugging Face layout.
+  serve [--pools a,b]
+      Run the GPU worker service (see README).
+`
+
+class UsageError extends Error {}
+
+function num(
+  name: string,
+  v: string | undefined,
+  opts: { int?: boolean; min?: number; max?: number } = {},
+): number | undefined {
+  if (v === undefined) return undefined
+  const n = Number(v)
+  if (
+    !Number.isFinite(n) ||
+    (opts.int && !Number.isInteger(n)) ||
+    (opts.min !== undefined && n < opts.min) ||
+    (opts.max !== undefined && n > opts.max)
+  )
+    throw new UsageError(
+      `--${name} must be ${opts.int ? 'an integer' : 'a number'}${opts.min !== undefined ? ` >= ${opts.min}` : ''}${opts.max !== undefined ? ` <= ${opts.max}` : ''} (got ${JSON.stringify(v)})`,
+    )
+  return n
+}
+
+function intList(name: string, v: string | undefined): number[] | undefined {
+  if (v === undefined) return undefined
+  const parts = v.split(',').map((s) => s.trim())
+  if (parts.some((p) => !/^\d+$/.test(p)))
+    throw new UsageError(`--${name} must be comma-separated non-negative integers (got ${JSON.stringify(v)})`)
+  return parts.map(Number)
+}
+
+function ep(v: string | undefined): ExecutionProviderChoice {
+  const e = v ?? process.env.MOE_EP ?? 'auto'
+  if (e !== 'cpu' && e !== 'cuda' && e !== 'auto')
+    throw new UsageError(`--ep / MOE_EP must be cpu, cuda or auto (got ${JSON.stringify(e)})`)
+  return e
+}
+
+async function generate(argv: string[]): Promise<void> {
+  const { values } = parseArgs({
+    args: argv,
+    strict: true,
+    options: {
+      model: { type: 'string' },
+      prompt: { type: 'string' },
+      'input-ids': { type: 'string' },
+      'max-tokens': { type: 'string' },
+      temperature: { type: 'string' },
+      'top-p': { type: 'string' },
+      'top-k': { type: 'string' },
+      seed: { type: 'string' },
+      stop: { type: 'string', multiple: true },
+      experts: { type: 'string' },
+      chat: { type: 'boolean' },
+      json: { type: 'boolean' },
+      ep: { type: 'string' },
+      threads: { type: 'string' },
+    },
+  })
+  if (!values.model) throw new UsageError('generate needs --model DIR')
+  if ((values.prompt === undefined) === (values['input-ids'] === undefined))
+    throw new UsageError('generate needs exactly one of --prompt TEXT or --input-ids 1,2,3')
+  const req: Omit<GenerateRequest, 'inputIds'> = {
+    maxTokens: num('max-tokens', values['max-tokens'], { int: true, min: 1 }) ?? 32,
+    temperature: num('temperature', values.temperature, { min: 0, max: 2 }) ?? 0,
+    topP: num('top-p', values['top-p'], { min: Number.MIN_VALUE, max: 1 }) ?? 1,
+    topK: num('top-k', values['top-k'], { int: true, min: 0 }) ?? 0,
+    seed: num('seed', values.seed, { int: true, min: 0, max: Number.MAX_SAFE_INTEGER }) ?? 0,
+    stop: values.stop ?? [],
+    allowedExperts: intList('experts', values.experts) ?? null,
+  }
+  const threads = num('threads', values.threads, { int: true, min: 1 })
+  const engine = await MoeEngine.load({
+    modelDir: values.model,
+    ep: ep(values.ep),
+    intraOpThreads: threads,
+    log: () => {},
+  })
+  let inputIds = intList('input-ids', values['input-ids'])
+  if (inputIds) {
+    const bad = inputIds.find((id) => id >= engine.config.vocab_size)
+    if (bad !== undefined)
+      throw new UsageError(`--input-ids: ${bad} is outside the vocabulary (size ${engine.config.vocab_size})`)
+  } else {
+    const prompt = values.prompt!
+    inputIds = values.chat
+      ? engine.tokenizer.encodeChat([{ role: 'user', content: prompt }])
+      : engine.tokenizer.encodePrompt(prompt)
+  }
+  const result = await engine.generate({
+    ...req,
+    inputIds,
+    onToken: values.json ? undefined : (t) => process.stdout.write(t.text),
+  })
+  if (values.json) {
+    process.stdout.write(
+      `${JSON.stringify({ output_ids: result.outputIds, text: result.text, finish_reason: result.finishReason, usage: { prompt_tokens: result.usage.promptTokens, completion_tokens: result.usage.completionTokens }, timings: result.timings, expert_load: result.expertLoad, ep: engine.ep })}\n`,
+    )
+  } else {
+    process.stdout.write(
+      `\n[${result.finishReason}; ${result.usage.completionTokens} tokens; ${result.timings.tokensPerSecond.toFixed(1)} tok/s; ${engine.ep}]\n`,
+    )
+  }
+}
+
+function exportCommand(argv: string[]): void {
+  const { values } = parseArgs({
+    args: argv,
+    strict: true,
+    options: { model: { type: 'string' }, dtype: { type: 'string' } },
+  })
+  if (!values.model) throw new UsageError('export needs --model DIR')
+  const dtype = values.dtype ?? 'fp32'
+  if (dtype !== 'fp32' && dtype !== 'fp16')
+    throw new UsageError(`--dtype must be fp32 or fp16 (got ${JSON.stringify(dtype)})`)
+  const t0 = performance.now()
+  const out = ensureExported(openModelDir(values.model), dtype)
+  console.log(
+    `${out.cached ? 'cached' : 'exported'} ${out.modelPath} (${Math.round(performance.now() - t0)} ms)`,
+  )
+}
+
+function makeModel(argv: string[]): void {
+  const { values } = parseArgs({
+    args: argv,
+    strict: true,
+    options: { out: { type: 'string' }, preset: { type: 'string' }, seed: { type: 'string' } },
+  })
+  if (!values.out) throw new UsageError('make-model needs --out DIR')
+  const preset = values.preset ?? 'tiny'
+  if (preset !== 'tiny' && preset !== 'bench')
+    throw new UsageError(`--preset must be tiny or bench (got ${JSON.stringify(preset)})`)
+  writeRandomMixtral(
+    values.out,
+    preset === 'tiny' ? TINY_CONFIG : BENCH_CONFIG,
+    num('seed', values.seed, { int: true, min: 0 }) ?? 20261129,
+  )
+  console.log(`wrote a ${preset} random-weight Mixtral to ${values.out}`)
+}
+
+async function main(argv: string[]): Promise<void> {
+  const [command, ...rest] = argv
+  switch (command) {
+    case 'generate':
+      return generate(rest)
+    case 'export':
+      return exportCommand(rest)
+    case 'make-model':
+      return makeModel(rest)
+    case 'serve': {
+      const { serve } = await import('./service/serve.ts')
+      return serve(rest)
+    }
+    case undefined:
+    case 'help':
+    case '--help':
+    case '-h':
+      process.stdout.write(USAGE)
+      return
+    default:
+      throw new UsageError(`unknown command ${JSON.stringify(command)}`)
+  }
+}
+
+try {
+  await main(process.argv.slice(2))
+} catch (e) {
+  if (e instanceof UsageError || (e as { code?: string }).code?.startsWith('ERR_PARSE_ARGS')) {
+    console.error(`moe: ${(e as Error).message}\n\n${USAGE}`)
+    process.exit(2)
+  }
+  if (e instanceof ModelDirError) {
+    console.error(`moe: bad model directory: ${e.message}`)
+    process.exit(1)
+  }
+  console.error(`moe: ${(e as Error).stack ?? e}`)
+  process.exit(1)
+}

@@ -1,0 +1,353 @@
+export interface SamplingParams {
+  /** 0 picks the most likely token (greedy); higher flattens the distribution. */
+  temperature: number
+  /** Nucleus: sample from the smallest set of most likely tokens whose probability reaches topP (1 = off). */
+  topP: number
+  /** Sample from the topK most likely tokens only (0 = off). */
+  topK: number
+  /** A non-negative safe integer; the same seed and logits give the same tokens on any machine. */
+  seed: number
+}
+
+const MASK64 = (1n << 64n) - 1n
+
+/** splitmix64: turns one 64-bit seed into well-mixed 64-bit words (used to fill a generator's state). */
+export function splitmix64(state: bigint): { value: bigint; next: bigint } {
+  const next = (state + 0x9e3779b97f4a7c15n) & MASK64
+  let z = next
+  z = ((z ^ (z >> 30n)) * 0xbf58476d1ce4e5b9n) & MASK64
+  z = ((z ^ (z >> 27n)) * 0x94d049bb133111ebn) & MASK64
+  return { value: z ^ (z >> 31n), next }
+}
+
+const rotl = (x: number, k: number) => (x << k) | (x >>> (32 - k))
+
+/**
+ * xoshiro128** (Blackman and Vigna): small, fast in 32-bit integer arithmetic, and specified exactly, so a
+ * seed gives the same draws on every machine. The state is filled from the seed by splitmix64, as its
+ * authors recommend.
+ */
+export class SeededRandom {
+  #s0: number
+  #s1: number
+  #s2: number
+  #s3: number
+
+  /** From a seed, or (for reference test vectors) from the four state words themselves. */
+  constructor(seed: number | bigint | readonly [number, number, number, number]) {
+    let words: readonly number[]
+    if (typeof seed === 'number' || typeof seed === 'bigint') {
+      const first = splitmix64(BigInt.asUintN(64, BigInt(seed)))
+      const second = splitmix64(first.next)
+      words = [first.value, first.value >> 32n, second.value, second.value >> 32n].map((w) =>
+        Number(w & 0xffffffffn),
+      )
+    } else {
+      words = seed
+    }
+    this.#s0 = words[0]! | 0
+    this.#s1 = words[1]! | 0
+    this.#s2 = words[2]! | 0
+    this.#s3 = words[3]! | 0
+    if ((this.#s0 | this.#s1 | this.#s2 | this.#s3) === 0)
+      throw new Error('xoshiro128** state must not be all zero')
+  }
+
+  nextUint32(): number {
+    const s1 = this.#s1
+    const result = Math.imul(rotl(Math.imul(s1, 5), 7), 9) >>> 0
+    const t = s1 << 9
+    this.#s2 ^= this.#s0
+    this.#s3 ^= this.#s1
+    this.#s1 ^= this.#s2
+    this.#s0 ^= this.#s3
+    this.#s2 ^= t
+    this.#s3 = rotl(this.#s3, 11)
+    return result
+  }
+
+  /** A uniform double in [0, 1) with 53 random bits. */
+  nextDouble(): number {
+    const high = this.nextUint32() >>> 5 // 27 bits
+    const low = this.nextUint32() >>> 6 // 26 bits
+    return (high * 67108864 + low) / 9007199254740992
+  }
+}
+
+/** A deterministic 53-bit seed from a job id (FNV-1a 64 of its UTF-8 bytes), for requests without a seed. */
+export function seedFromId(id: string): number {
+  let hash = 0xcbf29ce484222325n
+  for (const byte of new TextEncoder().encode(id)) {
+    hash = ((hash ^ BigInt(byte)) * 0x100000001b3n) & MASK64
+  }
+  return Number(hash >> 11n)
+}
+
+// Scratch space shared by every sampler: sampling is synchronous, so one call never overlaps another.
+let weights = new Float64Array(0)
+let candidates = new Int32Array(0)
+function scratch(vocab: number): void {
+  if (weights.length < vocab) {
+    weights = new Float64Array(vocab)
+    candidates = new Int32Array(vocab)
+  }
+}
+
+// Top-p without top-k buckets tokens by log-probability so only the boundary region needs sorting.
+const BUCKETS = 64
+const BUCKET_WIDTH = 0.5 // nats; the last bucket also takes everything below -32 nats
+const bucketMass = new Float64Array(BUCKETS)
+
+/** NaN logits count as impossible tokens. */
+const nanToNegInf = (x: number) => (x === x ? x : Number.NEGATIVE_INFINITY)
+
+/** Index of the largest logit; the lowest index wins ties. */
+export function argmax(logits: Float32Array): number {
+  let best = -1
+  let bestValue = Number.NEGATIVE_INFINITY
+  for (let i = 0; i < logits.length; i++) {
+    const x = logits[i]!
+    if (x > bestValue) {
+      bestValue = x
+      best = i
+    }
+  }
+  if (best < 0) throw new Error('Every logit is -Infinity or NaN: the model produced no usable distribution')
+  return best
+}
+
+/** Picks each next token of one sequence: temperature, then top-k, then top-p, then one seeded draw. */
+export class Sampler {
+  readonly params: Readonly<SamplingParams>
+  readonly #random: SeededRandom
+
+  constructor(params: SamplingParams) {
+    const { temperature, topP, topK, seed } = params
+    if (!(Number.isFinite(temperature) && temperature >= 0))
+      throw new Error(`temperature must be a finite number >= 0 (got ${temperature})`)
+    if (!(topP > 0 && topP <= 1)) throw new Error(`topP must be in (0, 1] (got ${topP})`)
+    if (!(Number.isInteger(topK) && topK >= 0))
+      throw new Error(`topK must be an integer >= 0, 0 meaning off (got ${topK})`)
+    if (!(Number.isSafeInteger(seed) && seed >= 0))
+      throw new Error(`seed must be an integer from 0 to ${Number.MAX_SAFE_INTEGER} (got ${seed})`)
+    this.params = { temperature, topP, topK, seed }
+    this.#random = new SeededRandom(seed)
+  }
+
+  sample(logits: Float32Array): number {
+    const { temperature, topP, topK } = this.params
+    const vocab = logits.length
+    if (vocab === 0) throw new Error('Cannot sample from empty logits')
+    if (temperature === 0) return argmax(logits)
+    // Exactly one draw per sampled token, whatever the filters keep, so the n-th token always uses the
+    // n-th draw of the seed's stream.
+    const u = this.#random.nextDouble()
+    if (topK === 1) return argmax(logits)
+
+    let max = Number.NEGATIVE_INFINITY
+    for (let i = 0; i < vocab; i++) if (logits[i]! > max) max = logits[i]!
+    if (max === Number.NEGATIVE_INFINITY) return argmax(logits) // throws with the reason
+    if (max === Number.POSITIVE_INFINITY) return argmax(logits) // an infinite logit is a certainty
+
+    scratch(vocab)
+    const invT = 1 / temperature
+    if (topK > 0 && topK < vocab) return this.#sampleSorted(logits, selectTopK(logits, topK), max, invT, u)
+    if (topP < 1) return this.#sampleNucleus(logits, max, invT, u)
+
+    // No filter: draw straight from the softmax, in index order.
+    let total = 0
+    for (let i = 0; i < vocab; i++) {
+      const w = Math.exp((nanToNegInf(logits[i]!) - max) * invT)
+      weights[i] = w
+      total += w
+    }
+    const target = u * total
+    let cumulative = 0
+    for (let i = 0; i < vocab; i++) {
+      cumulative += weights[i]!
+      if (cumulative > target) return i
+    }
+    return lastPositive(weights, vocab)
+  }
+
+  /** Samples among the first `count` ids of `candidates` (sorted best first), after top-p. */
+  #sampleSorted(logits: Float32Array, count: number, max: number, invT: number, u: number): number {
+    let total = 0
+    for (let j = 0; j < count; j++) {
+      const w = Math.exp((nanToNegInf(logits[candidates[j]!]!) - max) * invT)
+      weights[j] = w
+      total += w
+    }
+    return drawFromSorted(count, total, this.params.topP, u)
+  }
+
+  #sampleNucleus(logits: Float32Array, max: number, invT: number, u: number): number {
+    const vocab = logits.length
+    bucketMass.fill(0)
+    let total = 0
+    for (let i = 0; i < vocab; i++) {
+      const x = nanToNegInf(logits[i]!)
+      const w = Math.exp((x - max) * invT)
+      weights[i] = w
+      total += w
+      bucketMass[Math.min(BUCKETS - 1, Math.floor(((max - x) * invT) / BUCKET_WIDTH))]! += w
+    }
+    // Buckets are ordered by probability, so once the top buckets hold topP of the mass, every token in
+    // a lower bucket is less likely than all of them and lies outside the nucleus.
+    const needed = this.params.topP * total
+    let boundary = 0
+    let mass = bucketMass[0]!
+    while (mass < needed && boundary < BUCKETS - 1) mass += bucketMass[++boundary]!
+    let count = 0
+    for (let i = 0; i < vocab; i++) {
+      const x = nanToNegInf(logits[i]!)
+      if (weights[i]! > 0 && Math.min(BUCKETS - 1, Math.floor(((max - x) * invT) / BUCKET_WIDTH)) <= boundary)
+        candidates[count++] = i
+    }
+    const kept = sortBestFirst(logits, count)
+    // weights is reindexed by rank for drawFromSorted; total stays the full vocabulary's mass.
+    for (let j = 0; j < count; j++) weights[j] = Math.exp((nanToNegInf(logits[kept[j]!]!) - max) * invT)
+    return drawFromSorted(count, total, this.params.topP, u)
+  }
+}
+
+/** Sorts candidates[0, count) by logit, best first, lowest index first among equals. */
+function sortBestFirst(logits: Float32Array, count: number): Int32Array {
+  const view = candidates.subarray(0, count)
+  view.sort((a, b) => nanToNegInf(logits[b]!) - nanToNegInf(logits[a]!) || a - b)
+  return view
+}
+
+/**
+ * Draws from candidates[0, count) whose weights (by rank) are weights[0, count); top-p keeps the
+ * smallest prefix whose share of `total` reaches topP, and at least one token.
+ */
+function drawFromSorted(count: number, total: number, topP: number, u: number): number {
+  let keep = count
+  let kept = total
+  if (topP < 1) {
+    const needed = topP * total
+    let cumulative = 0
+    for (let j = 0; j < count; j++) {
+      cumulative += weights[j]!
+      if (cumulative >= needed) {
+        keep = j + 1
+        kept = cumulative
+        break
+      }
+    }
+    // Rounding can leave the sum a hair short of `needed`: then keep every candidate.
+    if (keep === count) kept = cumulative
+  }
+  const target = u * kept
+  let cumulative = 0
+  for (let j = 0; j < keep; j++) {
+    cumulative += weights[j]!
+    if (cumulative > target) return candidates[j]!
+  }
+  return candidates[lastPositive(weights, keep)]!
+}
+
+/** The last index with positive weight: the answer when rounding puts the draw past the cumulative sum. */
+function lastPositive(w: Float64Array, count: number): number {
+  for (let j = count - 1; j > 0; j--) if (w[j]! > 0) return j
+  return 0
+}
+
+/**
+ * Fills candidates[0, k) with the k largest logits, sorted best first, in O(V log k) with a min-heap
+ * whose root is the worst kept token, so most of the vocabulary costs one comparison.
+ */
+function selectTopK(logits: Float32Array, k: number): number {
+  const heap = candidates
+  // a is worse than b: smaller logit, or equal logit and larger index.
+  const worse = (a: number, b: number) => {
+    const x = nanToNegInf(logits[a]!)
+    const y = nanToNegInf(logits[b]!)
+    return x < y || (x === y && a > b)
+  }
+  const siftDown = (start: number, size: number) => {
+    let i = start
+    for (;;) {
+      const left = 2 * i + 1
+      if (left >= size) return
+      const right = left + 1
+      const child = right < size && worse(heap[right]!, heap[left]!) ? right : left
+      if (!worse(heap[child]!, heap[i]!)) return
+      const tmp = heap[i]!
+      heap[i] = heap[child]!
+      heap[child] = tmp
+      i = child
+    }
+  }
+  for (let i = 0; i < k; i++) heap[i] = i
+  for (let i = (k >> 1) - 1; i >= 0; i--) siftDown(i, k)
+  for (let i = k; i < logits.length; i++) {
+    if (worse(heap[0]!, i)) {
+      heap[0] = i
+      siftDown(0, k)
+    }
+  }
+  sortBestFirst(logits, k)
+  return k
+}
+
+/**
+ * Applies stop strings to streamed text as OpenAI does: the output ends just before the first stop
+ * string, which is never emitted. Stop strings may span deltas, so text that could be the start of one
+ * is held back until the next delta settles it.
+ */
+export class StopMatcher {
+  readonly #stops: string[]
+  #pending = ''
+  #stopped = false
+
+  constructor(stops: readonly string[]) {
+    // An empty stop string would match everywhere; OpenAI ignores it, and so do we.
+    this.#stops = stops.filter((s) => s.length > 0)
+  }
+
+  get stopped(): boolean {
+    return this.#stopped
+  }
+
+  push(textDelta: string): { emit: string; stopped: boolean } {
+    if (this.#stopped) return { emit: '', stopped: true }
+    if (this.#stops.length === 0) return { emit: textDelta, stopped: false }
+    const text = this.#pending + textDelta
+    let first = -1
+    for (const stop of this.#stops) {
+      const at = text.indexOf(stop)
+      if (at >= 0 && (first < 0 || at < first)) first = at
+    }
+    if (first >= 0) {
+      this.#stopped = true
+      this.#pending = ''
+      return { emit: text.slice(0, first), stopped: true }
+    }
+    const hold = this.#heldSuffixLength(text)
+    this.#pending = text.slice(text.length - hold)
+    return { emit: text.slice(0, text.length - hold), stopped: false }
+  }
+
+  /** The held-back text once the sequence ends without a stop. */
+  flush(): string {
+    const rest = this.#pending
+    this.#pending = ''
+    return rest
+  }
+
+  /** Length of the longest suffix of `text` that is a proper prefix of some stop string. */
+  #heldSuffixLength(text: string): number {
+    let longest = 0
+    for (const stop of this.#stops) {
+      for (let n = Math.min(stop.length - 1, text.length); n > longest; n--) {
+        if (text.endsWith(stop.slice(0, n))) {
+          longest = n
+          break
+        }
+      }
+    }
+    return longest
+  }
+}

@@ -1,0 +1,325 @@
+import { existsSync } from 'node:fs'
+import { readFile } from 'node:fs/promises'
+import { join } from 'node:path'
+import { Template } from '@huggingface/jinja'
+import { Tokenizer } from '@huggingface/tokenizers'
+import { z } from 'zod'
+
+export interface ChatContentPart {
+  type: string
+  text?: string
+}
+
+export interface ChatMessage {
+  role: string
+  content: string | ChatContentPart[]
+}
+
+/** Where the two parsed objects came from, so validation errors name the file to fix. */
+export interface TokenizerSources {
+  tokenizerJson: string
+  tokenizerConfig: string
+}
+
+// HF writes special tokens in tokenizer_config.json either as strings or as AddedToken objects.
+const ConfigToken = z.union([z.string(), z.object({ content: z.string() }).loose()]).nullish()
+
+const TokenizerConfigFile = z
+  .object({
+    bos_token: ConfigToken,
+    eos_token: ConfigToken,
+    unk_token: ConfigToken,
+    pad_token: ConfigToken,
+    add_bos_token: z.boolean().nullish(),
+    model_max_length: z.number().nullish(),
+    clean_up_tokenization_spaces: z.boolean().nullish(),
+    // Older transformers saved several named templates; "default" is the one chat uses.
+    chat_template: z
+      .union([z.string(), z.array(z.object({ name: z.string(), template: z.string() }))])
+      .nullish(),
+  })
+  .loose()
+type TokenizerConfigFile = z.infer<typeof TokenizerConfigFile>
+
+const TokenizerJsonFile = z
+  .object({
+    model: z.object({ type: z.string().optional() }).loose(),
+    added_tokens: z
+      .array(
+        z
+          .object({ id: z.number().int().min(0), content: z.string(), special: z.boolean().optional() })
+          .loose(),
+      )
+      .default([]),
+  })
+  .loose()
+
+function describeIssues(error: z.ZodError): string {
+  return error.issues
+    .map((i) => `${i.path.length > 0 ? i.path.join('.') : '(root)'}: ${i.message}`)
+    .join('; ')
+}
+
+function tokenContent(token: TokenizerConfigFile['bos_token']): string | null {
+  if (token == null) return null
+  return typeof token === 'string' ? token : token.content
+}
+
+/** The text of a message: a string, or its text parts joined by newlines (image and audio parts are dropped). */
+export function messageText(content: ChatMessage['content']): string {
+  if (typeof content === 'string') return content
+  return content
+    .filter((part) => part.type === 'text')
+    .map((part) => part.text ?? '')
+    .join('\n')
+}
+
+export interface DecodeOptions {
+  /** Drop bos, eos and other special tokens from the text (default true, as for generated output). */
+  skipSpecialTokens?: boolean
+}
+
+/** A model's tokenizer plus its chat template, as transformers' PreTrainedTokenizerFast uses them. */
+export class ChatTokenizer {
+  readonly bosToken: string | null
+  readonly bosTokenId: number | null
+  readonly eosToken: string | null
+  readonly eosTokenIds: number[]
+  readonly addBosToken: boolean
+  readonly modelMaxLength: number | null
+  readonly specialTokenIds: ReadonlySet<number>
+  readonly #tokenizer: Tokenizer
+  readonly #template: Template | null
+  readonly #cleanUpSpaces: boolean
+
+  /**
+   * Builds a tokenizer from the parsed `tokenizer.json` and `tokenizer_config.json` of a model directory.
+   * `chatTemplate` overrides the config's template (as a separate `chat_template.jinja` does).
+   */
+  constructor(
+    tokenizerJson: unknown,
+    tokenizerConfig: unknown,
+    options: { sources?: TokenizerSources; chatTemplate?: string } = {},
+  ) {
+    const sources = options.sources ?? {
+      tokenizerJson: 'tokenizer.json',
+      tokenizerConfig: 'tokenizer_config.json',
+    }
+    const json = TokenizerJsonFile.safeParse(tokenizerJson)
+    if (!json.success)
+      throw new Error(`${sources.tokenizerJson} is not a valid tokenizer: ${describeIssues(json.error)}`)
+    const config = TokenizerConfigFile.safeParse(tokenizerConfig)
+    if (!config.success)
+      throw new Error(
+        `${sources.tokenizerConfig} is not a valid tokenizer config: ${describeIssues(config.error)}`,
+      )
+    const cfg = config.data
+
+    this.bosToken = tokenContent(cfg.bos_token)
+    this.eosToken = tokenContent(cfg.eos_token)
+    const unkToken = tokenContent(cfg.unk_token)
+    // The library reads special tokens as plain strings, and requires these keys to be present.
+    const libraryConfig = {
+      ...cfg,
+      bos_token: this.bosToken,
+      eos_token: this.eosToken,
+      unk_token: unkToken,
+      pad_token: tokenContent(cfg.pad_token),
+      clean_up_tokenization_spaces: cfg.clean_up_tokenization_spaces ?? false,
+    }
+    const libraryJson = {
+      normalizer: null,
+      pre_tokenizer: null,
+      post_processor: null,
+      decoder: null,
+      ...json.data,
+    }
+    try {
+      this.#tokenizer = new Tokenizer(libraryJson, libraryConfig)
+    } catch (error) {
+      throw new Error(`${sources.tokenizerJson} could not be loaded: ${(error as Error).message}`)
+    }
+
+    const idOf = (field: string, token: string | null): number | null => {
+      if (token === null) return null
+      const id = this.#tokenizer.token_to_id(token)
+      if (id === undefined)
+        throw new Error(
+          `${sources.tokenizerConfig}: ${field} ${JSON.stringify(token)} is not in the vocabulary of ${sources.tokenizerJson}`,
+        )
+      return id
+    }
+    this.bosTokenId = idOf('bos_token', this.bosToken)
+    const eosId = idOf('eos_token', this.eosToken)
+    this.eosTokenIds = eosId === null ? [] : [eosId]
+    this.addBosToken = cfg.add_bos_token ?? false
+    if (this.addBosToken && this.bosTokenId === null)
+      throw new Error(`${sources.tokenizerConfig}: add_bos_token is true but there is no bos_token`)
+    // transformers writes a huge sentinel when the model has no limit.
+    this.modelMaxLength =
+      cfg.model_max_length != null && cfg.model_max_length < 1e12 ? cfg.model_max_length : null
+    this.#cleanUpSpaces = cfg.clean_up_tokenization_spaces ?? false
+    this.specialTokenIds = new Set(json.data.added_tokens.filter((t) => t.special).map((t) => t.id))
+
+    const templateSource = options.chatTemplate ?? pickTemplate(cfg.chat_template)
+    try {
+      this.#template = templateSource == null ? null : new Template(templateSource)
+    } catch (error) {
+      throw new Error(`${sources.tokenizerConfig}: chat_template does not parse: ${(error as Error).message}`)
+    }
+  }
+
+  /** Reads `tokenizer.json` and `tokenizer_config.json` (and `chat_template.jinja` if present) from a model directory. */
+  static async fromFiles(dir: string): Promise<ChatTokenizer> {
+    const sources = {
+      tokenizerJson: join(dir, 'tokenizer.json'),
+      tokenizerConfig: join(dir, 'tokenizer_config.json'),
+    }
+    const [tokenizerJson, tokenizerConfig] = await Promise.all([
+      readJson(sources.tokenizerJson),
+      readJson(sources.tokenizerConfig),
+    ])
+    const templateFile = join(dir, 'chat_template.jinja')
+    const chatTemplate = existsSync(templateFile) ? await readFile(templateFile, 'utf8') : undefined
+    return new ChatTokenizer(tokenizerJson, tokenizerConfig, { sources, chatTemplate })
+  }
+
+  get hasChatTemplate(): boolean {
+    return this.#template !== null
+  }
+
+  /** Token ids of `text`; no bos/eos is added, but special tokens written in the text are recognised. */
+  encode(text: string): number[] {
+    if (text.length === 0) return []
+    return this.#tokenizer.encode(text, { add_special_tokens: false }).ids
+  }
+
+  decode(ids: readonly number[], options: DecodeOptions = {}): string {
+    // The library throws on an empty list.
+    if (ids.length === 0) return ''
+    return this.#tokenizer.decode(ids as number[], {
+      skip_special_tokens: options.skipSpecialTokens ?? true,
+      clean_up_tokenization_spaces: this.#cleanUpSpaces,
+    })
+  }
+
+  /** The token's string in the vocabulary (e.g. `<s>`, or `Ġ` for a byte-level space). */
+  idToToken(id: number): string | undefined {
+    return this.#tokenizer.id_to_token(id)
+  }
+
+  tokenToId(token: string): number | undefined {
+    return this.#tokenizer.token_to_id(token)
+  }
+
+  /** Renders the chat template. Content parts are flattened to text first, which every template accepts. */
+  applyChatTemplate(
+    messages: readonly ChatMessage[],
+    options: { addGenerationPrompt?: boolean } = {},
+  ): string {
+    if (this.#template === null)
+      throw new Error(
+        'This model has no chat_template in tokenizer_config.json (nor chat_template.jinja); use a text completion instead',
+      )
+    try {
+      return this.#template.render({
+        messages: messages.map((m) => ({ ...m, content: messageText(m.content) })),
+        bos_token: this.bosToken ?? '',
+        eos_token: this.eosToken ?? '',
+        add_generation_prompt: options.addGenerationPrompt ?? true,
+      })
+    } catch (error) {
+      // raise_exception in a template surfaces here with the template's own message.
+      throw new Error(`The chat template rejected the messages: ${(error as Error).message}`)
+    }
+  }
+
+  /** Prompt ids for a chat: the template's `<s>` text becomes the bos id, like any special token in text. */
+  encodeChat(messages: readonly ChatMessage[], options: { addGenerationPrompt?: boolean } = {}): number[] {
+    return this.encode(this.applyChatTemplate(messages, options))
+  }
+
+  /** Prompt ids for a raw completion; bos is prepended when the model adds one (add_bos_token). */
+  encodePrompt(text: string, options: { addBos?: boolean } = {}): number[] {
+    const ids = this.encode(text)
+    const addBos = options.addBos ?? this.addBosToken
+    if (addBos && this.bosTokenId !== null && ids[0] !== this.bosTokenId) ids.unshift(this.bosTokenId)
+    return ids
+  }
+
+  isEos(id: number): boolean {
+    return this.eosTokenIds.includes(id)
+  }
+}
+
+function pickTemplate(value: TokenizerConfigFile['chat_template']): string | null {
+  if (value == null) return null
+  if (typeof value === 'string') return value
+  return (value.find((t) => t.name === 'default') ?? value[0])?.template ?? null
+}
+
+async function readJson(path: string): Promise<unknown> {
+  let text: string
+  try {
+    text = await readFile(path, 'utf8')
+  } catch (error) {
+    const code = (error as NodeJS.ErrnoException).code
+    throw new Error(
+      code === 'ENOENT'
+        ? `${path} is missing; a model directory needs tokenizer.json and tokenizer_config.json`
+        : `${path} could not be read: ${(error as Error).message}`,
+    )
+  }
+  try {
+    return JSON.parse(text)
+  } catch (error) {
+    throw new Error(`${path} is not valid JSON: ${(error as Error).message}`)
+  }
+}
+
+/** What the detokenizer needs from a tokenizer. */
+export interface TokenDecoder {
+  decode(ids: readonly number[], options?: DecodeOptions): string
+}
+
+/**
+ * Turns one sequence's generated ids into text deltas as they arrive, for any tokenizer: it decodes a
+ * short window of recent ids and emits only the text the newest id added (the prefix/read offset
+ * scheme of text-generation-inference and vLLM). A trailing U+FFFD means a character's bytes are still
+ * arriving, so nothing is emitted until the next id completes it. Special tokens produce no text.
+ */
+export class IncrementalDetokenizer {
+  readonly #tokenizer: TokenDecoder
+  // The window: ids[0, readOffset) were already emitted and are kept only as context (a decoder such as
+  // SentencePiece's strips a leading space, so a token's text depends on what precedes it); the rest wait.
+  #ids: number[] = []
+  #readOffset = 0
+
+  constructor(tokenizer: TokenDecoder) {
+    this.#tokenizer = tokenizer
+  }
+
+  push(tokenId: number): string {
+    this.#ids.push(tokenId)
+    const prefixText = this.#decode(this.#ids.slice(0, this.#readOffset))
+    const newText = this.#decode(this.#ids)
+    if (newText.length <= prefixText.length || newText.endsWith('\uFFFD')) return ''
+    // The ids before the old read offset are settled and never decoded again.
+    this.#ids = this.#ids.slice(this.#readOffset)
+    this.#readOffset = this.#ids.length
+    return newText.slice(prefixText.length)
+  }
+
+  /** The text still held back at the end of the sequence; incomplete bytes come out as U+FFFD. */
+  flush(): string {
+    const prefixText = this.#decode(this.#ids.slice(0, this.#readOffset))
+    const newText = this.#decode(this.#ids)
+    this.#ids = []
+    this.#readOffset = 0
+    return newText.slice(prefixText.length)
+  }
+
+  #decode(ids: readonly number[]): string {
+    return this.#tokenizer.decode(ids, { skipSpecialTokens: true })
+  }
+}
