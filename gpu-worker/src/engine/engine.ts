@@ -33,6 +33,10 @@ export interface StepOutput {
   logits: Float32Array
   /** Per row, tokens routed to each expert: [rows, layers, experts] (padding excluded). */
   expertCounts: Uint32Array
+  /** The router's picks as the graph returned them: [layers, rows * seqLen, k]. */
+  chosenExperts: BigInt64Array
+  /** Tokens per row in this pass (padded prefill rows share the longest length). */
+  seqLen: number
   /** Wall time inside session.run. */
   runMs: number
   /** Wall time of the whole step (feeds, run, telemetry). */
@@ -198,8 +202,7 @@ export class MoeEngine {
       [graphNames.inputIds]: new ort.Tensor('int64', ids, [n, S]),
       [graphNames.attentionMask]: new ort.Tensor('int64', mask, [n, total]),
     }
-    const bias = this.expertBias(rows)
-    if (bias) feeds[graphNames.expertBias] = bias
+    feeds[graphNames.expertBias] = this.expertBias(rows)
     const kvType = this.kv.dtype
     const kvDims = [n, this.kv.kvHeads, this.kv.maxContext, this.kv.headDim]
     const fetches: Record<string, ort.Tensor | null> = {
@@ -234,13 +237,23 @@ export class MoeEngine {
         }
       }
     }
-    return { logits, expertCounts: counts, runMs, stepMs: performance.now() - start }
+    return {
+      logits,
+      expertCounts: counts,
+      chosenExperts: chosen,
+      seqLen: S,
+      runMs,
+      stepMs: performance.now() - start,
+    }
   }
 
-  /** Per-row expert bias (0 allowed, -inf masked), or null when every row may use every expert. */
-  private expertBias(rows: readonly StepRow[]): ort.Tensor | null {
-    if (rows.every((r) => r.allowedExperts === null)) return null
+  /** Per-row expert bias (0 allowed, -inf masked); one broadcast row of zeros when nothing is restricted. */
+  private expertBias(rows: readonly StepRow[]): ort.Tensor {
     const E = this.experts
+    if (rows.every((r) => r.allowedExperts === null))
+      return this.dtype === 'fp16'
+        ? new ort.Tensor('float16', new Uint16Array(E), [1, E])
+        : new ort.Tensor('float32', new Float32Array(E), [1, E])
     const bias = new Float32Array(rows.length * E)
     rows.forEach((r, i) => {
       if (r.allowedExperts === null) return

@@ -12,8 +12,8 @@ import { readTensorF32, toF16Bits } from './safetensors.ts'
 //
 // Graph I/O (the onnxruntime-genai / transformers.js convention, plus two):
 //   input_ids [B,S] int64, attention_mask [B,T] int64 (right-padded rows),
-//   past_key_values.N.{key,value} [B,kvH,P,D], expert_bias [B|1,E] (0 or -inf;
-//   optional, defaults to all experts)
+//   past_key_values.N.{key,value} [B,kvH,P,D], expert_bias [B|1,E] (0 or -inf
+//   per expert; a [1,E] row of zeros allows every expert)
 //   -> logits [B,1,V] for each row's last valid token, present.N.{key,value},
 //      expert_indices [L, B*S, k] int64: the experts the router picked.
 
@@ -38,9 +38,12 @@ export const graphNames = {
   expertIndices: 'expert_indices',
 } as const
 
+/** Bump when the graph this file builds changes, so cached exports are rebuilt. */
+export const EXPORT_FORMAT = 2
+
 /** Where the export of this model lives: next to the model, else in the temp dir if that is read-only. */
 export function exportDir(model: ModelDir, dtype: ExportDtype): string {
-  const key = `${model.fingerprint}-${dtype}`
+  const key = `${model.fingerprint}-${dtype}-v${EXPORT_FORMAT}`
   let base = join(model.dir, '.onnx-cache')
   try {
     accessSync(model.dir, constants.W_OK)
@@ -114,8 +117,9 @@ function buildGraph(model: ModelDir, dtype: ExportDtype, dataFile: string): Uint
   // Inputs
   const inputIds = g.input(graphNames.inputIds, 'int64', ['batch', 'sequence'])
   const mask = g.input(graphNames.attentionMask, 'int64', ['batch', 'total_sequence'])
+  // A plain input rather than an overridable initializer: ORT's session does
+  // not list initializer-backed inputs, so feeds to them are silently dropped.
   const expertBias = g.input(graphNames.expertBias, T, ['bias_batch', E])
-  weight(expertBias, [1, E], new Float32Array(E)) // default: every expert allowed
 
   // seqlens_k = valid tokens per row - 1; total_sequence_length = mask width (GQA's contract).
   const one = g.constInt64([1], [])

@@ -23,7 +23,6 @@ export async function createModelSession(modelPath: string, opts: SessionOptions
   const log = opts.log ?? ((msg: string) => console.error(msg))
   const base: ort.InferenceSession.SessionOptions = {
     graphOptimizationLevel: 'all',
-    logSeverityLevel: 3, // the overridable expert_bias default triggers a benign warning
     executionMode: 'sequential',
     ...(opts.intraOpThreads ? { intraOpNumThreads: opts.intraOpThreads } : {}),
     ...(opts.interOpThreads ? { interOpNumThreads: opts.interOpThreads } : {}),

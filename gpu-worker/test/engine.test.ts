@@ -1,0 +1,165 @@
+import { afterAll, beforeAll, describe, expect, it } from 'vitest'
+import { MoeEngine, type StepRow } from '../src/engine/engine.ts'
+import { openModelDir } from '../src/engine/model-dir.ts'
+import { argmax, maxAbsDiff, TINY_MODEL_DIR } from './fixtures.ts'
+import { ReferenceMixtral } from './reference-mixtral.ts'
+
+// Correctness of the exported graph on ONNX Runtime, held to a plain
+// TypeScript Mixtral (test/reference-mixtral.ts).
+
+const PROMPT = [1, 77, 104, 111, 32, 105, 115, 32, 116, 104, 101, 114, 101, 63]
+
+let engine: MoeEngine
+let ref: ReferenceMixtral
+
+beforeAll(async () => {
+  engine = await MoeEngine.load({
+    modelDir: TINY_MODEL_DIR,
+    ep: 'cpu',
+    maxBatch: 8,
+    maxContext: 256,
+    log: () => {},
+  })
+  ref = new ReferenceMixtral(openModelDir(TINY_MODEL_DIR))
+})
+afterAll(() => {})
+
+const row = (
+  slot: number,
+  tokens: number[],
+  pastLength = 0,
+  allowedExperts: number[] | null = null,
+): StepRow => ({
+  slot,
+  tokens,
+  pastLength,
+  allowedExperts,
+})
+
+describe('MoE engine on ONNX Runtime', () => {
+  it('matches the reference forward pass to 1e-4 on a prompt, experts included', async () => {
+    const out = await engine.forward([row(0, PROMPT)])
+    const want = ref.forward(PROMPT)
+    expect(maxAbsDiff(out.logits, want.logits)).toBeLessThan(1e-4)
+    const k = engine.config.num_experts_per_tok
+    for (let l = 0; l < engine.config.num_hidden_layers; l++)
+      for (let pos = 0; pos < PROMPT.length; pos++) {
+        const base = (l * PROMPT.length + pos) * k
+        const got = Array.from(out.chosenExperts.subarray(base, base + k), Number)
+        expect(new Set(got)).toEqual(new Set(want.experts[l]![pos]))
+      }
+  })
+
+  it('greedy-generates the same 32 ids as the reference', async () => {
+    const result = await engine.generate({ inputIds: PROMPT, maxTokens: 32, temperature: 0, seed: 1 })
+    const ids = [...PROMPT]
+    const want: number[] = []
+    for (let i = 0; i < 32; i++) {
+      const next = argmax(ref.forward(ids).logits)
+      if (engine.tokenizer.isEos(next)) break
+      want.push(next)
+      ids.push(next)
+    }
+    expect(result.outputIds.slice(0, want.length)).toEqual(want)
+    expect(result.usage).toEqual({ promptTokens: PROMPT.length, completionTokens: result.outputIds.length })
+  })
+
+  it('decoding with the KV cache equals recomputing the whole sequence at every step', async () => {
+    const ids = [...PROMPT]
+    let out = await engine.forward([row(0, ids)])
+    for (let step = 0; step < 12; step++) {
+      const next = argmax(out.logits)
+      const past = ids.length
+      ids.push(next)
+      out = await engine.forward([row(0, [next], past)])
+      const full = await engine.forward([row(1, ids)]) // fresh slot, no cache
+      expect(maxAbsDiff(out.logits, full.logits)).toBeLessThan(1e-4)
+    }
+  })
+
+  it('gives each row of a mixed-length batch the logits it gets alone', async () => {
+    const prompts = [
+      PROMPT,
+      PROMPT.slice(0, 3),
+      [1, 200, 201, 202, 203, 204, 205, 206, 207, 208, 209, 210, 211, 212, 213, 214],
+    ]
+    const alone = []
+    for (const p of prompts) alone.push((await engine.forward([row(0, p)])).logits.slice())
+    // Batched prefill, right-padded rows.
+    const batch = await engine.forward(prompts.map((p, i) => row(i, p)))
+    const V = engine.config.vocab_size
+    prompts.forEach((_, i) => {
+      expect(maxAbsDiff(batch.logits.subarray(i * V, (i + 1) * V), alone[i]!)).toBeLessThan(1e-4)
+    })
+    // Batched decode with different past lengths, against each row decoded alone.
+    const next = prompts.map((_, i) => argmax(batch.logits.subarray(i * V, (i + 1) * V)))
+    const decoded = await engine.forward(prompts.map((p, i) => row(i, [next[i]!], p.length)))
+    for (let i = 0; i < prompts.length; i++) {
+      const solo = await engine.forward([row(5, [...prompts[i]!, next[i]!])])
+      expect(maxAbsDiff(decoded.logits.subarray(i * V, (i + 1) * V), solo.logits)).toBeLessThan(1e-4)
+    }
+  })
+
+  it('routes only to the allowed experts and matches the reference with the others removed', async () => {
+    const allowed = [2, 5]
+    const out = await engine.forward([row(0, PROMPT, 0, allowed)])
+    for (const e of out.chosenExperts) expect(allowed).toContain(Number(e))
+    expect(maxAbsDiff(out.logits, ref.forward(PROMPT, allowed).logits)).toBeLessThan(1e-4)
+    // A batch where only one row is restricted leaves the other row's routing alone.
+    const mixed = await engine.forward([row(0, PROMPT, 0, allowed), row(1, PROMPT, 0, null)])
+    const V = engine.config.vocab_size
+    expect(maxAbsDiff(mixed.logits.subarray(V, 2 * V), ref.forward(PROMPT).logits)).toBeLessThan(1e-4)
+  })
+
+  it('is really top-2: exactly k distinct experts per token per layer', async () => {
+    const out = await engine.forward([row(0, PROMPT)])
+    const k = engine.config.num_experts_per_tok
+    expect(k).toBe(2)
+    expect(out.chosenExperts.length).toBe(engine.config.num_hidden_layers * PROMPT.length * k)
+    for (let i = 0; i < out.chosenExperts.length; i += k) {
+      const picks = new Set(Array.from(out.chosenExperts.subarray(i, i + k), Number))
+      expect(picks.size).toBe(k)
+    }
+    // Expert counts per layer add up to k per token.
+    const L = engine.config.num_hidden_layers
+    const E = engine.config.num_local_experts
+    for (let l = 0; l < L; l++) {
+      const sum = out.expertCounts.subarray(l * E, (l + 1) * E).reduce((a, b) => a + b, 0)
+      expect(sum).toBe(PROMPT.length * k)
+    }
+  })
+
+  it('samples reproducibly: same seed same output, another seed another output', async () => {
+    const params = { inputIds: PROMPT, maxTokens: 24, temperature: 1.2, topP: 0.95, topK: 50 }
+    const a = await engine.generate({ ...params, seed: 7 })
+    const b = await engine.generate({ ...params, seed: 7 })
+    const c = await engine.generate({ ...params, seed: 8 })
+    expect(a.outputIds).toEqual(b.outputIds)
+    expect(c.outputIds).not.toEqual(a.outputIds)
+  })
+
+  it('stops on max tokens with finish_reason length, and reports usage, timings and expert load', async () => {
+    const r = await engine.generate({ inputIds: PROMPT, maxTokens: 5, seed: 3 })
+    expect(r.finishReason).toBe('length')
+    expect(r.outputIds).toHaveLength(5)
+    expect(r.timings.timeToFirstTokenMs).toBeGreaterThan(0)
+    const routed = r.expertLoad.map((layer) => layer.reduce((a, b) => a + b, 0))
+    // Every prompt token and every fed generated token was routed to 2 experts in each layer.
+    for (const n of routed) expect(n).toBe((PROMPT.length + 4) * 2)
+  })
+
+  it('stops at a stop sequence that spans tokens and leaves it out of the text', async () => {
+    const free = await engine.generate({ inputIds: PROMPT, maxTokens: 20, seed: 1 })
+    const text = free.text
+    // Pick a stop string from the middle of what greedy decoding produces, crossing a token boundary.
+    const stop = [...text].slice(4, 6).join('')
+    const r = await engine.generate({ inputIds: PROMPT, maxTokens: 20, seed: 1, stop: [stop] })
+    expect(r.finishReason).toBe('stop')
+    expect(r.text).toBe(text.slice(0, text.indexOf(stop)))
+  })
+
+  it('refuses expert subsets that cannot serve top-2 routing', () => {
+    expect(() => engine.validateExperts([3])).toThrow(/at least 2/)
+    expect(() => engine.validateExperts([1, 9])).toThrow(/does not exist/)
+  })
+})

@@ -1,0 +1,27 @@
+import { cpSync, mkdtempSync } from 'node:fs'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
+import { fileURLToPath } from 'node:url'
+
+/** The committed tiny model. */
+export const TINY_MODEL_DIR = fileURLToPath(new URL('../models/tiny-mixtral', import.meta.url))
+
+/** A private copy of the tiny model (for tests that change or export it). */
+export function copyTinyModel(): string {
+  const dir = join(mkdtempSync(join(tmpdir(), 'moe-test-')), 'tiny')
+  cpSync(TINY_MODEL_DIR, dir, { recursive: true, filter: (src) => !src.includes('.onnx-cache') })
+  return dir
+}
+
+export function maxAbsDiff(a: ArrayLike<number>, b: ArrayLike<number>): number {
+  if (a.length !== b.length) throw new Error(`length ${a.length} vs ${b.length}`)
+  let m = 0
+  for (let i = 0; i < a.length; i++) m = Math.max(m, Math.abs(a[i]! - b[i]!))
+  return m
+}
+
+export function argmax(a: ArrayLike<number>): number {
+  let best = 0
+  for (let i = 1; i < a.length; i++) if (a[i]! > a[best]!) best = i
+  return best
+}

@@ -1,0 +1,235 @@
+import { describe, expect, it } from 'vitest'
+import {
+  argmax,
+  Sampler,
+  type SamplingParams,
+  SeededRandom,
+  StopMatcher,
+  seedFromId,
+  splitmix64,
+} from '../src/engine/sampling.ts'
+
+const params = (p: Partial<SamplingParams> = {}): SamplingParams => ({
+  temperature: 1,
+  topP: 1,
+  topK: 0,
+  seed: 42,
+  ...p,
+})
+
+function softmax(logits: ArrayLike<number>, temperature = 1): number[] {
+  const max = Math.max(...Array.from(logits))
+  const w = Array.from(logits, (x) => Math.exp((x - max) / temperature))
+  const total = w.reduce((a, b) => a + b, 0)
+  return w.map((x) => x / total)
+}
+
+function frequencies(sampler: Sampler, logits: Float32Array, draws: number): number[] {
+  const counts = new Array<number>(logits.length).fill(0)
+  for (let i = 0; i < draws; i++) counts[sampler.sample(logits)]!++
+  return counts.map((c) => c / draws)
+}
+
+/** Logits that differ from run to run of the test only by the seed given. */
+function randomLogits(vocab: number, seed: number, scale = 3): Float32Array {
+  const random = new SeededRandom(seed)
+  return Float32Array.from({ length: vocab }, () => (random.nextDouble() - 0.5) * 2 * scale)
+}
+
+describe('SeededRandom', () => {
+  it('follows the published splitmix64 and xoshiro128** sequences', () => {
+    expect(splitmix64(0n).value).toBe(0xe220a8397b1dcdafn)
+    const random = new SeededRandom([1, 2, 3, 4])
+    expect([random.nextUint32(), random.nextUint32(), random.nextUint32(), random.nextUint32()]).toEqual([
+      11520, 0, 5927040, 70819200,
+    ])
+  })
+
+  it('draws doubles in [0, 1)', () => {
+    const random = new SeededRandom(7)
+    for (let i = 0; i < 10_000; i++) {
+      const u = random.nextDouble()
+      expect(u >= 0 && u < 1).toBe(true)
+    }
+  })
+})
+
+describe('Sampler', () => {
+  const logits = Float32Array.from([0.5, 2.0, -1.0, 2.0, 1.5, Number.NaN, -3, 0])
+
+  it('is greedy at temperature 0: argmax, lowest index on ties, NaN ignored', () => {
+    const sampler = new Sampler(params({ temperature: 0 }))
+    expect(sampler.sample(logits)).toBe(1)
+    expect(sampler.sample(Float32Array.from([Number.NaN, -1, 5, 5]))).toBe(2)
+    expect(() => argmax(Float32Array.from([Number.NaN, Number.NEGATIVE_INFINITY]))).toThrow(/no usable/)
+  })
+
+  it('repeats itself for a seed over 200 draws, and differs for another seed', () => {
+    const big = randomLogits(500, 1)
+    const run = (seed: number) => {
+      const sampler = new Sampler(params({ seed, temperature: 0.8, topP: 0.95, topK: 100 }))
+      return Array.from({ length: 200 }, () => sampler.sample(big))
+    }
+    expect(run(123)).toEqual(run(123))
+    expect(run(124)).not.toEqual(run(123))
+    expect(new Set(run(123)).size).toBeGreaterThan(20) // really sampling, not stuck on one token
+  })
+
+  it('equals greedy with top-k 1 at any temperature', () => {
+    const big = randomLogits(32_000, 2)
+    const best = argmax(big)
+    for (const temperature of [0.1, 1, 2, 50]) {
+      const sampler = new Sampler(params({ temperature, topK: 1, seed: temperature * 10 }))
+      for (let i = 0; i < 20; i++) expect(sampler.sample(big)).toBe(best)
+    }
+  })
+
+  it('keeps only the best token with a tiny top-p, with or without top-k', () => {
+    const big = randomLogits(32_000, 3)
+    const best = argmax(big)
+    for (const topK of [0, 40]) {
+      const sampler = new Sampler(params({ temperature: 2, topP: 1e-9, topK }))
+      for (let i = 0; i < 50; i++) expect(sampler.sample(big)).toBe(best)
+    }
+  })
+
+  it('matches softmax over 20,000 draws at temperature 1, and softmax(l/T) at other temperatures', () => {
+    for (const temperature of [1, 0.5, 2]) {
+      const expected = softmax(
+        Array.from(logits, (x) => (Number.isNaN(x) ? Number.NEGATIVE_INFINITY : x)),
+        temperature,
+      )
+      const observed = frequencies(new Sampler(params({ temperature, seed: 9 })), logits, 20_000)
+      for (let i = 0; i < logits.length; i++)
+        expect(Math.abs(observed[i]! - expected[i]!)).toBeLessThan(0.012)
+      expect(observed[5]).toBe(0) // NaN logit is never drawn
+    }
+  })
+
+  it('renormalises over the top-k tokens', () => {
+    const observed = frequencies(new Sampler(params({ topK: 3, seed: 5 })), logits, 20_000)
+    const top = [1, 3, 4]
+    const expected = softmax(top.map((i) => logits[i]!))
+    top.forEach((id, j) => {
+      expect(Math.abs(observed[id]! - expected[j]!)).toBeLessThan(0.012)
+    })
+    expect(observed.filter((_, i) => !top.includes(i)).every((f) => f === 0)).toBe(true)
+  })
+
+  it('draws from exactly the nucleus a full sort finds, in proportion', () => {
+    const vocab = 2000
+    for (const [topP, temperature] of [
+      [0.9, 1],
+      [0.5, 0.7],
+      [0.99, 3],
+    ] as const) {
+      const big = randomLogits(vocab, 11, 4)
+      const probs = softmax(big, temperature)
+      const order = probs.map((p, i) => [p, i] as const).sort((a, b) => b[0] - a[0] || a[1] - b[1])
+      const nucleus: number[] = []
+      let mass = 0
+      for (const [p, i] of order) {
+        nucleus.push(i)
+        mass += p
+        if (mass >= topP) break
+      }
+      const observed = frequencies(new Sampler(params({ topP, temperature, seed: 3 })), big, 20_000)
+      const inNucleus = new Set(nucleus)
+      observed.forEach((f, i) => {
+        if (!inNucleus.has(i)) expect(f).toBe(0)
+        else expect(Math.abs(f - probs[i]! / mass)).toBeLessThan(0.012)
+      })
+      // Tokens at the edge of the nucleus are drawn too: the cut is not too tight.
+      const drawnInNucleus = nucleus.filter((i) => observed[i]! > 0).length
+      expect(drawnInNucleus).toBeGreaterThan(nucleus.length * 0.8)
+    }
+  })
+
+  it('is fast enough for a 32,000-token vocabulary', () => {
+    const big = randomLogits(32_000, 4, 8)
+    for (const p of [
+      params({ topK: 50 }),
+      params({ topP: 0.9 }),
+      params({ topP: 0.95, topK: 0, temperature: 2 }),
+    ]) {
+      const sampler = new Sampler(p)
+      const start = performance.now()
+      for (let i = 0; i < 200; i++) sampler.sample(big)
+      // About 1 ms per draw would be far too slow per token; expect well under that.
+      expect((performance.now() - start) / 200).toBeLessThan(1)
+    }
+  })
+
+  it('rejects parameters it cannot honour, saying which', () => {
+    expect(() => new Sampler(params({ topP: 0 }))).toThrow(/topP/)
+    expect(() => new Sampler(params({ topK: 1.5 }))).toThrow(/topK/)
+    expect(() => new Sampler(params({ temperature: -1 }))).toThrow(/temperature/)
+    expect(() => new Sampler(params({ seed: 2 ** 60 }))).toThrow(/seed/)
+  })
+})
+
+describe('seedFromId', () => {
+  it('is FNV-1a 64 of the id, cut to 53 bits', () => {
+    expect(seedFromId('a')).toBe(Number(0xaf63dc4c8601ec8cn >> 11n))
+    expect(seedFromId('')).toBe(Number(0xcbf29ce484222325n >> 11n))
+    expect(seedFromId('chatcmpl-123')).toBe(seedFromId('chatcmpl-123'))
+    expect(seedFromId('chatcmpl-123')).not.toBe(seedFromId('chatcmpl-124'))
+    expect(Number.isSafeInteger(seedFromId('job-😀'))).toBe(true)
+  })
+})
+
+describe('StopMatcher', () => {
+  function run(stops: string[], deltas: string[]) {
+    const matcher = new StopMatcher(stops)
+    const emitted: string[] = []
+    let stopped = false
+    for (const delta of deltas) {
+      const out = matcher.push(delta)
+      emitted.push(out.emit)
+      stopped = out.stopped
+      if (stopped) break
+    }
+    return { emitted, stopped, rest: stopped ? '' : matcher.flush() }
+  }
+
+  it('finds a stop string spanning deltas and emits only the text before it', () => {
+    const { emitted, stopped } = run(['o w'], ['Hel', 'lo wor', 'ld'])
+    expect(emitted.join('')).toBe('Hell')
+    expect(stopped).toBe(true)
+  })
+
+  it('withholds a possible stop prefix, then releases it when the text goes elsewhere', () => {
+    const matcher = new StopMatcher(['###'])
+    expect(matcher.push('a#')).toEqual({ emit: 'a', stopped: false })
+    expect(matcher.push('#')).toEqual({ emit: '', stopped: false })
+    expect(matcher.push('b')).toEqual({ emit: '##b', stopped: false })
+    expect(matcher.push('##')).toEqual({ emit: '', stopped: false })
+    expect(matcher.flush()).toBe('##')
+  })
+
+  it('stops at whichever of several stop strings comes first', () => {
+    expect(run(['END', 'x\n'], ['abc x', '\nEND'])).toEqual({
+      emitted: ['abc ', 'abc '.slice(4)],
+      stopped: true,
+      rest: '',
+    })
+    expect(run(['\n\n', 'User:'], ['Sure.', '\nUs', 'er: hi'])).toEqual({
+      emitted: ['Sure.', '', '\n'],
+      stopped: true,
+      rest: '',
+    })
+    // A stop inside a single delta.
+    expect(run(['</answer>', 'STOP'], ['42 STOP now'])).toEqual({ emitted: ['42 '], stopped: true, rest: '' })
+  })
+
+  it('holds the longest prefix when stops overlap, and emits nothing after stopping', () => {
+    const matcher = new StopMatcher(['abcd', 'bcx'])
+    expect(matcher.push('zabc')).toEqual({ emit: 'z', stopped: false })
+    expect(matcher.push('x')).toEqual({ emit: 'a', stopped: true })
+    expect(matcher.push('more')).toEqual({ emit: '', stopped: true })
+  })
+
+  it('passes text straight through without stop strings', () => {
+    expect(run([], ['a', 'b'])).toEqual({ emitted: ['a', 'b'], stopped: false, rest: '' })
+  })
+})
