@@ -83,7 +83,7 @@ describe('MoE engine on ONNX Runtime', () => {
       PROMPT.slice(0, 3),
       [1, 200, 201, 202, 203, 204, 205, 206, 207, 208, 209, 210, 211, 212, 213, 214],
     ]
-    const alone = []
+    const alone: Float32Array[] = []
     for (const p of prompts) alone.push((await engine.forward([row(0, p)])).logits.slice())
     // Batched prefill, right-padded rows.
     const batch = await engine.forward(prompts.map((p, i) => row(i, p)))

@@ -180,3 +180,12 @@ describe('moe CLI', () => {
     expect(badDir.stderr).toMatch(/model directory not found/)
   })
 })
+
+describe('tiny model generator', () => {
+  it('regenerates the committed tiny model byte for byte', async () => {
+    const dir = join(copyTinyModel(), '..', 'regenerated')
+    await run('node', [CLI, 'make-model', '--out', dir, '--preset', 'tiny'])
+    for (const f of ['model.safetensors', 'config.json', 'tokenizer.json', 'tokenizer_config.json'])
+      expect(readFileSync(join(dir, f)).equals(readFileSync(join(TINY_MODEL_DIR, f)))).toBe(true)
+  })
+})

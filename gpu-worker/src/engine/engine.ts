@@ -203,8 +203,9 @@ export class MoeEngine {
       [graphNames.attentionMask]: new ort.Tensor('int64', mask, [n, total]),
     }
     feeds[graphNames.expertBias] = this.expertBias(rows)
+    this.kv.fit(total)
     const kvType = this.kv.dtype
-    const kvDims = [n, this.kv.kvHeads, this.kv.maxContext, this.kv.headDim]
+    const kvDims = [n, this.kv.kvHeads, this.kv.capacity, this.kv.headDim]
     const fetches: Record<string, ort.Tensor | null> = {
       [graphNames.logits]: null,
       [graphNames.expertIndices]: null,

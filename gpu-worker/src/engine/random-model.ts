@@ -3,6 +3,7 @@ import { join } from 'node:path'
 import type { MixtralConfig } from './model-config.ts'
 import { expectedTensors } from './model-dir.ts'
 import { writeSafetensors } from './safetensors.ts'
+import { SeededRandom } from './sampling.ts'
 import { byteLevelTokenizerFiles } from './tiny-tokenizer.ts'
 
 // Deterministic random-weight Mixtral checkpoints in the Hugging Face layout:
@@ -41,45 +42,35 @@ export const BENCH_CONFIG: MixtralConfigInput = {
   max_position_embeddings: 2048,
 }
 
-/** A small, fast, seedable PRNG (mulberry32) with Box-Muller normals: same seed, same bytes everywhere. */
-export class SeededRandom {
-  private state: number
-  private spare: number | null = null
-  constructor(seed: number) {
-    this.state = seed >>> 0
-  }
-  uniform(): number {
-    this.state = (this.state + 0x6d2b79f5) >>> 0
-    let t = this.state
-    t = Math.imul(t ^ (t >>> 15), t | 1)
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61)
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296
-  }
-  normal(): number {
-    if (this.spare !== null) {
-      const s = this.spare
-      this.spare = null
+/** Standard normal draws (Box-Muller) from the sampler's seeded generator: same seed, same weights everywhere. */
+function normalSource(seed: number): () => number {
+  const rng = new SeededRandom(seed)
+  let spare: number | null = null
+  return () => {
+    if (spare !== null) {
+      const s = spare
+      spare = null
       return s
     }
-    const u = Math.max(this.uniform(), 1e-12)
-    const v = this.uniform()
+    const u = Math.max(rng.nextDouble(), 1e-300)
     const r = Math.sqrt(-2 * Math.log(u))
-    this.spare = r * Math.sin(2 * Math.PI * v)
-    return r * Math.cos(2 * Math.PI * v)
+    const theta = 2 * Math.PI * rng.nextDouble()
+    spare = r * Math.sin(theta)
+    return r * Math.cos(theta)
   }
 }
 
 /** Writes config.json, model.safetensors and the tokenizer files of a random Mixtral to `dir`. */
 export function writeRandomMixtral(dir: string, config: MixtralConfigInput, seed: number): void {
   mkdirSync(dir, { recursive: true })
-  const rng = new SeededRandom(seed)
+  const normal = normalSource(seed)
   const H = config.hidden_size
   const specs = expectedTensors({ ...config, head_dim: config.head_dim ?? H / config.num_attention_heads })
   writeSafetensors(join(dir, 'model.safetensors'), specs, (name, shape) => {
     const n = shape.reduce((a, b) => a * b, 1)
     const out = new Float32Array(n)
     if (name.endsWith('norm.weight')) {
-      for (let i = 0; i < n; i++) out[i] = 1 + 0.1 * rng.normal()
+      for (let i = 0; i < n; i++) out[i] = 1 + 0.1 * normal()
       return out
     }
     // Scales chosen so logits and router scores are well separated: ties
@@ -89,7 +80,7 @@ export function writeRandomMixtral(dir: string, config: MixtralConfigInput, seed
     if (name === 'model.embed_tokens.weight') std = 1
     else if (name.includes('.gate.')) std = 4 / Math.sqrt(fanIn)
     else if (name === 'lm_head.weight') std = 3 / Math.sqrt(fanIn)
-    for (let i = 0; i < n; i++) out[i] = std * rng.normal()
+    for (let i = 0; i < n; i++) out[i] = std * normal()
     return out
   })
   writeFileSync(

@@ -86,20 +86,23 @@ export function seedFromId(id: string): number {
 // Scratch space shared by every sampler: sampling is synchronous, so one call never overlaps another.
 let weights = new Float64Array(0)
 let candidates = new Int32Array(0)
+let buckets = new Uint16Array(0)
 function scratch(vocab: number): void {
   if (weights.length < vocab) {
     weights = new Float64Array(vocab)
     candidates = new Int32Array(vocab)
+    buckets = new Uint16Array(vocab)
   }
 }
 
-// Top-p without top-k buckets tokens by log-probability so only the boundary region needs sorting.
-const BUCKETS = 64
-const BUCKET_WIDTH = 0.5 // nats; the last bucket also takes everything below -32 nats
+// Top-p without top-k sorts nothing but the tokens at the edge of the nucleus: tokens are bucketed by
+// log-probability (1/32 nat wide, 32 nats deep; the last bucket takes everything less likely).
+const BUCKETS = 1024
+const BUCKETS_PER_NAT = 32
 const bucketMass = new Float64Array(BUCKETS)
 
 /** NaN logits count as impossible tokens. */
-const nanToNegInf = (x: number) => (x === x ? x : Number.NEGATIVE_INFINITY)
+const nanToNegInf = (x: number) => (Number.isNaN(x) ? Number.NEGATIVE_INFINITY : x)
 
 /** Index of the largest logit; the lowest index wins ties. */
 export function argmax(logits: Float32Array): number {
@@ -188,26 +191,46 @@ export class Sampler {
     for (let i = 0; i < vocab; i++) {
       const x = nanToNegInf(logits[i]!)
       const w = Math.exp((x - max) * invT)
+      const b = Math.min(BUCKETS - 1, Math.floor((max - x) * invT * BUCKETS_PER_NAT))
       weights[i] = w
+      buckets[i] = b
       total += w
-      bucketMass[Math.min(BUCKETS - 1, Math.floor(((max - x) * invT) / BUCKET_WIDTH))]! += w
+      bucketMass[b]! += w
     }
-    // Buckets are ordered by probability, so once the top buckets hold topP of the mass, every token in
-    // a lower bucket is less likely than all of them and lies outside the nucleus.
+    // Buckets are ordered by probability. Every token above the bucket where the running mass reaches
+    // topP is in the nucleus, every token below it is out; only that boundary bucket needs sorting.
     const needed = this.params.topP * total
     let boundary = 0
-    let mass = bucketMass[0]!
-    while (mass < needed && boundary < BUCKETS - 1) mass += bucketMass[++boundary]!
+    let above = 0
+    while (boundary < BUCKETS - 1 && above + bucketMass[boundary]! < needed) above += bucketMass[boundary++]!
     let count = 0
-    for (let i = 0; i < vocab; i++) {
-      const x = nanToNegInf(logits[i]!)
-      if (weights[i]! > 0 && Math.min(BUCKETS - 1, Math.floor(((max - x) * invT) / BUCKET_WIDTH)) <= boundary)
-        candidates[count++] = i
+    for (let i = 0; i < vocab; i++) if (buckets[i] === boundary && weights[i]! > 0) candidates[count++] = i
+    const edge = sortBestFirst(logits, count)
+    let keep = count
+    let kept = above
+    for (let j = 0; j < count; j++) {
+      kept += weights[edge[j]!]!
+      if (kept >= needed) {
+        keep = j + 1
+        break
+      }
     }
-    const kept = sortBestFirst(logits, count)
-    // weights is reindexed by rank for drawFromSorted; total stays the full vocabulary's mass.
-    for (let j = 0; j < count; j++) weights[j] = Math.exp((nanToNegInf(logits[kept[j]!]!) - max) * invT)
-    return drawFromSorted(count, total, this.params.topP, u)
+    // The draw walks the tokens above the boundary in index order, then the kept edge tokens.
+    const target = u * kept
+    let cumulative = 0
+    let last = -1
+    for (let i = 0; i < vocab; i++) {
+      if (buckets[i]! >= boundary || weights[i] === 0) continue
+      cumulative += weights[i]!
+      last = i
+      if (cumulative > target) return i
+    }
+    for (let j = 0; j < keep; j++) {
+      cumulative += weights[edge[j]!]!
+      last = edge[j]!
+      if (cumulative > target) return last
+    }
+    return last // rounding put the draw a hair past the end
   }
 }
 
@@ -282,10 +305,14 @@ function selectTopK(logits: Float32Array, k: number): number {
   }
   for (let i = 0; i < k; i++) heap[i] = i
   for (let i = (k >> 1) - 1; i >= 0; i--) siftDown(i, k)
+  // A later token with a logit equal to the root's is worse (larger index), so strictly greater is the test.
+  let rootValue = nanToNegInf(logits[heap[0]!]!)
   for (let i = k; i < logits.length; i++) {
-    if (worse(heap[0]!, i)) {
+    const x = logits[i]!
+    if (x > rootValue) {
       heap[0] = i
       siftDown(0, k)
+      rootValue = nanToNegInf(logits[heap[0]!]!)
     }
   }
   sortBestFirst(logits, k)
