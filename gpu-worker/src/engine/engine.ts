@@ -51,7 +51,7 @@ export interface GenerateRequest extends Partial<GenerationParams> {
 export interface GenerationResult {
   outputIds: number[]
   text: string
-  finishReason: FinishReason
+  finishReason: FinishReason | 'cancelled'
   usage: { promptTokens: number; completionTokens: number }
   timings: {
     timeToFirstTokenMs: number

@@ -1,0 +1,229 @@
+import { type GenerationResult, type MoeEngine, type StepRow, sequenceResult } from '../engine/engine.ts'
+import type { GenerationParams, Sequence, TokenOutput } from '../engine/sequence.ts'
+import { FairQueue } from './fair-queue.ts'
+
+/** A request the scheduler batches: prompt ids, sampling, and where its tokens go. */
+export interface ScheduledRequest {
+  id: string
+  tenantId: string
+  pool: string
+  promptIds: readonly number[]
+  params: GenerationParams
+  /** Each token, right after the step that produced it. */
+  onToken(token: TokenOutput): void
+  /** Once, when the sequence leaves the batch. */
+  onFinish(outcome: SequenceOutcome): void
+}
+
+export type SequenceOutcome =
+  | { kind: 'finished'; result: GenerationResult }
+  | { kind: 'cancelled'; result: GenerationResult }
+  | { kind: 'failed'; error: Error }
+
+export interface StepStats {
+  kind: 'prefill' | 'decode'
+  rows: number
+  tokens: number
+  runMs: number
+  stepMs: number
+}
+
+export interface SchedulerHooks {
+  /** Before each step: ids (running or waiting) to cancel, e.g. those whose cancel key is set. */
+  beforeStep?(ids: string[]): Promise<string[]> | string[]
+  /** After each step's tokens were handed out, e.g. to flush one pipelined write of them. */
+  afterStep?(stats: StepStats): Promise<void> | void
+}
+
+export interface SchedulerOptions {
+  /** Most sequences in the running batch (at most the engine's KV slots). */
+  maxBatch?: number
+  /** Most padded tokens (rows x longest prompt) in one prefill pass. */
+  maxPrefillTokens?: number
+  hooks?: SchedulerHooks
+}
+
+interface Entry {
+  request: ScheduledRequest
+  seq: Sequence
+  tenantId: string
+}
+
+export class SchedulerError extends Error {
+  readonly code: 'context_length_exceeded' | 'invalid_request'
+  constructor(code: SchedulerError['code'], message: string) {
+    super(message)
+    this.name = 'SchedulerError'
+    this.code = code
+  }
+}
+
+/**
+ * Continuous batching over one engine. One step is one forward pass: either a
+ * prefill of newly admitted sequences or a decode of every running one. New
+ * requests join at step boundaries, finished ones leave at once (their KV
+ * slot is refilled by the last running sequence, so slots stay contiguous),
+ * and cancellations are applied between steps, never inside one. After a
+ * prefill the next step is always a decode, so a stream of arrivals cannot
+ * stall the sequences already running.
+ */
+export class BatchScheduler {
+  readonly engine: MoeEngine
+  readonly maxBatch: number
+  readonly maxPrefillTokens: number
+  private readonly hooks: SchedulerHooks
+  private readonly waitingQueue = new FairQueue<Entry>()
+  /** Running sequences; index = KV slot. */
+  private readonly runningList: Entry[] = []
+  private readonly pendingCancels = new Set<string>()
+  private loop: Promise<void> | null = null
+  private lastWasPrefill = false
+
+  constructor(engine: MoeEngine, opts: SchedulerOptions = {}) {
+    this.engine = engine
+    this.maxBatch = opts.maxBatch ?? engine.maxBatch
+    this.maxPrefillTokens = opts.maxPrefillTokens ?? 4096
+    this.hooks = opts.hooks ?? {}
+    if (this.maxBatch < 1 || this.maxBatch > engine.maxBatch)
+      throw new Error(`maxBatch ${this.maxBatch} must be between 1 and the engine's ${engine.maxBatch} KV slots`)
+    if (this.maxPrefillTokens < 1) throw new Error('maxPrefillTokens must be positive')
+  }
+
+  get running(): number {
+    return this.runningList.length
+  }
+
+  get waiting(): number {
+    return this.waitingQueue.size
+  }
+
+  /** Queues a request; throws SchedulerError if it can never fit. */
+  submit(request: ScheduledRequest): void {
+    const { promptIds, params } = request
+    if (promptIds.length === 0) throw new SchedulerError('invalid_request', 'the prompt is empty')
+    const limit = this.engine.maxContext
+    if (promptIds.length + params.maxTokens > limit)
+      throw new SchedulerError(
+        'context_length_exceeded',
+        `prompt (${promptIds.length} tokens) plus max_tokens (${params.maxTokens}) exceeds the context limit of ${limit} tokens`,
+      )
+    const vocab = this.engine.config.vocab_size
+    if (promptIds.some((id) => !Number.isInteger(id) || id < 0 || id >= vocab))
+      throw new SchedulerError('invalid_request', `prompt token ids must be integers in [0, ${vocab})`)
+    try {
+      this.engine.validateExperts(params.allowedExperts)
+    } catch (e) {
+      throw new SchedulerError('invalid_request', (e as Error).message)
+    }
+    const seq = this.engine.createSequence(request.id, promptIds, params)
+    this.waitingQueue.push({ request, seq, tenantId: request.tenantId })
+    this.loop ??= this.runLoop().finally(() => {
+      this.loop = null
+    })
+  }
+
+  /** Asks for a sequence to leave; applied at the next step boundary. */
+  cancel(id: string): void {
+    this.pendingCancels.add(id)
+  }
+
+  /** Resolves when nothing is running or waiting. */
+  async idle(): Promise<void> {
+    while (this.loop) await this.loop
+  }
+
+  private async runLoop(): Promise<void> {
+    while (this.runningList.length > 0 || this.waitingQueue.size > 0) {
+      await this.applyCancels()
+      if (this.runningList.length === 0 && this.waitingQueue.size === 0) break
+      const admitted = this.lastWasPrefill && this.runningList.length > 0 ? [] : this.admit()
+      const batch = admitted.length > 0 ? admitted : this.runningList
+      const kind = admitted.length > 0 ? 'prefill' : 'decode'
+      this.lastWasPrefill = kind === 'prefill'
+      const rows: StepRow[] = batch.map((e) => ({
+        slot: e.seq.slot,
+        tokens: e.seq.nextInput(),
+        pastLength: e.seq.pastLength,
+        allowedExperts: e.seq.params.allowedExperts,
+      }))
+      try {
+        const out = await this.engine.forward(rows)
+        const tokens = this.engine.acceptStep(
+          batch.map((e) => e.seq),
+          rows,
+          out,
+        )
+        batch.forEach((e, i) => {
+          e.request.onToken(tokens[i]!)
+        })
+        await this.hooks.afterStep?.({
+          kind,
+          rows: rows.length,
+          tokens: rows.reduce((a, r) => a + r.tokens.length, 0),
+          runMs: out.runMs,
+          stepMs: out.stepMs,
+        })
+      } catch (error) {
+        for (const e of batch) this.leave(e, { kind: 'failed', error: error as Error })
+        continue
+      }
+      for (const e of [...batch]) {
+        if (e.seq.finished) this.leave(e, { kind: 'finished', result: sequenceResult(e.seq, this.engine.config.num_local_experts) })
+      }
+    }
+  }
+
+  /** Takes waiting sequences (tenant round-robin) into free slots, within the prefill token budget. */
+  private admit(): Entry[] {
+    const admitted: Entry[] = []
+    let longest = 0
+    while (this.runningList.length < this.maxBatch && this.waitingQueue.size > 0) {
+      const len = this.waitingQueue.peek()!.seq.promptIds.length
+      // Padded rows cost like the longest one; the first admission is always allowed.
+      if (admitted.length > 0 && (admitted.length + 1) * Math.max(longest, len) > this.maxPrefillTokens) break
+      const next = this.waitingQueue.shift()!
+      longest = Math.max(longest, len)
+      next.seq.slot = this.runningList.length
+      this.runningList.push(next)
+      admitted.push(next)
+    }
+    return admitted
+  }
+
+  private async applyCancels(): Promise<void> {
+    if (this.hooks.beforeStep) {
+      const ids = [...this.runningList.map((e) => e.request.id)]
+      for (const id of await this.hooks.beforeStep(ids)) this.pendingCancels.add(id)
+    }
+    if (this.pendingCancels.size === 0) return
+    const cancelled = (e: Entry) => this.pendingCancels.has(e.request.id)
+    for (const e of this.waitingQueue.remove(cancelled)) this.finishCancelled(e)
+    for (const e of this.runningList.filter(cancelled)) {
+      this.leave(e, { kind: 'cancelled', result: this.cancelledResult(e) })
+    }
+    this.pendingCancels.clear()
+  }
+
+  private cancelledResult(e: Entry): GenerationResult {
+    return { ...sequenceResult(e.seq, this.engine.config.num_local_experts), finishReason: 'cancelled' }
+  }
+
+  private finishCancelled(e: Entry): void {
+    e.request.onFinish({ kind: 'cancelled', result: this.cancelledResult(e) })
+  }
+
+  /** Removes a running sequence; the last running one moves into its KV slot. */
+  private leave(e: Entry, outcome: SequenceOutcome): void {
+    const slot = e.seq.slot
+    const last = this.runningList[this.runningList.length - 1]!
+    if (this.runningList[slot] === e) {
+      if (last !== e) {
+        this.engine.kv.moveSlot(last.seq.slot, slot, last.seq.pastLength)
+        last.seq.slot = slot
+        this.runningList[slot] = last
+      }
+      this.runningList.pop()
+    }
+    e.request.onFinish(outcome)
+  }
+}
