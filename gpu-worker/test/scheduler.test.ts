@@ -1,13 +1,23 @@
 import { beforeAll, describe, expect, it } from 'vitest'
 import { type GenerationResult, MoeEngine } from '../src/engine/engine.ts'
 import type { GenerationParams } from '../src/engine/sequence.ts'
-import { BatchScheduler, type ScheduledRequest, type SequenceOutcome } from '../src/scheduler/batch-scheduler.ts'
+import {
+  BatchScheduler,
+  type ScheduledRequest,
+  type SequenceOutcome,
+} from '../src/scheduler/batch-scheduler.ts'
 import { FairQueue } from '../src/scheduler/fair-queue.ts'
 import { TINY_MODEL_DIR } from './fixtures.ts'
 
 let engine: MoeEngine
 beforeAll(async () => {
-  engine = await MoeEngine.load({ modelDir: TINY_MODEL_DIR, ep: 'cpu', maxBatch: 16, maxContext: 256, log: () => {} })
+  engine = await MoeEngine.load({
+    modelDir: TINY_MODEL_DIR,
+    ep: 'cpu',
+    maxBatch: 16,
+    maxContext: 256,
+    log: () => {},
+  })
 })
 
 const params = (seed: number, extra: Partial<GenerationParams> = {}): GenerationParams => ({
@@ -39,14 +49,20 @@ function request(id: string, tenantId: string, promptIds: number[], p: Generatio
   return { req, tokens, done }
 }
 
-const prompt = (i: number) => [1, ...Array.from({ length: 3 + (i % 7) }, (_, j) => 3 + ((i * 31 + j * 17) % 250))]
+const prompt = (i: number) => [
+  1,
+  ...Array.from({ length: 3 + (i % 7) }, (_, j) => 3 + ((i * 31 + j * 17) % 250)),
+]
 
 describe('continuous batching scheduler', () => {
   it('gives 16 concurrent requests of different lengths the outputs they get alone', async () => {
     const alone: GenerationResult[] = []
-    for (let i = 0; i < 16; i++) alone.push(await engine.generate({ inputIds: prompt(i), ...params(i, { maxTokens: 6 + (i % 5) }) }))
+    for (let i = 0; i < 16; i++)
+      alone.push(await engine.generate({ inputIds: prompt(i), ...params(i, { maxTokens: 6 + (i % 5) }) }))
     const scheduler = new BatchScheduler(engine, { maxBatch: 16 })
-    const reqs = Array.from({ length: 16 }, (_, i) => request(`r${i}`, `t${i % 3}`, prompt(i), params(i, { maxTokens: 6 + (i % 5) })))
+    const reqs = Array.from({ length: 16 }, (_, i) =>
+      request(`r${i}`, `t${i % 3}`, prompt(i), params(i, { maxTokens: 6 + (i % 5) })),
+    )
     for (const r of reqs) scheduler.submit(r.req)
     const outcomes = await Promise.all(reqs.map((r) => r.done))
     outcomes.forEach((o, i) => {
@@ -77,7 +93,9 @@ describe('continuous batching scheduler', () => {
   it('serves tenants round-robin: a burst from one tenant does not starve another', async () => {
     const scheduler = new BatchScheduler(engine, { maxBatch: 2 })
     const order: string[] = []
-    const burst = Array.from({ length: 10 }, (_, i) => request(`burst${i}`, 'big', prompt(i), params(i, { maxTokens: 3 })))
+    const burst = Array.from({ length: 10 }, (_, i) =>
+      request(`burst${i}`, 'big', prompt(i), params(i, { maxTokens: 3 })),
+    )
     const single = request('single', 'small', prompt(99), params(99, { maxTokens: 3 }))
     for (const r of burst) {
       scheduler.submit(r.req)

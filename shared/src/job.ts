@@ -15,8 +15,12 @@ export const SamplingParams = z.object({
   temperature: z.number().min(0).max(2),
   topP: z.number().gt(0).max(1),
   topK: z.number().int().min(0),
-  /** Always set: the request's seed, or one the edge derived from the job id, so a retry repeats itself. */
-  seed: z.number().int().min(0).max(Number.MAX_SAFE_INTEGER),
+  /**
+   * The request's seed, or one the edge derived from the request id. When
+   * absent the worker derives it from the job id: either way a retry repeats
+   * itself, and the `done` event records the seed used.
+   */
+  seed: z.number().int().min(0).max(Number.MAX_SAFE_INTEGER).optional(),
   stop: z.array(z.string().min(1)).max(4),
 })
 export type SamplingParams = z.infer<typeof SamplingParams>

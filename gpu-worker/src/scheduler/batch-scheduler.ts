@@ -85,7 +85,9 @@ export class BatchScheduler {
     this.maxPrefillTokens = opts.maxPrefillTokens ?? 4096
     this.hooks = opts.hooks ?? {}
     if (this.maxBatch < 1 || this.maxBatch > engine.maxBatch)
-      throw new Error(`maxBatch ${this.maxBatch} must be between 1 and the engine's ${engine.maxBatch} KV slots`)
+      throw new Error(
+        `maxBatch ${this.maxBatch} must be between 1 and the engine's ${engine.maxBatch} KV slots`,
+      )
     if (this.maxPrefillTokens < 1) throw new Error('maxPrefillTokens must be positive')
   }
 
@@ -168,7 +170,11 @@ export class BatchScheduler {
         continue
       }
       for (const e of [...batch]) {
-        if (e.seq.finished) this.leave(e, { kind: 'finished', result: sequenceResult(e.seq, this.engine.config.num_local_experts) })
+        if (e.seq.finished)
+          this.leave(e, {
+            kind: 'finished',
+            result: sequenceResult(e.seq, this.engine.config.num_local_experts),
+          })
       }
     }
   }

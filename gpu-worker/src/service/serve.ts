@@ -1,0 +1,40 @@
+import { parseArgs } from 'node:util'
+import { ConfigError, loadWorkerConfig } from './config.ts'
+import { WorkerService } from './worker-service.ts'
+
+/** `moe serve [--pools a,b]`: runs the worker until SIGTERM/SIGINT, then drains and exits 0. */
+export async function serve(argv: string[]): Promise<void> {
+  let pools: string | undefined
+  try {
+    pools = parseArgs({ args: argv, strict: true, options: { pools: { type: 'string' } } }).values.pools
+  } catch (e) {
+    console.error(`moe serve: ${(e as Error).message}\nusage: moe serve [--pools a,b]`)
+    process.exit(2)
+  }
+  let service: WorkerService
+  try {
+    service = new WorkerService(loadWorkerConfig(process.env, pools))
+  } catch (e) {
+    if (e instanceof ConfigError) {
+      console.error(`moe serve: configuration error:\n${e.message}`)
+      process.exit(1)
+    }
+    throw e
+  }
+  let stopping = false
+  const stop = (signal: string) => {
+    if (stopping) return
+    stopping = true
+    service.log.info({ signal }, 'stopping')
+    service.close().then(
+      () => process.exit(0),
+      (err) => {
+        service.log.error({ err: String(err) }, 'error while draining')
+        process.exit(1)
+      },
+    )
+  }
+  process.on('SIGTERM', () => stop('SIGTERM'))
+  process.on('SIGINT', () => stop('SIGINT'))
+  await service.start()
+}

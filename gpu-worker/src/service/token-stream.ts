@@ -1,0 +1,94 @@
+import {
+  type DoneEvent,
+  type ErrorEvent,
+  encodeStreamEvent,
+  JOB_STREAM_TTL_SECONDS,
+  jobCancelKey,
+  jobEventsKey,
+  STREAM_FIELD,
+  type StreamEvent,
+  type TokenEvent,
+} from '@moe/shared'
+import type { Redis } from 'ioredis'
+
+/** Streams of unfinished jobs live this long, in case their worker dies for good. */
+const RUNNING_TTL_SECONDS = 24 * 3600
+
+/**
+ * Writes token events to each job's Redis stream. Events are buffered and sent
+ * in one pipeline per scheduler step, so a batch of 32 sequences costs one
+ * round trip per step, not 32. This is the one module that talks to Redis
+ * about streams and cancel keys.
+ */
+export class TokenStreamWriter {
+  private readonly redis: Redis
+  private buffered: Array<[string, StreamEvent]> = []
+  private readonly ending = new Set<string>()
+
+  constructor(redis: Redis) {
+    this.redis = redis
+  }
+
+  /**
+   * Where a job's stream stands: the last token index already written (-1 if
+   * none) and whether it already ended. A retried job skips what is there, so
+   * readers see each index once.
+   */
+  async resumePoint(jobId: string): Promise<{ lastIndex: number; ended: boolean }> {
+    const entries = (await this.redis.xrevrange(jobEventsKey(jobId), '+', '-', 'COUNT', 1)) as Array<
+      [string, string[]]
+    >
+    const last = entries[0]
+    if (!last) return { lastIndex: -1, ended: false }
+    const event = JSON.parse(last[1][1] ?? '{}') as StreamEvent
+    if (event.type === 'token') return { lastIndex: event.index, ended: false }
+    // The newest entry ends the stream; find the last token before it.
+    const tokens = (await this.redis.xrevrange(jobEventsKey(jobId), '+', '-', 'COUNT', 2)) as Array<
+      [string, string[]]
+    >
+    const prev = tokens[1] ? (JSON.parse(tokens[1][1][1] ?? '{}') as StreamEvent) : null
+    return { lastIndex: prev?.type === 'token' ? prev.index : -1, ended: true }
+  }
+
+  token(jobId: string, event: TokenEvent): void {
+    this.buffered.push([jobId, event])
+  }
+
+  /** Ends a job's stream with `done` or `error` (buffered; the caller flushes). */
+  end(jobId: string, event: DoneEvent | ErrorEvent): void {
+    this.buffered.push([jobId, event])
+    this.ending.add(jobId)
+  }
+
+  /** Sends everything buffered in one round trip. */
+  async flush(): Promise<void> {
+    if (this.buffered.length === 0) return
+    const batch = this.buffered
+    const ending = [...this.ending]
+    this.buffered = []
+    this.ending.clear()
+    const pipe = this.redis.pipeline()
+    const touched = new Set<string>()
+    for (const [jobId, event] of batch) {
+      pipe.xadd(jobEventsKey(jobId), '*', STREAM_FIELD, encodeStreamEvent(event))
+      touched.add(jobId)
+    }
+    for (const jobId of touched) {
+      const ttl = ending.includes(jobId) ? JOB_STREAM_TTL_SECONDS : RUNNING_TTL_SECONDS
+      pipe.expire(jobEventsKey(jobId), ttl)
+      if (ending.includes(jobId)) pipe.expire(jobCancelKey(jobId), JOB_STREAM_TTL_SECONDS)
+    }
+    const results = await pipe.exec()
+    const failed = results?.find(([err]) => err)
+    if (failed) throw failed[0]
+  }
+
+  /** The ids among `jobIds` whose cancel key is set (one round trip). */
+  async cancelled(jobIds: readonly string[]): Promise<string[]> {
+    if (jobIds.length === 0) return []
+    const pipe = this.redis.pipeline()
+    for (const id of jobIds) pipe.exists(jobCancelKey(id))
+    const results = (await pipe.exec()) ?? []
+    return jobIds.filter((_, i) => results[i]?.[1] === 1)
+  }
+}
