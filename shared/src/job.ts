@@ -22,6 +22,8 @@ export const SamplingParams = z.object({
    */
   seed: z.number().int().min(0).max(Number.MAX_SAFE_INTEGER).optional(),
   stop: z.array(z.string().min(1)).max(4),
+  /** Generate past EOS until maxTokens (vLLM's ignore_eos); meant for benchmarks. */
+  ignoreEos: z.boolean().optional(),
 })
 export type SamplingParams = z.infer<typeof SamplingParams>
 

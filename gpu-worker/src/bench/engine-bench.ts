@@ -9,43 +9,19 @@ import { MoeEngine as Engine, type MoeEngine, type StepRow } from '../engine/eng
 import { BENCH_CONFIG, writeRandomMixtral } from '../engine/random-model.ts'
 import type { Sequence } from '../engine/sequence.ts'
 import { measureCeilings } from './ceilings.ts'
+import {
+  attnParams,
+  c,
+  decodeBytes,
+  expertParams,
+  lmHeadParams,
+  routerParams,
+  touchedExperts,
+} from './weight-bytes.ts'
 
 const threads = Number(process.env.MOE_THREADS ?? availableParallelism())
 const modelDir = process.env.MOE_BENCH_DIR ?? join(tmpdir(), 'moe-bench-model')
 const resultsDir = join(import.meta.dirname, '..', '..', 'bench-results')
-
-const c = { ...BENCH_CONFIG, head_dim: BENCH_CONFIG.head_dim ?? 64 }
-const F = 4 // bytes per fp32 weight
-const H = c.hidden_size
-const attnParams =
-  (c.num_attention_heads + 2 * c.num_key_value_heads) * c.head_dim * H +
-  c.num_attention_heads * c.head_dim * H
-const routerParams = c.num_local_experts * H
-const expertParams = 3 * c.intermediate_size * H
-const lmHeadParams = c.vocab_size * H
-
-/** Weight and KV bytes one decode step reads, given which experts it touched. */
-function decodeBytes(touchedPerLayer: number[], rows: readonly StepRow[]): number {
-  let bytes = lmHeadParams * F
-  for (const touched of touchedPerLayer) bytes += (attnParams + routerParams + touched * expertParams) * F
-  const kvPerToken = 2 * c.num_key_value_heads * c.head_dim * F * c.num_hidden_layers
-  for (const r of rows) bytes += (r.pastLength + 1) * kvPerToken
-  return bytes
-}
-
-function touchedExperts(counts: Uint32Array, rows: number): number[] {
-  const L = c.num_hidden_layers
-  const E = c.num_local_experts
-  return Array.from({ length: L }, (_, l) => {
-    let touched = 0
-    for (let e = 0; e < E; e++) {
-      let n = 0
-      for (let r = 0; r < rows; r++) n += counts[(r * L + l) * E + e]!
-      if (n > 0) touched++
-    }
-    return touched
-  })
-}
 
 function prompt(len: number, salt: number): number[] {
   return Array.from({ length: len }, (_, i) => 3 + ((i * 7919 + salt * 104729) % 255))

@@ -12,6 +12,8 @@ export interface GenerationParams {
   stop: readonly string[]
   /** Experts this sequence may route to (its pool's subset); null = all. */
   allowedExperts: readonly number[] | null
+  /** Keep generating past EOS (vLLM's ignore_eos): for benchmarks that need fixed lengths. */
+  ignoreEos?: boolean
 }
 
 export interface TokenOutput {
@@ -89,7 +91,7 @@ export class Sequence {
     this.outputIds.push(tokenId)
     this.firstTokenAt ??= performance.now()
     let text = ''
-    if (this.isEos(tokenId)) {
+    if (this.isEos(tokenId) && !this.params.ignoreEos) {
       text = this.drain()
       this.finish('stop')
     } else {

@@ -29,10 +29,15 @@ export interface StepStats {
 }
 
 export interface SchedulerHooks {
-  /** Before each step: ids (running or waiting) to cancel, e.g. those whose cancel key is set. */
-  beforeStep?(ids: string[]): Promise<string[]> | string[]
-  /** After each step's tokens were handed out, e.g. to flush one pipelined write of them. */
-  afterStep?(stats: StepStats): Promise<void> | void
+  /**
+   * Asked as each step starts, with the running ids; answers the ids to
+   * cancel (e.g. those whose cancel key is set). The answer is awaited after
+   * the forward pass, so its round trip overlaps the compute, and applied at
+   * the next step boundary.
+   */
+  pollCancels?(ids: string[]): Promise<string[]>
+  /** After each step's tokens were handed out, e.g. to send one pipelined write of them. */
+  afterStep?(stats: StepStats): void
 }
 
 export interface SchedulerOptions {
@@ -136,7 +141,7 @@ export class BatchScheduler {
 
   private async runLoop(): Promise<void> {
     while (this.runningList.length > 0 || this.waitingQueue.size > 0) {
-      await this.applyCancels()
+      this.applyCancels()
       if (this.runningList.length === 0 && this.waitingQueue.size === 0) break
       const admitted = this.lastWasPrefill && this.runningList.length > 0 ? [] : this.admit()
       const batch = admitted.length > 0 ? admitted : this.runningList
@@ -148,6 +153,7 @@ export class BatchScheduler {
         pastLength: e.seq.pastLength,
         allowedExperts: e.seq.params.allowedExperts,
       }))
+      const poll = this.hooks.pollCancels?.(this.runningList.map((e) => e.request.id))
       try {
         const out = await this.engine.forward(rows)
         const tokens = this.engine.acceptStep(
@@ -158,7 +164,7 @@ export class BatchScheduler {
         batch.forEach((e, i) => {
           e.request.onToken(tokens[i]!)
         })
-        await this.hooks.afterStep?.({
+        this.hooks.afterStep?.({
           kind,
           rows: rows.length,
           tokens: rows.reduce((a, r) => a + r.tokens.length, 0),
@@ -166,8 +172,10 @@ export class BatchScheduler {
           stepMs: out.stepMs,
         })
       } catch (error) {
-        for (const e of batch) this.leave(e, { kind: 'failed', error: error as Error })
+        for (const e of [...batch]) this.leave(e, { kind: 'failed', error: error as Error })
         continue
+      } finally {
+        for (const id of (await poll?.catch(() => [])) ?? []) this.pendingCancels.add(id)
       }
       for (const e of [...batch]) {
         if (e.seq.finished)
@@ -196,11 +204,7 @@ export class BatchScheduler {
     return admitted
   }
 
-  private async applyCancels(): Promise<void> {
-    if (this.hooks.beforeStep) {
-      const ids = [...this.runningList.map((e) => e.request.id)]
-      for (const id of await this.hooks.beforeStep(ids)) this.pendingCancels.add(id)
-    }
+  private applyCancels(): void {
     if (this.pendingCancels.size === 0) return
     const cancelled = (e: Entry) => this.pendingCancels.has(e.request.id)
     for (const e of this.waitingQueue.remove(cancelled)) this.finishCancelled(e)

@@ -24,6 +24,8 @@ export class TokenStreamWriter {
   private readonly redis: Redis
   private buffered: Array<[string, StreamEvent]> = []
   private readonly ending = new Set<string>()
+  private readonly withTtl = new Set<string>()
+  private chain: Promise<void> = Promise.resolve()
 
   constructor(redis: Redis) {
     this.redis = redis
@@ -60,23 +62,38 @@ export class TokenStreamWriter {
     this.ending.add(jobId)
   }
 
-  /** Sends everything buffered in one round trip. */
-  async flush(): Promise<void> {
-    if (this.buffered.length === 0) return
-    const batch = this.buffered
-    const ending = [...this.ending]
-    this.buffered = []
-    this.ending.clear()
-    const pipe = this.redis.pipeline()
-    const touched = new Set<string>()
-    for (const [jobId, event] of batch) {
-      pipe.xadd(jobEventsKey(jobId), '*', STREAM_FIELD, encodeStreamEvent(event))
-      touched.add(jobId)
+  /**
+   * Sends everything buffered in one pipeline. Flushes are chained on one
+   * connection, so events keep their order; the caller may await the returned
+   * promise (before completing a job) or let it run behind the next step.
+   */
+  flush(): Promise<void> {
+    if (this.buffered.length > 0) {
+      const batch = this.buffered
+      const ending = new Set(this.ending)
+      this.buffered = []
+      this.ending.clear()
+      // A failed send is reported to its own awaiters; later flushes still go out.
+      this.chain = this.chain.catch(() => {}).then(() => this.send(batch, ending))
     }
-    for (const jobId of touched) {
-      const ttl = ending.includes(jobId) ? JOB_STREAM_TTL_SECONDS : RUNNING_TTL_SECONDS
-      pipe.expire(jobEventsKey(jobId), ttl)
-      if (ending.includes(jobId)) pipe.expire(jobCancelKey(jobId), JOB_STREAM_TTL_SECONDS)
+    return this.chain
+  }
+
+  private async send(batch: Array<[string, StreamEvent]>, ending: Set<string>): Promise<void> {
+    const pipe = this.redis.pipeline()
+    for (const [jobId, event] of batch) {
+      const key = jobEventsKey(jobId)
+      pipe.xadd(key, '*', STREAM_FIELD, encodeStreamEvent(event))
+      // A TTL from the first event on, so a stream whose worker died for good still expires.
+      if (!this.withTtl.has(jobId)) {
+        pipe.expire(key, RUNNING_TTL_SECONDS)
+        this.withTtl.add(jobId)
+      }
+    }
+    for (const jobId of ending) {
+      pipe.expire(jobEventsKey(jobId), JOB_STREAM_TTL_SECONDS)
+      pipe.expire(jobCancelKey(jobId), JOB_STREAM_TTL_SECONDS)
+      this.withTtl.delete(jobId)
     }
     const results = await pipe.exec()
     const failed = results?.find(([err]) => err)

@@ -87,15 +87,18 @@ export class WorkerService {
         maxBatch: c.maxBatch,
         maxPrefillTokens: c.maxPrefillTokens,
         hooks: {
-          beforeStep: (ids) => this.streams.cancelled(ids),
-          afterStep: async (s) => {
+          pollCancels: (ids) => this.streams.cancelled(ids),
+          afterStep: (s) => {
             this.metrics.batchSize.observe({ model, kind: s.kind }, s.rows)
             this.metrics.stepSeconds.observe({ model, kind: s.kind }, s.stepMs / 1000)
             this.metrics.requestsRunning.set({ model }, scheduler.running)
             this.metrics.requestsWaiting.set({ model }, scheduler.waiting)
             this.metrics.kvCacheBytes.set({ model }, engine.kv.bytes)
             this.metrics.kvCacheUsage.set({ model }, scheduler.running / engine.maxBatch)
-            await this.streams.flush()
+            // Sent behind the next step; the job awaits the chain before it completes.
+            this.streams
+              .flush()
+              .catch((err) => this.log.error({ err: String(err) }, 'writing token events failed'))
           },
         },
       })
@@ -289,6 +292,7 @@ export class WorkerService {
             topK: p.sampling.topK,
             seed,
             stop: p.sampling.stop,
+            ignoreEos: p.sampling.ignoreEos ?? false,
             allowedExperts: pool.experts,
           },
           onToken: (t) => {

@@ -1,0 +1,287 @@
+// Service benchmark: aggregate tokens/s through Redis and a worker process at
+// 1, 4, 16 and 64 concurrent requests, against the engine alone at batch 1 in
+// the same run, plus the enqueue-to-first-token overhead the service adds.
+//   npm run bench:service -w @moe/gpu-worker     (MOE_BENCH_MODELS=tiny,bench)
+import { type ChildProcess, spawn } from 'node:child_process'
+import { randomUUID } from 'node:crypto'
+import { existsSync, mkdirSync, mkdtempSync, writeFileSync } from 'node:fs'
+import { availableParallelism, cpus, tmpdir, totalmem } from 'node:os'
+import { join } from 'node:path'
+import {
+  decodeStreamEvent,
+  JOB_PRIORITY,
+  type JobPayloadInput,
+  jobEventsKey,
+  poolQueueName,
+  type StreamEvent,
+} from '@moe/shared'
+import { Queue } from 'bullmq'
+import { Redis } from 'ioredis'
+import { MoeEngine, type StepRow } from '../engine/engine.ts'
+import { BENCH_CONFIG, writeRandomMixtral } from '../engine/random-model.ts'
+import { REPO_ROOT } from '../service/config.ts'
+import { decodeBytes, touchedExperts } from './weight-bytes.ts'
+
+const REDIS_URL = process.env.REDIS_URL ?? 'redis://127.0.0.1:6379'
+const CLI = join(REPO_ROOT, 'gpu-worker/bin/moe.js')
+const resultsDir = join(REPO_ROOT, 'gpu-worker/bench-results')
+const models = (process.env.MOE_BENCH_MODELS ?? 'tiny,bench').split(',')
+
+interface ModelCase {
+  name: string
+  dir: string
+  maxTokens: number
+  promptLen: number
+}
+
+const prompt = (len: number, salt: number) => [
+  1,
+  ...Array.from({ length: len - 1 }, (_, i) => 3 + ((i * 7919 + salt * 104729) % 255)),
+]
+
+function startWorker(dir: string, prefix: string): Promise<ChildProcess> {
+  const poolsFile = join(mkdtempSync(join(tmpdir(), 'moe-bench-pools-')), 'pools.json')
+  writeFileSync(
+    poolsFile,
+    JSON.stringify({ pools: [{ name: 'bench', modelDir: dir, modelId: 'bench', maxTokensLimit: 4096 }] }),
+  )
+  const child = spawn(process.execPath, [CLI, 'serve'], {
+    env: {
+      ...process.env,
+      REDIS_URL,
+      MOE_POOLS_FILE: poolsFile,
+      MOE_QUEUE_PREFIX: prefix,
+      MOE_EP: 'cpu',
+      MOE_METRICS_PORT: '0',
+      MOE_MAX_BATCH: '64',
+      MOE_MAX_CONTEXT: '512',
+    },
+    stdio: ['ignore', 'pipe', 'inherit'],
+  })
+  return new Promise((resolve, reject) => {
+    let out = ''
+    child.stdout!.on('data', (d) => {
+      out += d
+      if (out.includes('gpu worker serving')) resolve(child)
+    })
+    child.once('exit', (code) => reject(new Error(`worker exited with ${code}`)))
+  })
+}
+
+/** Reads one job's stream until it ends; returns when the first token and the end arrived. */
+async function follow(
+  redis: Redis,
+  jobId: string,
+): Promise<{ firstAt: number; endAt: number; tokens: number }> {
+  let cursor = '0'
+  let firstAt = 0
+  let tokens = 0
+  for (;;) {
+    const res = (await redis.xread(
+      'COUNT',
+      1000,
+      'BLOCK',
+      5000,
+      'STREAMS',
+      jobEventsKey(jobId),
+      cursor,
+    )) as Array<[string, Array<[string, string[]]>]> | null
+    for (const [, entries] of res ?? []) {
+      for (const [id, fields] of entries) {
+        cursor = id
+        const ev: StreamEvent = decodeStreamEvent(fields[1]!)
+        if (ev.type === 'token') {
+          tokens++
+          firstAt ||= performance.now()
+        } else if (ev.type === 'done') return { firstAt, endAt: performance.now(), tokens }
+        else throw new Error(`${jobId}: ${ev.code} ${ev.message}`)
+      }
+    }
+  }
+}
+
+function job(m: ModelCase, salt: number): JobPayloadInput {
+  return {
+    version: 1,
+    requestId: `bench-${randomUUID()}`,
+    tenantId: `t${salt % 8}`,
+    pool: 'bench',
+    model: 'bench',
+    input: { kind: 'tokens', inputIds: prompt(m.promptLen, salt) },
+    sampling: {
+      maxTokens: m.maxTokens,
+      temperature: 0.8,
+      topP: 0.95,
+      topK: 0,
+      seed: salt,
+      stop: [],
+      ignoreEos: true,
+    },
+    deadline: Date.now() + 600_000,
+    createdAt: Date.now(),
+  }
+}
+
+async function runModel(m: ModelCase) {
+  // Engine alone, batch 1, in this process: the baseline, and the bytes per step at batch 1 and 16.
+  const engine = await MoeEngine.load({
+    modelDir: m.dir,
+    ep: 'cpu',
+    maxBatch: 16,
+    maxContext: 512,
+    log: () => {},
+  })
+  await engine.generate({ inputIds: prompt(m.promptLen, 2), maxTokens: 8, seed: 2 }) // warm-up: first runs allocate and prepack
+  const t0 = performance.now()
+  const solo = await engine.generate({
+    inputIds: prompt(m.promptLen, 1),
+    maxTokens: m.maxTokens,
+    temperature: 0.8,
+    seed: 1,
+    ignoreEos: true,
+  })
+  const soloTps = (solo.outputIds.length * 1000) / (performance.now() - t0)
+  const prefillMs: number[] = []
+  for (let i = 0; i < 5; i++)
+    prefillMs.push(
+      (
+        await engine.forward([
+          { slot: 0, tokens: prompt(m.promptLen, i), pastLength: 0, allowedExperts: null },
+        ])
+      ).stepMs,
+    )
+  const prefill = prefillMs.sort((a, b) => a - b)[2]!
+  let ideal16: number | null = null
+  if (m.name === 'bench') {
+    const bytesAt = async (b: number) => {
+      const rows: StepRow[] = Array.from({ length: b }, (_, i) => ({
+        slot: i,
+        tokens: prompt(m.promptLen, i),
+        pastLength: 0,
+        allowedExperts: null,
+      }))
+      for (let i = 0; i < b; i += 8) await engine.forward(rows.slice(i, i + 8))
+      const step = rows.map((r, i) => ({ ...r, tokens: [3 + ((i * 37) % 250)], pastLength: m.promptLen }))
+      const out = await engine.forward(step)
+      return decodeBytes(touchedExperts(out.expertCounts, b), step)
+    }
+    ideal16 = (16 * (await bytesAt(1))) / (await bytesAt(16))
+  }
+
+  const prefix = `moe-bench-${randomUUID().slice(0, 8)}`
+  const worker = await startWorker(m.dir, prefix)
+  const redis = new Redis(REDIS_URL, { maxRetriesPerRequest: null })
+  const readers = Array.from({ length: 64 }, () => new Redis(REDIS_URL, { maxRetriesPerRequest: null }))
+  const queue = new Queue(poolQueueName('bench'), { connection: redis, prefix })
+  const add = (p: JobPayloadInput) =>
+    queue.add('generate', p, { jobId: p.requestId, priority: JOB_PRIORITY.live, removeOnComplete: true })
+  try {
+    // Enqueue-to-first-token at concurrency 1, minus the prefill itself.
+    const overhead: number[] = []
+    for (let i = 0; i < 30; i++) {
+      const p = { ...job(m, 100 + i), sampling: { ...job(m, 100 + i).sampling, maxTokens: 1 } }
+      const start = performance.now()
+      const followed = follow(readers[0]!, p.requestId)
+      await add(p)
+      const r = await followed
+      overhead.push(r.firstAt - start - prefill)
+    }
+    overhead.sort((a, b) => a - b)
+
+    const rows: Array<{ concurrency: number; tokensPerSecond: number; speedup: number; ttftP50: number }> = []
+    for (const concurrency of [1, 4, 16, 64]) {
+      const jobs = Array.from({ length: concurrency }, (_, i) => job(m, i))
+      const start = performance.now()
+      const followed = jobs.map((p, i) => follow(readers[i]!, p.requestId))
+      await Promise.all(jobs.map(add))
+      const results = await Promise.all(followed)
+      const wall = Math.max(...results.map((r) => r.endAt)) - start
+      const tokens = results.reduce((a, r) => a + r.tokens, 0)
+      const ttft = results.map((r) => r.firstAt - start).sort((a, b) => a - b)
+      const tps = (tokens * 1000) / wall
+      rows.push({
+        concurrency,
+        tokensPerSecond: tps,
+        speedup: tps / soloTps,
+        ttftP50: ttft[Math.floor(ttft.length / 2)]!,
+      })
+    }
+    return {
+      model: m.name,
+      soloTps,
+      prefillMs: prefill,
+      overheadP50: overhead[15]!,
+      overheadP90: overhead[27]!,
+      ideal16,
+      rows,
+    }
+  } finally {
+    worker.kill('SIGTERM')
+    await queue.obliterate({ force: true }).catch(() => {})
+    await queue.close()
+    for (const r of [redis, ...readers]) r.disconnect()
+  }
+}
+
+async function main() {
+  const machine = `${cpus()[0]?.model ?? 'cpu'}, ${availableParallelism()} cores, ${(totalmem() / 2 ** 30).toFixed(0)} GiB, ORT CPU EP`
+  console.log(`moe-edge service benchmark: ${machine}`)
+  const cases: ModelCase[] = []
+  if (models.includes('tiny'))
+    cases.push({
+      name: 'tiny',
+      dir: join(REPO_ROOT, 'gpu-worker/models/tiny-mixtral'),
+      maxTokens: 64,
+      promptLen: 16,
+    })
+  if (models.includes('bench')) {
+    const dir = process.env.MOE_BENCH_DIR ?? join(tmpdir(), 'moe-bench-model')
+    if (!existsSync(join(dir, 'config.json'))) writeRandomMixtral(dir, BENCH_CONFIG, 1234)
+    cases.push({ name: 'bench', dir, maxTokens: 32, promptLen: 16 })
+  }
+  const lines: string[] = []
+  const results = []
+  for (const m of cases) {
+    const r = await runModel(m)
+    results.push(r)
+    lines.push(
+      `### ${m.name} model (${m.maxTokens} tokens per request, ignore_eos; engine alone at batch 1: ${r.soloTps.toFixed(1)} tok/s)`,
+      '',
+      '| concurrent requests | aggregate tokens/s | vs one at a time | TTFT p50 |',
+      '|---:|---:|---:|---:|',
+      ...r.rows.map(
+        (x) =>
+          `| ${x.concurrency} | ${x.tokensPerSecond.toFixed(1)} | ${x.speedup.toFixed(2)}x | ${x.ttftP50.toFixed(1)} ms |`,
+      ),
+      '',
+      `- enqueue-to-first-token overhead beyond the prefill (${r.prefillMs.toFixed(2)} ms): p50 ${r.overheadP50.toFixed(2)} ms, p90 ${r.overheadP90.toFixed(2)} ms (target p50 < 5 ms)`,
+      ...(r.ideal16 === null
+        ? [`- 16 concurrent vs one at a time: ${r.rows[2]!.speedup.toFixed(2)}x (target >= 6x)`]
+        : [
+            `- 16 concurrent vs one at a time: ${r.rows[2]!.speedup.toFixed(2)}x; ideal from weight bytes per step ${r.ideal16.toFixed(2)}x; reached ${(((r.rows[2]!.speedup - 1) / (r.ideal16 - 1)) * 100).toFixed(0)}% of the possible gain (target >= 80%)`,
+          ]),
+      '',
+    )
+  }
+  console.log(`\n${lines.join('\n')}`)
+  mkdirSync(resultsDir, { recursive: true })
+  const date = new Date().toISOString().slice(0, 10)
+  writeFileSync(
+    join(resultsDir, 'service-cpu.json'),
+    `${JSON.stringify({ date, machine, results }, null, 2)}\n`,
+  )
+  writeFileSync(
+    join(resultsDir, 'service-cpu.md'),
+    [
+      `# Service benchmark (${date})`,
+      '',
+      `Machine: ${machine}; Redis 7 on loopback; worker in its own process.`,
+      '',
+      ...lines,
+    ].join('\n'),
+  )
+  console.log(`wrote ${join(resultsDir, 'service-cpu.md')}`)
+  process.exit(0)
+}
+
+await main()
