@@ -5,7 +5,7 @@
 import { existsSync, mkdirSync, writeFileSync } from 'node:fs'
 import { availableParallelism, cpus, tmpdir, totalmem } from 'node:os'
 import { join } from 'node:path'
-import { MoeEngine as Engine, type MoeEngine, type StepRow } from '../engine/engine.ts'
+import { MoeEngine as Engine, type MoeEngine } from '../engine/engine.ts'
 import { BENCH_CONFIG, writeRandomMixtral } from '../engine/random-model.ts'
 import type { Sequence } from '../engine/sequence.ts'
 import { measureCeilings } from './ceilings.ts'
