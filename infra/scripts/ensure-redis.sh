@@ -31,7 +31,11 @@ fi
 dir="${MOE_REDIS_DIR:-${TMPDIR:-/tmp}/moe-edge-redis}"
 mkdir -p "$dir"
 redis-server --daemonize yes --bind 127.0.0.1 --port "$port" --dir "$dir" \
-  --appendonly yes --appendfsync everysec --logfile "$dir/redis.log"
-for _ in $(seq 1 50); do ping && { echo "redis: started on $host:$port (data in $dir)"; exit 0; }; sleep 0.1; done
+  --appendonly yes --appendfsync everysec --logfile "$dir/redis.log" --pidfile "$dir/redis.pid"
+for _ in $(seq 1 50); do
+  # The last line names the pid file, so a caller that started it can stop it.
+  ping && { echo "redis: started on $host:$port (data in $dir)"; echo "pidfile=$dir/redis.pid"; exit 0; }
+  sleep 0.1
+done
 echo "redis: started redis-server but it does not answer on $host:$port; see $dir/redis.log" >&2
 exit 1

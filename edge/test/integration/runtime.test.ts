@@ -1,5 +1,5 @@
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
-import { type RunningEdge, startEdge } from './wrangler-dev.ts'
+import { type RunningEdge, startEdge } from '../wrangler-dev.ts'
 
 // Runs the Worker in workerd through `wrangler dev`, as production would run it.
 describe('edge in workerd', () => {

@@ -1,0 +1,125 @@
+import { MoeError, TenantConfig } from '@moe/shared'
+import { Hono } from 'hono'
+import { z } from 'zod'
+import {
+  ApiKeyRecord,
+  adminTokenMatches,
+  bearerToken,
+  createApiKey,
+  forgetAuthCache,
+  getTenant,
+  kvKeyOfHash,
+  kvTenant,
+  kvTenantKey,
+} from './auth.ts'
+import { type AppEnv, jsonBody, limitBody, requireJson } from './http.ts'
+import { POOLS } from './pools.ts'
+import { zodToMoeError } from './validate.ts'
+
+// Admin API, behind the ADMIN_TOKEN secret: tenants and their API keys.
+
+export const admin = new Hono<AppEnv>()
+
+admin.use('*', async (c, next) => {
+  if (!c.env.ADMIN_TOKEN) {
+    throw new MoeError('invalid_api_key', 'The admin API is disabled: the ADMIN_TOKEN secret is not set')
+  }
+  if (!(await adminTokenMatches(bearerToken(c.req.header('authorization')), c.env.ADMIN_TOKEN))) {
+    throw new MoeError('invalid_api_key', 'Invalid admin token')
+  }
+  await next()
+})
+admin.on(['POST', 'PUT'], '*', requireJson, limitBody)
+
+function checkTenant(cfg: TenantConfig): void {
+  for (const p of [...cfg.allowedPools, cfg.defaultPool, ...Object.values(cfg.poolMap)]) {
+    if (!POOLS.has(p))
+      throw new MoeError('invalid_request', `Unknown pool '${p}'; pools: ${[...POOLS.keys()].join(', ')}`)
+  }
+  if (!cfg.allowedPools.includes(cfg.defaultPool)) {
+    throw new MoeError('invalid_request', 'defaultPool must be one of allowedPools', 'defaultPool')
+  }
+}
+
+async function putTenant(kv: KVNamespace, body: unknown, id?: string): Promise<TenantConfig> {
+  const parsed = TenantConfig.safeParse(id === undefined ? body : { ...(body as object), id })
+  if (!parsed.success) throw zodToMoeError(parsed.error)
+  checkTenant(parsed.data)
+  await kv.put(kvTenant(parsed.data.id), JSON.stringify(parsed.data))
+  forgetAuthCache()
+  return parsed.data
+}
+
+/** Create a tenant (409 if it exists). */
+admin.post('/tenants', async (c) => {
+  const body = await jsonBody(c)
+  const id = (body as { id?: unknown })?.id
+  if (typeof id === 'string' && (await getTenant(c.env.AUTH, id))) {
+    return c.json(
+      new MoeError('invalid_request', `Tenant '${id}' already exists; PUT to replace it`).toBody(),
+      409,
+    )
+  }
+  return c.json(await putTenant(c.env.AUTH, body), 201)
+})
+
+/** Create or replace a tenant's config. */
+admin.put('/tenants/:id', async (c) =>
+  c.json(await putTenant(c.env.AUTH, await jsonBody(c), c.req.param('id'))),
+)
+
+admin.get('/tenants/:id', async (c) => {
+  const t = await getTenant(c.env.AUTH, c.req.param('id'))
+  if (!t) throw new MoeError('not_found', `No tenant '${c.req.param('id')}'`)
+  return c.json(t)
+})
+
+const NewKey = z.strictObject({
+  name: z.string().min(1).max(128).default('default'),
+  /** Epoch ms, or use expiresInSeconds. */
+  expiresAt: z.number().int().positive().nullable().optional(),
+  expiresInSeconds: z.number().int().positive().optional(),
+})
+
+/** Create an API key; the plaintext is in this response only. */
+admin.post('/tenants/:id/keys', async (c) => {
+  const tenantId = c.req.param('id')
+  if (!(await getTenant(c.env.AUTH, tenantId))) throw new MoeError('not_found', `No tenant '${tenantId}'`)
+  const parsed = NewKey.safeParse(await jsonBody(c))
+  if (!parsed.success) throw zodToMoeError(parsed.error)
+  const { name, expiresAt, expiresInSeconds } = parsed.data
+  const expiry = expiresAt ?? (expiresInSeconds !== undefined ? Date.now() + expiresInSeconds * 1000 : null)
+  const { key, record } = await createApiKey(c.env.AUTH, tenantId, name, expiry)
+  return c.json({ ...record, key }, 201)
+})
+
+async function tenantKeyRecords(kv: KVNamespace, tenantId: string): Promise<ApiKeyRecord[]> {
+  const out: ApiKeyRecord[] = []
+  let cursor: string | undefined
+  do {
+    const page = await kv.list({ prefix: kvTenantKey(tenantId, ''), ...(cursor ? { cursor } : {}) })
+    for (const k of page.keys) {
+      const hash = await kv.get(k.name)
+      const rec = hash ? ApiKeyRecord.safeParse(await kv.get(kvKeyOfHash(hash), 'json')) : null
+      if (rec?.success) out.push(rec.data)
+    }
+    cursor = page.list_complete ? undefined : page.cursor
+  } while (cursor)
+  return out
+}
+
+admin.get('/tenants/:id/keys', async (c) =>
+  c.json({ object: 'list', data: await tenantKeyRecords(c.env.AUTH, c.req.param('id')) }),
+)
+
+/** Revoke a key: it answers 401 from now on. */
+admin.delete('/tenants/:id/keys/:keyId', async (c) => {
+  const { id, keyId } = c.req.param()
+  const hash = await c.env.AUTH.get(kvTenantKey(id, keyId))
+  const rec = hash ? ApiKeyRecord.safeParse(await c.env.AUTH.get(kvKeyOfHash(hash), 'json')) : null
+  if (!hash || !rec?.success) throw new MoeError('not_found', `No key '${keyId}' for tenant '${id}'`)
+  const revoked: ApiKeyRecord = { ...rec.data, revokedAt: rec.data.revokedAt ?? Date.now() }
+  await c.env.AUTH.put(kvKeyOfHash(hash), JSON.stringify(revoked))
+  forgetAuthCache()
+  return c.json({ ...revoked, revoked: true })
+})

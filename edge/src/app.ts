@@ -1,0 +1,81 @@
+import { MoeError } from '@moe/shared'
+import { Hono } from 'hono'
+import { cors } from 'hono/cors'
+import { requestId } from 'hono/request-id'
+import { admin } from './admin.ts'
+import { api } from './api.ts'
+import { randomBase62 } from './auth.ts'
+import { type AppEnv, errorResponse, log } from './http.ts'
+
+export const app = new Hono<AppEnv>()
+
+// Request ids are ours, never the client's: the id is also the job id, so a client-chosen one
+// could name another tenant's job. A client's own id (X-Client-Request-Id) is logged beside it.
+app.use(requestId({ headerName: '', generator: () => `req_${randomBase62(24)}` }))
+app.use(async (c, next) => {
+  const start = Date.now()
+  c.set('logFields', {})
+  c.header('x-request-id', c.get('requestId'))
+  await next()
+  c.res.headers.set('x-request-id', c.get('requestId'))
+  const client = c.req.header('x-client-request-id')
+  log(c.res.status >= 500 ? 'error' : 'info', 'request', {
+    request_id: c.get('requestId'),
+    ...(client ? { client_request_id: client.slice(0, 128) } : {}),
+    method: c.req.method,
+    path: c.req.path,
+    status: c.res.status,
+    ms: Date.now() - start,
+    ...c.get('logFields'),
+  })
+})
+app.use(
+  cors({
+    origin: '*',
+    allowMethods: ['GET', 'POST', 'PUT', 'DELETE', 'OPTIONS'],
+    allowHeaders: [
+      'Authorization',
+      'Content-Type',
+      'Cache-Control',
+      'Idempotency-Key',
+      'Prefer',
+      'X-Moe-Task',
+      'X-Client-Request-Id',
+      'OpenAI-Organization',
+      'OpenAI-Project',
+      'X-Stainless-Arch',
+      'X-Stainless-Lang',
+      'X-Stainless-OS',
+      'X-Stainless-Package-Version',
+      'X-Stainless-Retry-Count',
+      'X-Stainless-Runtime',
+      'X-Stainless-Runtime-Version',
+      'X-Stainless-Timeout',
+    ],
+    exposeHeaders: [
+      'x-request-id',
+      'x-moe-pool',
+      'x-moe-task',
+      'x-moe-modality',
+      'x-moe-cache',
+      'retry-after',
+      'location',
+    ],
+    maxAge: 86400,
+  }),
+)
+
+app.get('/healthz', (c) => c.json({ status: 'ok', service: 'moe-edge', environment: c.env.ENVIRONMENT }))
+app.route('/v1', api)
+app.route('/admin', admin)
+
+app.notFound((c) => {
+  const err = new MoeError('not_found', `No route for ${c.req.method} ${new URL(c.req.url).pathname}`)
+  return c.json(err.toBody(), 404)
+})
+
+app.onError((error, c) => {
+  if (error instanceof MoeError) return errorResponse(c, error)
+  log('error', 'unhandled', { request_id: c.get('requestId'), error: String(error) })
+  return c.json(new MoeError('internal_error', 'Internal error').toBody(), 500)
+})

@@ -1,0 +1,128 @@
+import type { FinishReason, RoutingStats, Timings, Usage } from '@moe/shared'
+
+// Builds the OpenAI response objects (chat.completion, chat.completion.chunk, text_completion)
+// from a job's result. `moe` is an extra object OpenAI clients ignore.
+
+export interface MoeSummary {
+  request_id: string
+  pool: string
+  task: string
+  modality: string
+  cache: 'HIT' | 'MISS' | 'BYPASS'
+  seed?: number
+  /** Tokens routed to each expert, summed over layers. */
+  expert_load?: number[]
+  allowed_experts?: number[] | null
+  timings?: Timings
+}
+
+export interface Answer {
+  text: string
+  finishReason: FinishReason
+  usage: { promptTokens: number; completionTokens: number }
+}
+
+export const usageOf = (u: Answer['usage']): Usage => ({
+  prompt_tokens: u.promptTokens,
+  completion_tokens: u.completionTokens,
+  total_tokens: u.promptTokens + u.completionTokens,
+})
+
+/** Per-expert totals over all MoE layers. */
+export function expertLoadSummary(routing: RoutingStats): number[] {
+  const totals: number[] = []
+  for (const layer of routing.expertLoad) {
+    for (let e = 0; e < layer.length; e++) totals[e] = (totals[e] ?? 0) + layer[e]!
+  }
+  return totals
+}
+
+export const completionId = (kind: 'chat' | 'completion', requestId: string): string =>
+  `${kind === 'chat' ? 'chatcmpl' : 'cmpl'}-${requestId}`
+
+export function completionObject(
+  kind: 'chat' | 'completion',
+  id: string,
+  created: number,
+  model: string,
+  answer: Answer,
+  moe: MoeSummary,
+): Record<string, unknown> {
+  const base = { id, created, model, system_fingerprint: null }
+  const usage = usageOf(answer.usage)
+  if (kind === 'chat') {
+    return {
+      ...base,
+      object: 'chat.completion',
+      choices: [
+        {
+          index: 0,
+          message: { role: 'assistant', content: answer.text, refusal: null },
+          finish_reason: answer.finishReason,
+          logprobs: null,
+        },
+      ],
+      usage,
+      moe,
+    }
+  }
+  return {
+    ...base,
+    object: 'text_completion',
+    choices: [{ index: 0, text: answer.text, finish_reason: answer.finishReason, logprobs: null }],
+    usage,
+    moe,
+  }
+}
+
+/** One streamed chunk; `delta` null with a finish reason closes the choice. */
+export function chunkObject(
+  kind: 'chat' | 'completion',
+  id: string,
+  created: number,
+  model: string,
+  part: { role?: 'assistant'; text?: string; finishReason?: FinishReason | null },
+  includeUsage: boolean,
+): Record<string, unknown> {
+  const finish = part.finishReason ?? null
+  const base = { id, created, model, system_fingerprint: null }
+  const usage = includeUsage ? { usage: null } : {}
+  if (kind === 'chat') {
+    const delta: Record<string, unknown> = {}
+    if (part.role) delta.role = part.role
+    if (part.text !== undefined) delta.content = part.text
+    return {
+      ...base,
+      object: 'chat.completion.chunk',
+      choices: [{ index: 0, delta, finish_reason: finish, logprobs: null }],
+      ...usage,
+    }
+  }
+  return {
+    ...base,
+    object: 'text_completion',
+    choices: [{ index: 0, text: part.text ?? '', finish_reason: finish, logprobs: null }],
+    ...usage,
+  }
+}
+
+/** The final usage-only chunk of `stream_options.include_usage`. */
+export function usageChunk(
+  kind: 'chat' | 'completion',
+  id: string,
+  created: number,
+  model: string,
+  usage: Answer['usage'],
+  moe: MoeSummary,
+): Record<string, unknown> {
+  return {
+    id,
+    created,
+    model,
+    system_fingerprint: null,
+    object: kind === 'chat' ? 'chat.completion.chunk' : 'text_completion',
+    choices: [],
+    usage: usageOf(usage),
+    moe,
+  }
+}

@@ -1,0 +1,90 @@
+import { ChatCompletionRequest, CompletionRequest, MoeError, UNSUPPORTED_PARAMETERS } from '@moe/shared'
+import type { z } from 'zod'
+
+export type Endpoint = 'chat' | 'completion'
+
+/** Parses a JSON body text; invalid JSON is a 400 in the OpenAI shape. */
+export function parseJson(text: string): unknown {
+  try {
+    return JSON.parse(text)
+  } catch (e) {
+    throw new MoeError(
+      'invalid_json',
+      `We could not parse the JSON body of your request. (${(e as Error).message})`,
+    )
+  }
+}
+
+const UNSUPPORTED = new Set<string>(UNSUPPORTED_PARAMETERS)
+
+/** A zod issue as an OpenAI-style message and param path. */
+export function zodToMoeError(error: z.ZodError): MoeError {
+  const issue = error.issues[0]
+  if (!issue) return new MoeError('invalid_request', 'Invalid request')
+  const path = issue.path.map(String).join('.')
+  if (issue.code === 'unrecognized_keys') {
+    const keys = (issue as { keys: string[] }).keys
+    return new MoeError(
+      'invalid_request',
+      `Unrecognized request argument supplied: ${keys.join(', ')}`,
+      keys[0] ?? null,
+    )
+  }
+  const where = path === '' ? 'body' : `'${path}'`
+  return new MoeError('invalid_request', `Invalid value for ${where}: ${issue.message}`, path || null)
+}
+
+/**
+ * Validates a chat or text completion body. OpenAI parameters we do not implement are named in
+ * a 400 (`unsupported_parameter`) rather than ignored.
+ */
+export function validateBody(endpoint: 'chat', body: unknown): ChatCompletionRequest
+export function validateBody(endpoint: 'completion', body: unknown): CompletionRequest
+export function validateBody(endpoint: Endpoint, body: unknown): ChatCompletionRequest | CompletionRequest
+export function validateBody(endpoint: Endpoint, body: unknown): ChatCompletionRequest | CompletionRequest {
+  if (typeof body !== 'object' || body === null || Array.isArray(body)) {
+    throw new MoeError('invalid_request', 'The request body must be a JSON object')
+  }
+  const obj = { ...(body as Record<string, unknown>) }
+  const unsupported: string[] = []
+  for (const k of Object.keys(obj)) {
+    if (!UNSUPPORTED.has(k)) continue
+    // Clients that send an unsupported parameter as null mean "not set".
+    if (obj[k] === null || obj[k] === undefined) delete obj[k]
+    else unsupported.push(k)
+  }
+  if (obj.n !== undefined && obj.n !== null && obj.n !== 1) unsupported.unshift('n')
+  if (unsupported.length > 0) {
+    throw new MoeError(
+      'unsupported_parameter',
+      `Unsupported parameter${unsupported.length > 1 ? 's' : ''}: ${unsupported.join(', ')} ${unsupported.length > 1 ? 'are' : 'is'} not supported by this service` +
+        (unsupported.includes('n') ? ' (n must be 1)' : ''),
+      unsupported[0]!,
+    )
+  }
+  const schema = endpoint === 'chat' ? ChatCompletionRequest : CompletionRequest
+  const parsed = schema.safeParse(obj)
+  if (!parsed.success) throw zodToMoeError(parsed.error)
+  const data = parsed.data
+  if (endpoint === 'chat') {
+    const chat = data as ChatCompletionRequest
+    if (
+      chat.max_tokens != null &&
+      chat.max_completion_tokens != null &&
+      chat.max_tokens !== chat.max_completion_tokens
+    ) {
+      throw new MoeError(
+        'invalid_request',
+        'max_tokens and max_completion_tokens disagree; set only one',
+        'max_completion_tokens',
+      )
+    }
+  }
+  return data
+}
+
+/** The requested completion length, if any (chat: max_completion_tokens wins over max_tokens). */
+export function requestedMaxTokens(req: ChatCompletionRequest | CompletionRequest): number | null {
+  if ('max_completion_tokens' in req && req.max_completion_tokens != null) return req.max_completion_tokens
+  return req.max_tokens ?? null
+}

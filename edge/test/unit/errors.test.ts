@@ -1,0 +1,112 @@
+import { MoeError } from '@moe/shared'
+import { describe, expect, it } from 'vitest'
+import { app } from '../../src/app.ts'
+import { createApiKey, forgetAuthCache, kvTenant } from '../../src/auth.ts'
+import { EdgeError } from '../../src/http.ts'
+import { parseJson, validateBody } from '../../src/validate.ts'
+import { MemoryKV } from './memory-kv.ts'
+
+function thrown(f: () => unknown): MoeError {
+  try {
+    f()
+  } catch (e) {
+    return e as MoeError
+  }
+  throw new Error('did not throw')
+}
+
+const chat = { model: 'auto', messages: [{ role: 'user', content: 'hi' }] }
+
+describe('request validation and error mapping', () => {
+  it('names unsupported OpenAI parameters in a 400', () => {
+    const e = thrown(() => validateBody('chat', { ...chat, tools: [{}], logprobs: true }))
+    expect(e.status).toBe(400)
+    expect(e.code).toBe('unsupported_parameter')
+    expect(e.message).toContain('tools')
+    expect(e.message).toContain('logprobs')
+    expect(e.param).toBe('tools')
+    const n = thrown(() => validateBody('chat', { ...chat, n: 3 }))
+    expect(n.param).toBe('n')
+    expect(n.message).toContain('n must be 1')
+    expect(validateBody('chat', { ...chat, n: 1, tools: null }).n).toBe(1)
+  })
+
+  it('rejects unknown fields and bad values with the offending param', () => {
+    const unknown = thrown(() => validateBody('chat', { ...chat, frobnicate: 1 }))
+    expect(unknown.message).toBe('Unrecognized request argument supplied: frobnicate')
+    const bad = thrown(() => validateBody('chat', { ...chat, messages: [{ role: 'robot', content: 'x' }] }))
+    expect(bad.code).toBe('invalid_request')
+    expect(bad.param).toBe('messages.0.role')
+    expect(thrown(() => validateBody('completion', { model: 'auto' })).param).toBe('prompt')
+    expect(thrown(() => validateBody('chat', [1])).status).toBe(400)
+  })
+
+  it('maps invalid JSON to 400 invalid_json', () => {
+    const e = thrown(() => parseJson('{"model":'))
+    expect(e.status).toBe(400)
+    expect(e.code).toBe('invalid_json')
+  })
+
+  it('renders errors in the OpenAI shape with the right status and headers', () => {
+    const e = new EdgeError('rate_limited', 'slow down', null, { 'retry-after': '7' })
+    expect(e.status).toBe(429)
+    expect(e.toBody()).toEqual({
+      error: { message: 'slow down', type: 'rate_limit_error', param: null, code: 'rate_limited' },
+    })
+    expect(new MoeError('pool_not_allowed', 'no').status).toBe(403)
+    expect(new MoeError('overloaded', 'busy').status).toBe(503)
+    expect(new MoeError('payload_too_large', 'big').status).toBe(413)
+    expect(new MoeError('unsupported_media_type', 'xml').status).toBe(415)
+  })
+})
+
+describe('the Hono app (no Redis needed for these paths)', async () => {
+  forgetAuthCache()
+  const kv = new MemoryKV()
+  await kv.put(
+    kvTenant('u1'),
+    JSON.stringify({ id: 'u1', name: 'u', allowedPools: ['general'], defaultPool: 'general' }),
+  )
+  const { key } = await createApiKey(kv as unknown as KVNamespace, 'u1', 'unit', null)
+  const env = { ENVIRONMENT: 'test', REDIS_URL: 'redis://127.0.0.1:1', MAX_BODY_BYTES: '1000', AUTH: kv }
+  const post = (path: string, body: string, headers: Record<string, string> = {}) =>
+    app.request(
+      path,
+      {
+        method: 'POST',
+        body,
+        headers: { authorization: `Bearer ${key}`, 'content-type': 'application/json', ...headers },
+      },
+      env,
+    )
+
+  it('gives every response a request id, errors included', async () => {
+    const res = await app.request('/v1/nope', {}, env)
+    expect(res.status).toBe(404)
+    expect(res.headers.get('x-request-id')).toMatch(/^req_[A-Za-z0-9]{24}$/)
+  })
+
+  it('never takes the client request id as its own', async () => {
+    const res = await app.request('/healthz', { headers: { 'x-request-id': 'req_mine' } }, env)
+    expect(res.headers.get('x-request-id')).not.toBe('req_mine')
+  })
+
+  it('answers 401, 415, 413 and 400 before touching Redis', async () => {
+    expect((await app.request('/v1/models', {}, env)).status).toBe(401)
+    expect(
+      (await post('/v1/chat/completions', JSON.stringify(chat), { 'content-type': 'text/plain' })).status,
+    ).toBe(415)
+    expect(
+      (await post('/v1/chat/completions', JSON.stringify({ ...chat, pad: 'x'.repeat(2000) }))).status,
+    ).toBe(413)
+    expect((await post('/v1/chat/completions', '{oops')).status).toBe(400)
+    const r = await post(
+      '/v1/route',
+      JSON.stringify({ messages: [{ role: 'user', content: 'fix this python bug' }] }),
+    )
+    // Code prompt, but this tenant maps nothing: its default pool.
+    expect(r.status).toBe(200)
+    expect(await r.json()).toMatchObject({ task: 'code', pool: 'general', pool_via: 'default' })
+    expect(r.headers.get('x-moe-pool')).toBe('general')
+  })
+})
