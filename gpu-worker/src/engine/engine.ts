@@ -203,7 +203,8 @@ export class MoeEngine {
       [graphNames.attentionMask]: new ort.Tensor('int64', mask, [n, total]),
     }
     feeds[graphNames.expertBias] = this.expertBias(rows)
-    this.kv.fit(total)
+    // Live sequences sit in slots 0..first+n-1: a prefill's rows are the newest, a decode's are all.
+    this.kv.fit(total, first + n)
     const kvType = this.kv.dtype
     const kvDims = [n, this.kv.kvHeads, this.kv.capacity, this.kv.headDim]
     const fetches: Record<string, ort.Tensor | null> = {

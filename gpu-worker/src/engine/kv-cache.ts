@@ -7,7 +7,7 @@ const CAPACITY_STEP = 64
 
 /**
  * The KV cache: per layer, one key and one value buffer of
- * [maxSlots, kvHeads, capacity, headDim] (BNSH, as GroupQueryAttention wants).
+ * [slots, kvHeads, capacity, headDim] (BNSH, as GroupQueryAttention wants).
  * A sequence owns one slot; its tokens fill the slot left-aligned. The rows of
  * one forward pass are contiguous slots, so the graph reads and appends to the
  * cache in place through subarray views.
@@ -25,6 +25,8 @@ export class KvCache {
   readonly headDim: number
   readonly dtype: 'float32' | 'float16'
   capacity: number
+  /** Slots the buffers hold now; grows (doubling) with the live batch, up to maxSlots. */
+  slots: number
   keys: KvBuffer[]
   values: KvBuffer[]
 
@@ -46,12 +48,13 @@ export class KvCache {
     this.headDim = config.head_dim
     this.dtype = dtype
     this.capacity = Math.min(CAPACITY_STEP, maxContext)
-    this.keys = this.allocate(this.capacity)
-    this.values = this.allocate(this.capacity)
+    this.slots = 1
+    this.keys = this.allocate(this.capacity, this.slots)
+    this.values = this.allocate(this.capacity, this.slots)
   }
 
-  private allocate(capacity: number): KvBuffer[] {
-    const n = this.maxSlots * this.kvHeads * capacity * this.headDim
+  private allocate(capacity: number, slots: number): KvBuffer[] {
+    const n = slots * this.kvHeads * capacity * this.headDim
     return Array.from({ length: this.layers }, () =>
       this.dtype === 'float16' ? new Uint16Array(n) : new Float32Array(n),
     )
@@ -63,25 +66,34 @@ export class KvCache {
   }
 
   /**
-   * Makes room for sequences of `length` positions, and gives memory back when
-   * the longest live sequence (`length`) has shrunk far below the capacity.
+   * Makes room for sequences of `length` positions in `liveSlots` slots, and
+   * gives memory back when the longest live sequence has shrunk far below the
+   * capacity. Only the first `liveSlots` slots hold data worth moving.
    */
-  fit(length: number): void {
+  fit(length: number, liveSlots: number): void {
     if (length > this.maxContext)
       throw new Error(`length ${length} exceeds the context limit ${this.maxContext}`)
+    if (liveSlots > this.maxSlots)
+      throw new Error(`${liveSlots} live sequences exceed the cache's ${this.maxSlots} slots`)
     const round = (n: number) => Math.min(this.maxContext, Math.ceil(n / CAPACITY_STEP) * CAPACITY_STEP)
-    if (length > this.capacity) this.relayout(round(Math.max(length * 1.25, this.capacity + CAPACITY_STEP)))
-    else if (this.capacity > CAPACITY_STEP && length * 4 <= this.capacity) this.relayout(round(length * 2))
+    let capacity = this.capacity
+    if (length > capacity) capacity = round(Math.max(length * 1.25, capacity + CAPACITY_STEP))
+    // Shrink with hysteresis, so sequences that come and go do not re-lay the cache each time.
+    else if (capacity > CAPACITY_STEP && length * 8 <= capacity) capacity = round(length * 2)
+    const slots =
+      liveSlots > this.slots ? Math.min(this.maxSlots, Math.max(liveSlots, this.slots * 2)) : this.slots
+    if (capacity !== this.capacity || slots !== this.slots) this.relayout(capacity, slots, liveSlots)
   }
 
-  private relayout(capacity: number): void {
+  private relayout(capacity: number, slots: number, liveSlots: number): void {
     const keep = Math.min(capacity, this.capacity) * this.headDim
+    const rows = Math.min(liveSlots, this.slots) * this.kvHeads
     const move = (old: KvBuffer[]) => {
-      const fresh = this.allocate(capacity)
+      const fresh = this.allocate(capacity, slots)
       old.forEach((src, l) => {
-        for (let s = 0; s < this.maxSlots * this.kvHeads; s++) {
-          const from = s * this.capacity * this.headDim
-          fresh[l]!.set(src.subarray(from, from + keep), s * capacity * this.headDim)
+        for (let r = 0; r < rows; r++) {
+          const from = r * this.capacity * this.headDim
+          fresh[l]!.set(src.subarray(from, from + keep), r * capacity * this.headDim)
         }
       })
       return fresh
@@ -89,12 +101,15 @@ export class KvCache {
     this.keys = move(this.keys)
     this.values = move(this.values)
     this.capacity = capacity
+    this.slots = slots
   }
 
   /** Views of `count` slots from `first`, for one layer. */
   view(layer: number, first: number, count: number): { key: KvBuffer; value: KvBuffer } {
-    if (first < 0 || count < 1 || first + count > this.maxSlots)
-      throw new Error(`slots ${first}..${first + count - 1} are outside the cache's ${this.maxSlots}`)
+    if (first < 0 || count < 1 || first + count > this.slots)
+      throw new Error(
+        `slots ${first}..${first + count - 1} are outside the cache's ${this.slots} allocated slots`,
+      )
     const a = first * this.slotElems
     const b = (first + count) * this.slotElems
     return { key: this.keys[layer]!.subarray(a, b), value: this.values[layer]!.subarray(a, b) }
@@ -103,6 +118,7 @@ export class KvCache {
   /** Copies one slot's first `length` positions over another's (to keep live slots contiguous). */
   moveSlot(from: number, to: number, length: number = this.capacity): void {
     if (from === to) return
+    if (from >= this.slots || to >= this.slots) throw new Error(`slot ${Math.max(from, to)} is not allocated`)
     const n = this.headDim * Math.min(length, this.capacity)
     const stride = this.capacity * this.headDim
     for (const buf of [...this.keys, ...this.values]) {
@@ -115,6 +131,6 @@ export class KvCache {
 
   /** Bytes the cache holds now. */
   get bytes(): number {
-    return 2 * this.layers * this.maxSlots * this.slotElems * (this.dtype === 'float16' ? 2 : 4)
+    return 2 * this.layers * this.slots * this.slotElems * (this.dtype === 'float16' ? 2 : 4)
   }
 }
