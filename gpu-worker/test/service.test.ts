@@ -1,4 +1,10 @@
-import { type DoneEvent, jobCancelKey, type StreamEvent, type TokenEvent } from '@moe/shared'
+import {
+  type DoneEvent,
+  JOB_CANCEL_CHANNEL,
+  jobCancelKey,
+  type StreamEvent,
+  type TokenEvent,
+} from '@moe/shared'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
 import { MoeEngine } from '../src/engine/engine.ts'
 import type { WorkerService } from '../src/service/worker-service.ts'
@@ -13,7 +19,7 @@ let client: QueueClient
 let engine: MoeEngine
 
 beforeAll(async () => {
-  service = await startService(prefix)
+  service = await startService(prefix, { MOE_CANCEL_POLL_MS: '100' })
   client = new QueueClient(prefix)
   engine = await MoeEngine.load({
     modelDir: TINY_MODEL_DIR,
@@ -102,7 +108,12 @@ describe('GPU worker service', () => {
       if (n >= 3) break
       await new Promise((r) => setTimeout(r, 5))
     }
-    await client.redis.set(jobCancelKey(p.requestId!), '1', 'EX', 60)
+    // As the edge does: set the key and publish the id.
+    await client.redis
+      .multi()
+      .set(jobCancelKey(p.requestId!), '1', 'EX', 60)
+      .publish(JOB_CANCEL_CHANNEL, p.requestId!)
+      .exec()
     const atCancel = await client.redis.xlen(`moe:job:${p.requestId}:events`)
     const events = await client.events(p.requestId!)
     const d = done(events)!
@@ -113,6 +124,26 @@ describe('GPU worker service', () => {
     const job = await client.queue('general').getJob(p.requestId!)
     expect(await job!.getState()).toBe('completed')
     expect(job!.returnvalue.finishReason).toBe('cancelled')
+  })
+
+  it('also notices a cancel key set without a publish (polling fallback), and one set before the job starts', async () => {
+    const p = payload('general', {
+      sampling: { maxTokens: 480, temperature: 0.8, topP: 1, topK: 0, seed: 6, stop: [], ignoreEos: true },
+    })
+    await client.add(p)
+    while ((await client.redis.xlen(`moe:job:${p.requestId}:events`)) < 3)
+      await new Promise((r) => setTimeout(r, 5))
+    await client.redis.set(jobCancelKey(p.requestId!), '1', 'EX', 60)
+    const d = done(await client.events(p.requestId!))!
+    expect(d.finishReason).toBe('cancelled')
+    expect(d.usage.completionTokens).toBeLessThan(480)
+
+    const early = payload('general')
+    await client.redis.set(jobCancelKey(early.requestId!), '1', 'EX', 60)
+    await client.add(early)
+    const events = await client.events(early.requestId!)
+    expect(tokens(events)).toHaveLength(0)
+    expect(done(events)).toMatchObject({ finishReason: 'cancelled', usage: { completionTokens: 0 } })
   })
 
   it('fails malformed payloads permanently without stopping, then serves the next good job', async () => {

@@ -9,6 +9,13 @@ export const jobEventsKey = (jobId: string): string => `moe:job:${jobId}:events`
 /** Set by the edge when the client goes away; the scheduler drops the sequence at the next step. */
 export const jobCancelKey = (jobId: string): string => `moe:job:${jobId}:cancel`
 
+/**
+ * Whoever sets a cancel key also publishes the job id here, so workers react
+ * at the next step without polling every key every step (they still poll the
+ * keys of running jobs now and then, in case a message was missed).
+ */
+export const JOB_CANCEL_CHANNEL = 'moe:cancel'
+
 /** How long a job's stream and cancel key live after the job ends. */
 export const JOB_STREAM_TTL_SECONDS = 3600
 

@@ -81,6 +81,8 @@ export class BatchScheduler {
   /** Running sequences; index = KV slot. */
   private readonly runningList: Entry[] = []
   private readonly pendingCancels = new Set<string>()
+  /** Ids running or waiting here. */
+  private readonly known = new Set<string>()
   private loop: Promise<void> | null = null
   private lastWasPrefill = false
 
@@ -123,15 +125,16 @@ export class BatchScheduler {
       throw new SchedulerError('invalid_request', (e as Error).message)
     }
     const seq = this.engine.createSequence(request.id, promptIds, params)
+    this.known.add(request.id)
     this.waitingQueue.push({ request, seq, tenantId: request.tenantId })
     this.loop ??= this.runLoop().finally(() => {
       this.loop = null
     })
   }
 
-  /** Asks for a sequence to leave; applied at the next step boundary. */
+  /** Asks for a sequence to leave; applied at the next step boundary. Unknown ids are ignored. */
   cancel(id: string): void {
-    this.pendingCancels.add(id)
+    if (this.known.has(id)) this.pendingCancels.add(id)
   }
 
   /** Resolves when nothing is running or waiting. */
@@ -175,7 +178,7 @@ export class BatchScheduler {
         for (const e of [...batch]) this.leave(e, { kind: 'failed', error: error as Error })
         continue
       } finally {
-        for (const id of (await poll?.catch(() => [])) ?? []) this.pendingCancels.add(id)
+        for (const id of (await poll?.catch(() => [])) ?? []) this.cancel(id)
       }
       for (const e of [...batch]) {
         if (e.seq.finished)
@@ -219,6 +222,7 @@ export class BatchScheduler {
   }
 
   private finishCancelled(e: Entry): void {
+    this.known.delete(e.request.id)
     e.request.onFinish({ kind: 'cancelled', result: this.cancelledResult(e) })
   }
 
@@ -234,6 +238,7 @@ export class BatchScheduler {
       }
       this.runningList.pop()
     }
+    this.known.delete(e.request.id)
     e.request.onFinish(outcome)
   }
 }

@@ -29,6 +29,7 @@ const WorkerEnv = z.object({
   MOE_LOCK_MS: int(1000, 600_000).default(30_000),
   MOE_STALLED_INTERVAL_MS: int(500, 600_000).default(15_000),
   MOE_DRAIN_TIMEOUT_MS: int(0, 3_600_000).default(30_000),
+  MOE_CANCEL_POLL_MS: int(10, 600_000).default(1000),
   MOE_LOG_LEVEL: z.enum(['trace', 'debug', 'info', 'warn', 'error', 'fatal', 'silent']).default('info'),
 })
 
@@ -46,6 +47,7 @@ export interface WorkerConfig {
   lockMs: number
   stalledIntervalMs: number
   drainTimeoutMs: number
+  cancelPollMs: number
   logLevel: string
 }
 
@@ -101,6 +103,7 @@ export function loadWorkerConfig(env: NodeJS.ProcessEnv = process.env, poolsFlag
     lockMs: e.MOE_LOCK_MS,
     stalledIntervalMs: e.MOE_STALLED_INTERVAL_MS,
     drainTimeoutMs: e.MOE_DRAIN_TIMEOUT_MS,
+    cancelPollMs: e.MOE_CANCEL_POLL_MS,
     logLevel: e.MOE_LOG_LEVEL,
   }
 }

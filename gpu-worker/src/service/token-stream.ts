@@ -25,31 +25,31 @@ export class TokenStreamWriter {
   private buffered: Array<[string, StreamEvent]> = []
   private readonly ending = new Set<string>()
   private readonly withTtl = new Set<string>()
-  private chain: Promise<void> = Promise.resolve()
+  private acked: Promise<void> = Promise.resolve()
 
   constructor(redis: Redis) {
     this.redis = redis
   }
 
   /**
-   * Where a job's stream stands: the last token index already written (-1 if
-   * none) and whether it already ended. A retried job skips what is there, so
-   * readers see each index once.
+   * Where a job's stream stands, in one round trip: the last token index
+   * already written (-1 if none), the end event if the stream already ended
+   * (a worker died after writing it), and whether the job was cancelled before
+   * it started. A retried job skips what is there, so readers see each index once.
    */
-  async resumePoint(jobId: string): Promise<{ lastIndex: number; ended: boolean }> {
-    const entries = (await this.redis.xrevrange(jobEventsKey(jobId), '+', '-', 'COUNT', 1)) as Array<
-      [string, string[]]
-    >
-    const last = entries[0]
-    if (!last) return { lastIndex: -1, ended: false }
-    const event = JSON.parse(last[1][1] ?? '{}') as StreamEvent
-    if (event.type === 'token') return { lastIndex: event.index, ended: false }
-    // The newest entry ends the stream; find the last token before it.
-    const tokens = (await this.redis.xrevrange(jobEventsKey(jobId), '+', '-', 'COUNT', 2)) as Array<
-      [string, string[]]
-    >
-    const prev = tokens[1] ? (JSON.parse(tokens[1][1][1] ?? '{}') as StreamEvent) : null
-    return { lastIndex: prev?.type === 'token' ? prev.index : -1, ended: true }
+  async resumePoint(
+    jobId: string,
+  ): Promise<{ lastIndex: number; end: DoneEvent | ErrorEvent | null; cancelled: boolean }> {
+    const [[, entries], [, cancelled]] = (await this.redis
+      .pipeline()
+      .xrevrange(jobEventsKey(jobId), '+', '-', 'COUNT', 2)
+      .exists(jobCancelKey(jobId))
+      .exec()) as [[null, Array<[string, string[]]>], [null, number]]
+    const events = entries.map(([, fields]) => JSON.parse(fields[1] ?? '{}') as StreamEvent)
+    const newest = events[0]
+    const end = newest && newest.type !== 'token' ? newest : null
+    const lastToken = events.find((e) => e.type === 'token')
+    return { lastIndex: lastToken?.type === 'token' ? lastToken.index : -1, end, cancelled: cancelled === 1 }
   }
 
   token(jobId: string, event: TokenEvent): void {
@@ -63,20 +63,21 @@ export class TokenStreamWriter {
   }
 
   /**
-   * Sends everything buffered in one pipeline. Flushes are chained on one
-   * connection, so events keep their order; the caller may await the returned
-   * promise (before completing a job) or let it run behind the next step.
+   * Sends everything buffered in one pipeline, at once: commands on one
+   * connection reach Redis in the order they were written, so events keep
+   * their order without waiting for the previous reply. The returned promise
+   * settles when this and every earlier flush has been acknowledged; await it
+   * before completing a job, or let it run behind the next step.
    */
   flush(): Promise<void> {
     if (this.buffered.length > 0) {
-      const batch = this.buffered
-      const ending = new Set(this.ending)
+      const sent = this.send(this.buffered, new Set(this.ending))
       this.buffered = []
       this.ending.clear()
       // A failed send is reported to its own awaiters; later flushes still go out.
-      this.chain = this.chain.catch(() => {}).then(() => this.send(batch, ending))
+      this.acked = Promise.all([this.acked.catch(() => {}), sent]).then(() => {})
     }
-    return this.chain
+    return this.acked
   }
 
   private async send(batch: Array<[string, StreamEvent]>, ending: Set<string>): Promise<void> {

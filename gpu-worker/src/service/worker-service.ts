@@ -2,6 +2,7 @@ import {
   type DoneEvent,
   type ErrorCode,
   type ExpertPool,
+  JOB_CANCEL_CHANNEL,
   type JobPayload,
   JobPayload as JobPayloadSchema,
   poolQueueName,
@@ -55,6 +56,7 @@ export class WorkerService {
   private readonly workers: Worker[] = []
   private readonly inFlight = new Map<string, { job: Job; token: string | undefined; handBack: boolean }>()
   private redis!: Redis
+  private subscriber: Redis | null = null
   private streams!: TokenStreamWriter
   private draining = false
   private ready = false
@@ -83,11 +85,17 @@ export class WorkerService {
         log: (msg, fields) => this.log.info({ model: pool.modelDir, ...fields }, msg),
       })
       const model = pool.modelId
+      let lastPoll = 0
       const scheduler = new BatchScheduler(engine, {
         maxBatch: c.maxBatch,
         maxPrefillTokens: c.maxPrefillTokens,
         hooks: {
-          pollCancels: (ids) => this.streams.cancelled(ids),
+          // Cancels arrive by pub/sub (see start()); polling the keys is only the fallback.
+          pollCancels: (ids) => {
+            if (Date.now() - lastPoll < c.cancelPollMs) return Promise.resolve([])
+            lastPoll = Date.now()
+            return this.streams.cancelled(ids)
+          },
           afterStep: (s) => {
             this.metrics.batchSize.observe({ model, kind: s.kind }, s.rows)
             this.metrics.stepSeconds.observe({ model, kind: s.kind }, s.stepMs / 1000)
@@ -108,6 +116,11 @@ export class WorkerService {
         'engine ready',
       )
     }
+    this.subscriber = this.redis.duplicate()
+    this.subscriber.on('message', (_channel: string, jobId: string) => {
+      for (const r of this.runtimes.values()) r.scheduler.cancel(jobId)
+    })
+    await this.subscriber.subscribe(JOB_CANCEL_CHANNEL)
     for (const pool of c.pools) {
       const runtime = this.runtimes.get(pool.modelDir)!
       runtime.engine.validateExperts(pool.experts)
@@ -164,6 +177,33 @@ export class WorkerService {
       const seed = payload.sampling.seed ?? seedFromId(payload.requestId)
       const promptIds = this.tokenize(runtime.engine, payload)
       const resume = await this.streams.resumePoint(jobId)
+      if (resume.end?.type === 'done') {
+        // A previous run finished the stream but died before BullMQ heard: report, don't redo.
+        log.info('stream already complete from an earlier attempt')
+        return { finishReason: resume.end.finishReason, text: resume.end.text, usage: resume.end.usage }
+      }
+      if (resume.end?.type === 'error')
+        throw new UnrecoverableError(`${resume.end.code}: ${resume.end.message}`)
+      if (resume.cancelled) {
+        const usage = { promptTokens: promptIds.length, completionTokens: 0 }
+        this.streams.end(jobId, {
+          type: 'done',
+          finishReason: 'cancelled',
+          text: '',
+          usage,
+          timings: {
+            queueWaitMs: Math.max(0, takenAt - payload.createdAt),
+            timeToFirstTokenMs: 0,
+            totalMs: 0,
+            tokensPerSecond: 0,
+          },
+          routing: { expertLoad: [], allowedExperts: pool.experts },
+          seed,
+        })
+        await this.streams.flush()
+        this.metrics.requests.inc({ pool: pool.name, outcome: 'cancelled' })
+        return { finishReason: 'cancelled', text: '', usage }
+      }
       if (resume.lastIndex >= 0)
         log.info(
           { lastIndex: resume.lastIndex },
@@ -339,6 +379,7 @@ export class WorkerService {
     while (this.inFlight.size > 0) await new Promise((r) => setTimeout(r, 10))
     await Promise.all(this.workers.map((w) => w.close()))
     await this.closeHealth?.()
+    await this.subscriber?.quit().catch(() => {})
     await this.redis.quit().catch(() => {})
     this.log.info('stopped')
   }
