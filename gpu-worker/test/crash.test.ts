@@ -61,74 +61,55 @@ function expectEachIndexOnce(events: StreamEvent[], want: number[]) {
   expect(events[events.length - 1]!.type).toBe('done')
 }
 
+/** Starts a worker, gives it a long job, and interrupts it with `signal` once 20 tokens are out. */
+async function interruptMidJob(signal: NodeJS.Signals, env: Record<string, string>) {
+  const prefix = uniquePrefix()
+  const client = new QueueClient(prefix)
+  const a = spawnWorker(prefix, { ...FAST_RECOVERY, ...env })
+  await started(a)
+  const p = payload('general', {
+    input: { kind: 'tokens', inputIds: longPrompt },
+    sampling: { maxTokens: MAX_TOKENS, temperature: 0, topP: 1, topK: 0, seed: 0, stop: [] },
+  })
+  await client.add(p)
+  await waitForTokens(client, p.requestId!, 20)
+  a.kill(signal)
+  const [code] = await once(a, 'exit')
+  return { prefix, client, jobId: p.requestId!, code: code as number | null }
+}
+
+/** A second worker finishes the job: every token index once, the same ids as an uninterrupted run. */
+async function resumeElsewhere(prefix: string, client: QueueClient, jobId: string) {
+  const b = spawnWorker(prefix, FAST_RECOVERY)
+  await started(b)
+  const events = await client.events(jobId, 30_000)
+  const want = await engine.generate({ inputIds: longPrompt, maxTokens: MAX_TOKENS, temperature: 0, seed: 0 })
+  expectEachIndexOnce(events, want.outputIds)
+  expect(await (await client.queue('general').getJob(jobId))!.getState()).toBe('completed')
+  b.kill('SIGTERM')
+  const [code] = await once(b, 'exit')
+  expect(code).toBe(0)
+}
+
 describe('crash safety', () => {
   it('a worker killed with SIGKILL mid-generation: a second worker completes the job, each token index once', async () => {
-    const prefix = uniquePrefix()
-    const client = new QueueClient(prefix)
+    const { prefix, client, jobId } = await interruptMidJob('SIGKILL', {})
     try {
-      const a = spawnWorker(prefix, FAST_RECOVERY)
-      await started(a)
-      const p = payload('general', {
-        input: { kind: 'tokens', inputIds: longPrompt },
-        sampling: { maxTokens: MAX_TOKENS, temperature: 0, topP: 1, topK: 0, seed: 0, stop: [] },
-      })
-      await client.add(p)
-      await waitForTokens(client, p.requestId!, 20)
-      a.kill('SIGKILL')
-      await once(a, 'exit')
-      const sentBeforeCrash = await client.redis.xlen(jobEventsKey(p.requestId!))
-      expect(sentBeforeCrash).toBeLessThan(MAX_TOKENS) // really mid-generation
-
-      const b = spawnWorker(prefix, FAST_RECOVERY)
-      await started(b)
-      const events = await client.events(p.requestId!, 30_000)
-      const want = await engine.generate({
-        inputIds: longPrompt,
-        maxTokens: MAX_TOKENS,
-        temperature: 0,
-        seed: 0,
-      })
-      expectEachIndexOnce(events, want.outputIds)
-      const job = await client.queue('general').getJob(p.requestId!)
-      expect(await job!.getState()).toBe('completed')
-      b.kill('SIGTERM')
-      const [code] = await once(b, 'exit')
-      expect(code).toBe(0)
+      expect(await client.redis.xlen(jobEventsKey(jobId))).toBeLessThan(MAX_TOKENS) // really mid-generation
+      await resumeElsewhere(prefix, client, jobId)
     } finally {
       await client.close()
     }
   }, 60_000)
 
   it('SIGTERM drains: takes no new jobs, hands back unfinished work, exits 0; the next worker resumes it', async () => {
-    const prefix = uniquePrefix()
-    const client = new QueueClient(prefix)
+    const { prefix, client, jobId, code } = await interruptMidJob('SIGTERM', { MOE_DRAIN_TIMEOUT_MS: '0' })
     try {
-      const a = spawnWorker(prefix, { ...FAST_RECOVERY, MOE_DRAIN_TIMEOUT_MS: '0' })
-      await started(a)
-      const p = payload('general', {
-        input: { kind: 'tokens', inputIds: longPrompt },
-        sampling: { maxTokens: MAX_TOKENS, temperature: 0, topP: 1, topK: 0, seed: 0, stop: [] },
-      })
-      await client.add(p)
-      await waitForTokens(client, p.requestId!, 20)
-      a.kill('SIGTERM')
-      const [code] = await once(a, 'exit')
       expect(code).toBe(0)
-      const job = await client.queue('general').getJob(p.requestId!)
-      expect(['wait', 'prioritized']).toContain(await job!.getState())
-
-      const b = spawnWorker(prefix, FAST_RECOVERY)
-      await started(b)
-      const events = await client.events(p.requestId!, 30_000)
-      const want = await engine.generate({
-        inputIds: longPrompt,
-        maxTokens: MAX_TOKENS,
-        temperature: 0,
-        seed: 0,
-      })
-      expectEachIndexOnce(events, want.outputIds)
-      b.kill('SIGTERM')
-      await once(b, 'exit')
+      expect(['wait', 'prioritized']).toContain(
+        await (await client.queue('general').getJob(jobId))!.getState(),
+      )
+      await resumeElsewhere(prefix, client, jobId)
     } finally {
       await client.close()
     }

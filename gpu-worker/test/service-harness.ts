@@ -1,18 +1,12 @@
 import { type ChildProcess, spawn } from 'node:child_process'
 import { randomUUID } from 'node:crypto'
 import { fileURLToPath } from 'node:url'
-import {
-  decodeStreamEvent,
-  JOB_PRIORITY,
-  type JobPayloadInput,
-  jobEventsKey,
-  poolQueueName,
-  type StreamEvent,
-} from '@moe/shared'
+import { JOB_PRIORITY, type JobPayloadInput, poolQueueName, type StreamEvent } from '@moe/shared'
 import { Queue } from 'bullmq'
 import { Redis } from 'ioredis'
 import pino from 'pino'
 import { loadWorkerConfig, type WorkerConfig } from '../src/service/config.ts'
+import { readJobEvents } from '../src/service/token-stream.ts'
 import { WorkerService } from '../src/service/worker-service.ts'
 
 export const REDIS_URL = process.env.REDIS_URL ?? 'redis://127.0.0.1:6379'
@@ -100,28 +94,17 @@ export class QueueClient {
   /** Reads a job's stream from the start until `done` or `error`. */
   async events(jobId: string, timeoutMs = 30_000): Promise<StreamEvent[]> {
     const out: StreamEvent[] = []
-    let cursor = '0'
-    const deadline = Date.now() + timeoutMs
-    while (Date.now() < deadline) {
-      const res = (await this.redis.xread(
-        'COUNT',
-        100,
-        'BLOCK',
-        1000,
-        'STREAMS',
-        jobEventsKey(jobId),
-        cursor,
-      )) as Array<[string, Array<[string, string[]]>]> | null
-      for (const [, entries] of res ?? []) {
-        for (const [id, fields] of entries) {
-          cursor = id
-          const ev = decodeStreamEvent(fields[1]!)
-          out.push(ev)
-          if (ev.type !== 'token') return out
-        }
-      }
+    const timer = setTimeout(() => this.redis.disconnect(), timeoutMs)
+    try {
+      for await (const ev of readJobEvents(this.redis, jobId)) out.push(ev)
+      return out
+    } catch (e) {
+      throw new Error(
+        `no end event on ${jobId} within ${timeoutMs} ms (got ${out.length} events): ${(e as Error).message}`,
+      )
+    } finally {
+      clearTimeout(timer)
     }
-    throw new Error(`no end event on ${jobId} within ${timeoutMs} ms (got ${out.length} events)`)
   }
 
   async close(): Promise<void> {

@@ -7,19 +7,13 @@ import { randomUUID } from 'node:crypto'
 import { existsSync, mkdirSync, mkdtempSync, writeFileSync } from 'node:fs'
 import { availableParallelism, cpus, tmpdir, totalmem } from 'node:os'
 import { join } from 'node:path'
-import {
-  decodeStreamEvent,
-  JOB_PRIORITY,
-  type JobPayloadInput,
-  jobEventsKey,
-  poolQueueName,
-  type StreamEvent,
-} from '@moe/shared'
+import { JOB_PRIORITY, type JobPayloadInput, poolQueueName } from '@moe/shared'
 import { Queue } from 'bullmq'
 import { Redis } from 'ioredis'
 import { MoeEngine, type StepRow } from '../engine/engine.ts'
 import { BENCH_CONFIG, writeRandomMixtral } from '../engine/random-model.ts'
 import { REPO_ROOT } from '../service/config.ts'
+import { readJobEvents } from '../service/token-stream.ts'
 import { decodeBytes, touchedExperts } from './weight-bytes.ts'
 
 const REDIS_URL = process.env.REDIS_URL ?? 'redis://127.0.0.1:6379'
@@ -68,36 +62,20 @@ function startWorker(dir: string, prefix: string): Promise<ChildProcess> {
   })
 }
 
-/** Reads one job's stream until it ends; returns when the first token and the end arrived. */
+/** Follows one job's stream until it ends; returns when the first token and the end arrived. */
 async function follow(
   redis: Redis,
   jobId: string,
 ): Promise<{ firstAt: number; endAt: number; tokens: number }> {
-  let cursor = '0'
   let firstAt = 0
   let tokens = 0
-  for (;;) {
-    const res = (await redis.xread(
-      'COUNT',
-      1000,
-      'BLOCK',
-      5000,
-      'STREAMS',
-      jobEventsKey(jobId),
-      cursor,
-    )) as Array<[string, Array<[string, string[]]>]> | null
-    for (const [, entries] of res ?? []) {
-      for (const [id, fields] of entries) {
-        cursor = id
-        const ev: StreamEvent = decodeStreamEvent(fields[1]!)
-        if (ev.type === 'token') {
-          tokens++
-          firstAt ||= performance.now()
-        } else if (ev.type === 'done') return { firstAt, endAt: performance.now(), tokens }
-        else throw new Error(`${jobId}: ${ev.code} ${ev.message}`)
-      }
-    }
+  for await (const ev of readJobEvents(redis, jobId, 5000)) {
+    if (ev.type === 'token') {
+      tokens++
+      firstAt ||= performance.now()
+    } else if (ev.type === 'error') throw new Error(`${jobId}: ${ev.code} ${ev.message}`)
   }
+  return { firstAt, endAt: performance.now(), tokens }
 }
 
 function job(m: ModelCase, salt: number): JobPayloadInput {

@@ -1,5 +1,6 @@
 import {
   type DoneEvent,
+  decodeStreamEvent,
   type ErrorEvent,
   encodeStreamEvent,
   JOB_STREAM_TTL_SECONDS,
@@ -108,5 +109,37 @@ export class TokenStreamWriter {
     for (const id of jobIds) pipe.exists(jobCancelKey(id))
     const results = (await pipe.exec()) ?? []
     return jobIds.filter((_, i) => results[i]?.[1] === 1)
+  }
+}
+
+/**
+ * Reads a job's events from the start of its stream (so nothing is missed,
+ * whenever the reader arrives) until `done` or `error`, blocking on Redis
+ * between arrivals. For clients of the stream: tests, benchmarks, tools.
+ */
+export async function* readJobEvents(
+  redis: Redis,
+  jobId: string,
+  blockMs = 1000,
+): AsyncGenerator<StreamEvent> {
+  let cursor = '0'
+  for (;;) {
+    const res = (await redis.xread(
+      'COUNT',
+      1000,
+      'BLOCK',
+      blockMs,
+      'STREAMS',
+      jobEventsKey(jobId),
+      cursor,
+    )) as Array<[string, Array<[string, string[]]>]> | null
+    for (const [, entries] of res ?? []) {
+      for (const [id, fields] of entries) {
+        cursor = id
+        const event = decodeStreamEvent(fields[1]!)
+        yield event
+        if (event.type !== 'token') return
+      }
+    }
   }
 }
