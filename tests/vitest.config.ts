@@ -1,3 +1,10 @@
 import { packageConfig } from '../vitest.shared.ts'
 
-export default packageConfig(import.meta.dirname)
+// The suites drive real processes (workerd, the worker, Redis) on a 2-core machine: one file at a
+// time, generous timeouts (nothing asserts on timings).
+export default packageConfig(import.meta.dirname, {
+  globalSetup: ['./src/global-setup.ts'],
+  fileParallelism: false,
+  testTimeout: 180_000,
+  hookTimeout: 240_000,
+})
