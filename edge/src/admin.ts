@@ -12,9 +12,11 @@ import {
   kvTenant,
   kvTenantKey,
 } from './auth.ts'
+import type { Env } from './env.ts'
 import { type AppEnv, jsonBody, limitBody, requireJson } from './http.ts'
 import { POOLS } from './pools.ts'
 import { zodToMoeError } from './validate.ts'
+import { checkTenantWebhooks, mirrorWebhooks, webhookAdmin } from './webhooks-admin.ts'
 
 // Admin API, behind the ADMIN_TOKEN secret: tenants and their API keys.
 
@@ -41,12 +43,14 @@ function checkTenant(cfg: TenantConfig): void {
   }
 }
 
-async function putTenant(kv: KVNamespace, body: unknown, id?: string): Promise<TenantConfig> {
+async function putTenant(env: Env, body: unknown, id?: string): Promise<TenantConfig> {
   const parsed = TenantConfig.safeParse(id === undefined ? body : { ...(body as object), id })
   if (!parsed.success) throw zodToMoeError(parsed.error)
   checkTenant(parsed.data)
-  await kv.put(kvTenant(parsed.data.id), JSON.stringify(parsed.data))
+  await checkTenantWebhooks(env, parsed.data)
+  await env.AUTH.put(kvTenant(parsed.data.id), JSON.stringify(parsed.data))
   forgetAuthCache()
+  await mirrorWebhooks(env, parsed.data)
   return parsed.data
 }
 
@@ -60,13 +64,11 @@ admin.post('/tenants', async (c) => {
       409,
     )
   }
-  return c.json(await putTenant(c.env.AUTH, body), 201)
+  return c.json(await putTenant(c.env, body), 201)
 })
 
 /** Create or replace a tenant's config. */
-admin.put('/tenants/:id', async (c) =>
-  c.json(await putTenant(c.env.AUTH, await jsonBody(c), c.req.param('id'))),
-)
+admin.put('/tenants/:id', async (c) => c.json(await putTenant(c.env, await jsonBody(c), c.req.param('id'))))
 
 admin.get('/tenants/:id', async (c) => {
   const t = await getTenant(c.env.AUTH, c.req.param('id'))
@@ -123,3 +125,6 @@ admin.delete('/tenants/:id/keys/:keyId', async (c) => {
   forgetAuthCache()
   return c.json({ ...revoked, revoked: true })
 })
+
+// Webhook endpoints: /admin/tenants/:id/webhooks (webhooks-admin.ts).
+admin.route('/', webhookAdmin)

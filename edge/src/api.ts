@@ -91,7 +91,7 @@ api.get('/models', (c) => {
 
 // ---------------------------------------------------------------- routing
 
-interface Routed {
+export interface Routed {
   endpoint: Endpoint
   req: ChatCompletionRequest | CompletionRequest
   task: ReturnType<typeof decideTask>
@@ -140,7 +140,7 @@ api.post('/route', async (c) => {
 
 // ---------------------------------------------------------------- completions
 
-function effectiveSampling(r: Routed): EffectiveSampling {
+export function effectiveSampling(r: Pick<Routed, 'req' | 'pool'>): EffectiveSampling {
   const requested = requestedMaxTokens(r.req)
   if (requested !== null && requested > r.pool.maxTokensLimit) {
     throw new MoeError(
@@ -161,7 +161,7 @@ function effectiveSampling(r: Routed): EffectiveSampling {
 }
 
 /** Rough prompt size for the tokens-per-minute budget (a byte-level tokenizer's upper bound / 4). */
-function promptTokenEstimate(req: ChatCompletionRequest | CompletionRequest): number {
+export function promptTokenEstimate(req: ChatCompletionRequest | CompletionRequest): number {
   if ('prompt' in req)
     return typeof req.prompt === 'string' ? Math.ceil(req.prompt.length / 4) : req.prompt.length
   let chars = 0
@@ -174,11 +174,11 @@ function promptTokenEstimate(req: ChatCompletionRequest | CompletionRequest): nu
 }
 
 /** A seed derived from the job id, so a retried job samples the same tokens. */
-async function seedFor(jobId: string): Promise<number> {
+export async function seedFor(jobId: string): Promise<number> {
   return Number.parseInt((await sha256Hex(`seed:${jobId}`)).slice(0, 13), 16)
 }
 
-const inputOf = (req: ChatCompletionRequest | CompletionRequest): JobInput =>
+export const inputOf = (req: ChatCompletionRequest | CompletionRequest): JobInput =>
   'messages' in req
     ? { kind: 'chat', messages: req.messages }
     : typeof req.prompt === 'string'
@@ -364,6 +364,8 @@ async function handleCompletion(
             })
           }
           if (ev.type === 'token') {
+            // The detokeniser may hold text back (a partial UTF-8 sequence): OpenAI sends no empty deltas.
+            if (ev.text === '') continue
             await sse.writeSSE({
               data: JSON.stringify(
                 chunkObject(endpoint, id, created, r.pool.modelId, { text: ev.text }, includeUsage),

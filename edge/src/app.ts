@@ -5,7 +5,8 @@ import { requestId } from 'hono/request-id'
 import { admin } from './admin.ts'
 import { api } from './api.ts'
 import { randomBase62 } from './auth.ts'
-import { type AppEnv, errorResponse, log } from './http.ts'
+import { batchApi } from './batch-api.ts'
+import { type AppEnv, errorResponse, isRedisUnavailable, log, redisUnavailable } from './http.ts'
 
 export const app = new Hono<AppEnv>()
 
@@ -67,6 +68,7 @@ app.use(
 
 app.get('/healthz', (c) => c.json({ status: 'ok', service: 'moe-edge', environment: c.env.ENVIRONMENT }))
 app.route('/v1', api)
+app.route('/v1', batchApi)
 app.route('/admin', admin)
 
 app.notFound((c) => {
@@ -76,6 +78,10 @@ app.notFound((c) => {
 
 app.onError((error, c) => {
   if (error instanceof MoeError) return errorResponse(c, error)
+  if (isRedisUnavailable(error)) {
+    log('warn', 'redis unavailable', { request_id: c.get('requestId'), error: String(error) })
+    return errorResponse(c, redisUnavailable())
+  }
   log('error', 'unhandled', { request_id: c.get('requestId'), error: String(error) })
   return c.json(new MoeError('internal_error', 'Internal error').toBody(), 500)
 })

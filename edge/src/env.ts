@@ -11,6 +11,13 @@ export interface Env {
   QUEUE_PREFIX?: string
   /** Seconds a live (synchronous) request may wait for its answer. */
   LIVE_TIMEOUT_SECONDS?: string
+  /** Batch input files: most lines and bytes per file (defaults 50000 and 20 MiB). */
+  FILES_MAX_LINES?: string
+  FILES_MAX_BYTES?: string
+  /** Dev/test only ("1", ignored when ENVIRONMENT is production): webhooks may use http://127.0.0.1. */
+  WEBHOOK_ALLOW_LOOPBACK?: string
+  /** DNS-over-HTTPS resolver (JSON API) used to check webhook hosts at registration. */
+  WEBHOOK_DOH_URL?: string
   AUTH: KVNamespace
   RESPONSE_CACHE: KVNamespace
   FILES: R2Bucket

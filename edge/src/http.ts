@@ -29,6 +29,24 @@ export class EdgeError extends MoeError {
   }
 }
 
+/**
+ * Whether an error means Redis cannot be reached (ioredis gave up on a command, the socket was
+ * refused or lost). Matched on the message: errors from the Durable Object arrive without their
+ * class.
+ */
+export function isRedisUnavailable(error: unknown): boolean {
+  const msg = error instanceof Error ? error.message : String(error)
+  return /max retries per request|Connection is closed|ECONNREFUSED|ECONNRESET|ETIMEDOUT|connect (failed|refused|timed out)|Network connection lost|Stream isn't writeable|Socket closed|Redis is unavailable/i.test(
+    msg,
+  )
+}
+
+/** The answer while Redis is down: 503 with Retry-After, so clients back off and retry. */
+export const redisUnavailable = (): EdgeError =>
+  new EdgeError('overloaded', 'The job queue is temporarily unavailable; please retry shortly.', null, {
+    'retry-after': '2',
+  })
+
 export function errorResponse(c: Ctx, err: MoeError): Response {
   if (err instanceof EdgeError) for (const [k, v] of Object.entries(err.headers)) c.header(k, v)
   return c.json(err.toBody(), err.status as 400)

@@ -1,5 +1,6 @@
 import { DurableObject } from 'cloudflare:workers'
 import {
+  JOB_CANCEL_CHANNEL,
   JOB_PRIORITY,
   JOB_STREAM_TTL_SECONDS,
   type JobPayload,
@@ -12,6 +13,7 @@ import {
 } from '@moe/shared'
 import { Queue } from 'bullmq'
 import { Redis } from 'ioredis'
+import { BATCH_OPS, type BatchOp, BatchStore } from './batch-store.ts'
 import type { Env } from './env.ts'
 
 // workerd will not let one request use a socket another request opened, so a Worker would pay
@@ -139,6 +141,17 @@ export class RedisGateway extends DurableObject<Env> {
     return q
   }
 
+  private batchStore: BatchStore | null = null
+
+  /** Batches, files and webhooks (batch-store.ts) on this object's warm connection. */
+  async batchOp(op: BatchOp, args: unknown[]): Promise<unknown> {
+    if (!BATCH_OPS.includes(op)) throw new Error(`unknown batch op ${op}`)
+    const redis = this.conn()
+    if (this.batchStore?.conn !== redis) this.batchStore = new BatchStore(redis, this.prefix)
+    const store = this.batchStore
+    return (store[op] as (...a: unknown[]) => Promise<unknown>).apply(store, args)
+  }
+
   async ping(): Promise<string> {
     return this.conn().ping()
   }
@@ -159,7 +172,18 @@ export class RedisGateway extends DurableObject<Env> {
     const rlBase = `${this.prefix}:rl:${req.meta.tenantId}`
     const [rl, depth] = await Promise.all([
       redis.moeRateLimit(rlBase, req.limits.requestsPerMinute, req.limits.tokensPerMinute, req.tokenCost),
-      q.count(),
+      // Batch children queue behind live traffic and do not count against its depth.
+      q
+        .getJobCountByTypes('waiting', 'delayed', 'waiting-children')
+        .then(
+          async (n) =>
+            n +
+            (await redis.zcount(
+              `${this.prefix}:${poolQueueName(req.payload.pool)}:prioritized`,
+              0,
+              JOB_PRIORITY.batch * 0x100000000 - 1,
+            )),
+        ),
     ])
     const [allowed, reason, retryMs, window] = rl
     if (allowed !== 1) {
@@ -199,7 +223,11 @@ export class RedisGateway extends DurableObject<Env> {
 
   /** Asks the worker to drop the job (at its next step, or before it starts). */
   async cancel(jobId: string): Promise<void> {
-    await this.conn().set(jobCancelKey(jobId), '1', 'EX', JOB_STREAM_TTL_SECONDS)
+    await this.conn()
+      .multi()
+      .set(jobCancelKey(jobId), '1', 'EX', JOB_STREAM_TTL_SECONDS)
+      .publish(JOB_CANCEL_CHANNEL, jobId)
+      .exec()
   }
 
   /** Status of one of the tenant's jobs; null when it does not exist or is another tenant's. */

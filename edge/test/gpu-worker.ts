@@ -13,8 +13,19 @@ export const REDIS_URL = process.env.REDIS_URL ?? 'redis://127.0.0.1:6379'
 export const gpuWorkerAvailable = existsSync(join(repoRoot, 'gpu-worker/src/service/serve.ts'))
 
 export interface RunningWorker {
+  /** Process id of the `npx moe serve` process (the leader of the worker's process group). */
+  pid: number
   log(): string
+  /** Sends a signal to the worker's whole process group (SIGKILL: a crash) and waits for it to exit. */
+  kill(signal: NodeJS.Signals): Promise<void>
   stop(): Promise<void>
+}
+
+export interface WorkerOptions {
+  /** Redis the worker consumes from (default REDIS_URL). */
+  redisUrl?: string
+  /** Extra environment (MOE_LOCK_MS, MOE_STALLED_INTERVAL_MS, ...). */
+  env?: Record<string, string>
 }
 
 /**
@@ -25,10 +36,22 @@ export interface RunningWorker {
 export async function startGpuWorker(
   prefix = QUEUE_PREFIX,
   pools = ['general', 'code', 'vision'],
+  opts: WorkerOptions = {},
 ): Promise<RunningWorker> {
+  const redisUrl = opts.redisUrl ?? REDIS_URL
+  const redis = new Redis(redisUrl, { maxRetriesPerRequest: null })
+  const queues = pools.map((p) => new Queue(poolQueueName(p), { connection: redis, prefix }))
+  // Consumers already there (another worker on the same queues): wait for one more on each.
+  const before = await Promise.all(queues.map((q) => q.getWorkersCount()))
   const child: ChildProcess = spawn('npx', ['moe', 'serve', '--pools', pools.join(',')], {
     cwd: repoRoot,
-    env: { ...process.env, REDIS_URL, MOE_METRICS_PORT: '0', MOE_QUEUE_PREFIX: prefix },
+    env: {
+      ...process.env,
+      REDIS_URL: redisUrl,
+      MOE_METRICS_PORT: '0',
+      MOE_QUEUE_PREFIX: prefix,
+      ...opts.env,
+    },
     stdio: ['ignore', 'pipe', 'pipe'],
     detached: true,
   })
@@ -39,25 +62,33 @@ export async function startGpuWorker(
   child.stderr?.on('data', (d) => {
     log += d
   })
-  const redis = new Redis(REDIS_URL, { maxRetriesPerRequest: null })
-  const queues = pools.map((p) => new Queue(poolQueueName(p), { connection: redis, prefix }))
   try {
     const deadline = Date.now() + 120_000
     for (;;) {
       if (child.exitCode !== null) throw new Error(`moe serve exited early:\n${log}`)
       const counts = await Promise.all(queues.map((q) => q.getWorkersCount()))
-      if (counts.every((n) => n > 0)) break
-      if (Date.now() > deadline) throw new Error(`moe serve did not start consuming in 120 s:\n${log}`)
+      if (counts.every((n, i) => n > before[i]!)) break
+      if (Date.now() > deadline) {
+        process.kill(-child.pid!, 'SIGKILL')
+        throw new Error(`moe serve did not start consuming in 120 s:\n${log}`)
+      }
       await new Promise((r) => setTimeout(r, 250))
     }
   } finally {
     await Promise.all(queues.map((q) => q.close()))
     redis.disconnect()
   }
+  const exited = once(child, 'exit').catch(() => {})
   return {
+    pid: child.pid!,
     log: () => log,
+    async kill(signal) {
+      if (child.exitCode !== null || child.signalCode !== null) return
+      process.kill(-child.pid!, signal)
+      await exited
+    },
     async stop() {
-      if (child.exitCode !== null) return
+      if (child.exitCode !== null || child.signalCode !== null) return
       process.kill(-child.pid!, 'SIGTERM')
       await Promise.race([once(child, 'exit'), new Promise((r) => setTimeout(r, 10_000))])
       if (child.exitCode === null) process.kill(-child.pid!, 'SIGKILL')

@@ -91,7 +91,7 @@ export async function startEdge(
 
 /** Admin API helpers for tests: create a tenant and a key. */
 export async function adminCall(
-  edge: RunningEdge,
+  edge: Pick<RunningEdge, 'url' | 'adminToken'>,
   method: string,
   path: string,
   body?: unknown,
@@ -111,7 +111,7 @@ export interface TestTenant {
 
 /** A fresh tenant (unique id per call) with one API key. */
 export async function createTenant(
-  edge: RunningEdge,
+  edge: Pick<RunningEdge, 'url' | 'adminToken'>,
   overrides: Record<string, unknown> = {},
 ): Promise<TestTenant> {
   const id = (overrides.id as string | undefined) ?? `t_${randomBytes(6).toString('hex')}`

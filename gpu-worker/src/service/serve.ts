@@ -1,4 +1,5 @@
 import { parseArgs } from 'node:util'
+import { startBatchServices } from './batch-coordinator.ts'
 import { ConfigError, loadWorkerConfig } from './config.ts'
 import { WorkerService } from './worker-service.ts'
 
@@ -21,12 +22,13 @@ export async function serve(argv: string[]): Promise<void> {
     }
     throw e
   }
+  let batchServices: { close(): Promise<void> } | null = null
   let stopping = false
   const stop = (signal: string) => {
     if (stopping) return
     stopping = true
     service.log.info({ signal }, 'stopping')
-    service.close().then(
+    Promise.all([service.close(), batchServices?.close()]).then(
       () => process.exit(0),
       (err) => {
         service.log.error({ err: String(err) }, 'error while draining')
@@ -37,4 +39,5 @@ export async function serve(argv: string[]): Promise<void> {
   process.on('SIGTERM', () => stop('SIGTERM'))
   process.on('SIGINT', () => stop('SIGINT'))
   await service.start()
+  batchServices = await startBatchServices(service.config.redisUrl, service.config.queuePrefix, service.log)
 }

@@ -1,0 +1,270 @@
+import {
+  BATCH_QUEUE,
+  BATCH_RECORD_TTL_SECONDS,
+  BATCH_TRANSITION_LUA,
+  type BatchControlData,
+  type BatchParentData,
+  type BatchStatic,
+  batchKey,
+  batchObject,
+  JOB_PRIORITY,
+  type JobPayload,
+  poolQueueName,
+  type StoredFileMeta,
+  storedFileKey,
+  tenantBatchesKey,
+  tenantDeliveriesKey,
+  tenantWebhooksKey,
+  type WebhookAttempt,
+  type WebhookDeliveryRecord,
+  type WebhookEndpoint,
+  webhookAttemptsKey,
+  webhookDeliveryKey,
+} from '@moe/shared'
+import { FlowProducer, Queue } from 'bullmq'
+import type { Redis } from 'ioredis'
+
+// The Redis side of batches, run inside the RedisGateway Durable Object (its warm connection).
+// Who stores what:
+//   R2 (FILES)          uploaded input files (validated JSONL), read only by the edge at batch creation;
+//   BullMQ flow         parent `batches:<batchId>` + one child per line on the line's pool queue,
+//                       each child's payload carrying the whole request (workers never read files);
+//   Redis hash          the batch record (status machine, timestamps, final counts, file ids);
+//   Redis (coordinator) output and error files, written by the Node-side coordinator that
+//                       finalises the parent (it cannot reach the edge's R2); served by the edge.
+
+export interface CreateBatchSpec {
+  static: BatchStatic
+  parent: BatchParentData
+  children: JobPayload[]
+  windowMs: number
+}
+
+export interface StoredFile {
+  meta: StoredFileMeta
+  content: string | null
+}
+
+export interface BatchList {
+  data: Record<string, unknown>[]
+  has_more: boolean
+}
+
+type Transitioning = Redis & {
+  moeBatchTransition(key: string, ...args: string[]): Promise<string | null>
+}
+
+const nowS = (): string => String(Math.floor(Date.now() / 1000))
+
+export class BatchStore {
+  readonly redis: Transitioning
+  /** The connection it was made for (the gateway makes a new store when it reconnects). */
+  readonly conn: Redis
+  private readonly prefix: string
+  private flow: FlowProducer | null = null
+  private control: Queue | null = null
+
+  constructor(redis: Redis, prefix: string) {
+    this.redis = redis as unknown as Transitioning
+    this.conn = redis
+    this.prefix = prefix
+    if (!(redis as unknown as Partial<Transitioning>).moeBatchTransition)
+      redis.defineCommand('moeBatchTransition', { numberOfKeys: 1, lua: BATCH_TRANSITION_LUA })
+  }
+
+  private controlQueue(): Queue {
+    this.control ??= new Queue(BATCH_QUEUE, { connection: this.redis, prefix: this.prefix })
+    return this.control
+  }
+
+  /** Records the batch, then adds the flow (parent + children) and the expiry job. */
+  async createBatch(spec: CreateBatchSpec): Promise<Record<string, unknown>> {
+    const s = spec.static
+    const key = batchKey(this.prefix, s.id)
+    await this.redis
+      .multi()
+      .hset(key, { obj: JSON.stringify(s), status: 'validating', tenant: s.tenantId })
+      .expire(key, BATCH_RECORD_TTL_SECONDS)
+      .zadd(tenantBatchesKey(this.prefix, s.tenantId), s.created_at * 1000 + (Date.now() % 1000), s.id)
+      .exec()
+    try {
+      this.flow ??= new FlowProducer({ connection: this.redis, prefix: this.prefix })
+      const age = BATCH_RECORD_TTL_SECONDS
+      await this.flow.add({
+        name: 'finalize',
+        queueName: BATCH_QUEUE,
+        data: spec.parent,
+        opts: { jobId: s.id, removeOnComplete: { age }, removeOnFail: { age }, attempts: 5 },
+        children: spec.children.map((p) => ({
+          name: 'generate',
+          queueName: poolQueueName(p.pool),
+          data: p,
+          opts: {
+            jobId: p.requestId,
+            priority: JOB_PRIORITY.batch,
+            attempts: 2,
+            backoff: { type: 'fixed', delay: 500 },
+            removeOnComplete: { age: 86_400 },
+            removeOnFail: { age: 86_400 },
+            ignoreDependencyOnFailure: true,
+          },
+        })),
+      })
+      const expire: BatchControlData = { batchId: s.id, action: 'expire' }
+      await this.controlQueue().add('expire', expire, {
+        jobId: `${s.id}-expire`,
+        delay: spec.windowMs,
+        removeOnComplete: true,
+        removeOnFail: true,
+      })
+    } catch (e) {
+      const errors = {
+        object: 'list',
+        data: [{ code: 'enqueue_failed', message: String((e as Error).message), param: null, line: null }],
+      }
+      await this.redis.moeBatchTransition(
+        key,
+        'validating',
+        'failed',
+        'failed_at',
+        nowS(),
+        'errors',
+        JSON.stringify(errors),
+      )
+      throw e
+    }
+    await this.redis.moeBatchTransition(key, 'validating', 'in_progress', 'in_progress_at', nowS())
+    return (await this.getBatch(s.id, s.tenantId))!
+  }
+
+  /** The batch object; while it runs, request_counts come from the flow's parent. */
+  async getBatch(batchId: string, tenantId: string): Promise<Record<string, unknown> | null> {
+    const h = await this.redis.hgetall(batchKey(this.prefix, batchId))
+    if (h.tenant !== tenantId) return null
+    let live: { completed: number; failed: number } | undefined
+    if (h.completed === undefined) {
+      const parent = `${this.prefix}:${BATCH_QUEUE}:${batchId}`
+      const [done, failed] = await Promise.all([
+        this.redis.hlen(`${parent}:processed`),
+        this.redis.hlen(`${parent}:failed`),
+      ])
+      live = { completed: done, failed }
+    }
+    return batchObject(h, live)
+  }
+
+  /** The tenant's batches, newest first, after the `after` cursor (a batch id). */
+  async listBatches(tenantId: string, after: string | null, limit: number): Promise<BatchList> {
+    const zkey = tenantBatchesKey(this.prefix, tenantId)
+    let start = 0
+    if (after) {
+      const rank = await this.redis.zrevrank(zkey, after)
+      if (rank === null) return { data: [], has_more: false }
+      start = rank + 1
+    }
+    const ids = await this.redis.zrevrange(zkey, start, start + limit)
+    const page = ids.slice(0, limit)
+    const data = (await Promise.all(page.map((id) => this.getBatch(id, tenantId)))).filter(
+      (b): b is Record<string, unknown> => b !== null,
+    )
+    return { data, has_more: ids.length > limit }
+  }
+
+  /** in_progress -> cancelling; the coordinator removes waiting children and stops running ones. */
+  async cancelBatch(batchId: string, tenantId: string): Promise<Record<string, unknown> | null> {
+    const key = batchKey(this.prefix, batchId)
+    if ((await this.redis.hget(key, 'tenant')) !== tenantId) return null
+    const prev = await this.redis.moeBatchTransition(
+      key,
+      'validating,in_progress',
+      'cancelling',
+      'cancelling_at',
+      nowS(),
+    )
+    if (prev !== null) {
+      const data: BatchControlData = { batchId, action: 'cancel' }
+      await this.controlQueue().add('cancel', data, {
+        jobId: `${batchId}-cancel`,
+        removeOnComplete: true,
+        removeOnFail: true,
+        attempts: 5,
+        backoff: { type: 'fixed', delay: 500 },
+      })
+    }
+    return this.getBatch(batchId, tenantId)
+  }
+
+  async getStoredFile(fileId: string, tenantId: string, withContent: boolean): Promise<StoredFile | null> {
+    const key = storedFileKey(this.prefix, fileId)
+    const [meta, content] = await this.redis.hmget(key, 'meta', ...(withContent ? ['content'] : []))
+    if (!meta) return null
+    const m = JSON.parse(meta) as StoredFileMeta
+    if (m.tenantId !== tenantId) return null
+    return { meta: m, content: withContent ? (content ?? '') : null }
+  }
+
+  async deleteStoredFile(fileId: string, tenantId: string): Promise<boolean> {
+    if (!(await this.getStoredFile(fileId, tenantId, false))) return false
+    await this.redis.del(storedFileKey(this.prefix, fileId))
+    return true
+  }
+
+  /** Replaces the delivery side's copy of a tenant's webhook endpoints. */
+  async putWebhooks(tenantId: string, endpoints: WebhookEndpoint[]): Promise<void> {
+    const key = tenantWebhooksKey(this.prefix, tenantId)
+    const m = this.redis.multi().del(key)
+    for (const e of endpoints) m.hset(key, e.id, JSON.stringify(e))
+    await m.exec()
+  }
+
+  /** The tenant's endpoints as the delivery side sees them (with `disabled` set by a 410). */
+  async getWebhooks(tenantId: string): Promise<WebhookEndpoint[]> {
+    const all = await this.redis.hgetall(tenantWebhooksKey(this.prefix, tenantId))
+    return Object.values(all).map((v) => JSON.parse(v) as WebhookEndpoint)
+  }
+
+  /** The tenant's webhook deliveries (newest first), each with every attempt. */
+  async listDeliveries(
+    tenantId: string,
+    batchId: string | null,
+    limit: number,
+  ): Promise<Array<WebhookDeliveryRecord & { attempts: WebhookAttempt[] }>> {
+    const ids = await this.redis.zrevrange(tenantDeliveriesKey(this.prefix, tenantId), 0, 999)
+    const out: Array<WebhookDeliveryRecord & { attempts: WebhookAttempt[] }> = []
+    for (const id of ids) {
+      const [raw, attempts] = await Promise.all([
+        this.redis.get(webhookDeliveryKey(this.prefix, id)),
+        this.redis.lrange(webhookAttemptsKey(this.prefix, id), 0, -1),
+      ])
+      if (!raw) continue
+      const rec = JSON.parse(raw) as WebhookDeliveryRecord
+      if (batchId !== null && rec.batch_id !== batchId) continue
+      out.push({ ...rec, attempts: attempts.map((a) => JSON.parse(a) as WebhookAttempt) })
+      if (out.length >= limit) break
+    }
+    return out
+  }
+}
+
+/** The operations the gateway exposes over RPC (see RedisGateway.batchOp). */
+export const BATCH_OPS = [
+  'createBatch',
+  'getBatch',
+  'listBatches',
+  'cancelBatch',
+  'getStoredFile',
+  'deleteStoredFile',
+  'putWebhooks',
+  'getWebhooks',
+  'listDeliveries',
+] as const
+export type BatchOp = (typeof BATCH_OPS)[number]
+
+/** Calls a BatchStore method in the tenant's gateway object, typed. */
+export function batchOp<K extends BatchOp>(
+  gateway: unknown,
+  op: K,
+  ...args: Parameters<BatchStore[K]>
+): Promise<Awaited<ReturnType<BatchStore[K]>>> {
+  return (gateway as { batchOp(op: string, args: unknown[]): Promise<never> }).batchOp(op, args)
+}
