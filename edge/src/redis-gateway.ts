@@ -112,13 +112,20 @@ export class RedisGateway extends DurableObject<Env> {
   }
 
   private conn(): RateLimited {
-    if (this.redis && this.redis.status !== 'end') return this.redis
+    if (this.redis && this.redis.status !== 'end') {
+      // While the connection is being re-established, answer at once (503) rather than queue
+      // the command behind the reconnect backoff; the reconnect goes on in the background.
+      if (this.redis.status === 'reconnecting') throw new Error('Redis is unavailable (reconnecting)')
+      return this.redis
+    }
     for (const q of this.queues.values()) void q.close().catch(() => {})
     this.queues.clear()
     const redis = new Redis(this.env.REDIS_URL, {
       maxRetriesPerRequest: 2,
       connectTimeout: 2000,
       enableReadyCheck: false,
+      // Retry quickly and steadily, so a Redis that comes back is noticed within a second.
+      retryStrategy: (times: number) => Math.min(100 * times, 1000),
     }) as RateLimited
     redis.on('error', (e: Error) =>
       console.error(JSON.stringify({ level: 'error', msg: 'redis', error: e.message })),
