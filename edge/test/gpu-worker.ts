@@ -5,7 +5,7 @@ import { join } from 'node:path'
 import { poolQueueName, QUEUE_PREFIX } from '@moe/shared'
 import { Queue } from 'bullmq'
 import { Redis } from 'ioredis'
-import { repoRoot } from './wrangler-dev.ts'
+import { ownProcessGroup, repoRoot } from './wrangler-dev.ts'
 
 export const REDIS_URL = process.env.REDIS_URL ?? 'redis://127.0.0.1:6379'
 
@@ -13,7 +13,7 @@ export const REDIS_URL = process.env.REDIS_URL ?? 'redis://127.0.0.1:6379'
 export const gpuWorkerAvailable = existsSync(join(repoRoot, 'gpu-worker/src/service/serve.ts'))
 
 export interface RunningWorker {
-  /** Process id of the `npx moe serve` process (the leader of the worker's process group). */
+  /** Process id of the `moe serve` process (the leader of the worker's process group). */
   pid: number
   log(): string
   /** Sends a signal to the worker's whole process group (SIGKILL: a crash) and waits for it to exit. */
@@ -43,7 +43,9 @@ export async function startGpuWorker(
   const queues = pools.map((p) => new Queue(poolQueueName(p), { connection: redis, prefix }))
   // Consumers already there (another worker on the same queues): wait for one more on each.
   const before = await Promise.all(queues.map((q) => q.getWorkersCount()))
-  const child: ChildProcess = spawn('npx', ['moe', 'serve', '--pools', pools.join(',')], {
+  // Node itself, not `npx`: no npm wrapper process to outlive a killed test.
+  const cli = join(repoRoot, 'gpu-worker/bin/moe.js')
+  const child: ChildProcess = spawn(process.execPath, [cli, 'serve', '--pools', pools.join(',')], {
     cwd: repoRoot,
     env: {
       ...process.env,
@@ -55,6 +57,7 @@ export async function startGpuWorker(
     stdio: ['ignore', 'pipe', 'pipe'],
     detached: true,
   })
+  ownProcessGroup(child)
   let log = ''
   child.stdout?.on('data', (d) => {
     log += d

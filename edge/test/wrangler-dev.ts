@@ -9,6 +9,23 @@ import { join } from 'node:path'
 export const repoRoot = join(import.meta.dirname, '..', '..')
 
 /** A free loopback port, picked by the OS. */
+/** Process groups this test process started; killed if it exits without stopping them. */
+const started = new Set<number>()
+process.on('exit', () => {
+  for (const pid of started) {
+    try {
+      process.kill(-pid, 'SIGKILL')
+    } catch {}
+  }
+})
+
+/** Remembers a detached child's process group so it cannot outlive the test run. */
+export function ownProcessGroup(child: ChildProcess): void {
+  if (child.pid === undefined) return
+  started.add(child.pid)
+  child.once('exit', () => started.delete(child.pid!))
+}
+
 export async function freePort(): Promise<number> {
   const srv = createServer()
   srv.listen(0, '127.0.0.1')
@@ -55,6 +72,7 @@ export async function startEdge(
     stdio: ['ignore', 'pipe', 'pipe'],
     detached: true,
   })
+  ownProcessGroup(child)
   let log = ''
   child.stdout?.on('data', (d) => {
     log += d
