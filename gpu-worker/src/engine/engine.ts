@@ -13,6 +13,8 @@ export interface EngineOptions {
   modelDir: string
   ep?: ExecutionProviderChoice
   intraOpThreads?: number
+  /** ORT thread spinning (see SessionOptions.spin); default on. */
+  spin?: boolean
   /** Most sequences decoded together (KV-cache slots). */
   maxBatch?: number
   /** Most tokens (prompt + completion) per sequence. */
@@ -141,6 +143,7 @@ export class MoeEngine {
     const { session, ep } = await createModelSession(exported.modelPath, {
       ep: wantCuda ? (opts.ep ?? 'auto') : 'cpu',
       intraOpThreads: opts.intraOpThreads,
+      spin: opts.spin,
       log,
     })
     const maxContext = Math.min(opts.maxContext ?? 2048, model.config.max_position_embeddings)

@@ -6,6 +6,11 @@ export interface SessionOptions {
   ep: ExecutionProviderChoice
   intraOpThreads?: number
   interOpThreads?: number
+  /**
+   * Let ORT's idle intra-op threads spin (lower latency on a dedicated machine)
+   * instead of sleeping (leaves the cores to Redis and the edge on a shared one).
+   */
+  spin?: boolean
   log?: (msg: string, fields?: Record<string, unknown>) => void
 }
 
@@ -26,6 +31,7 @@ export async function createModelSession(modelPath: string, opts: SessionOptions
     executionMode: 'sequential',
     ...(opts.intraOpThreads ? { intraOpNumThreads: opts.intraOpThreads } : {}),
     ...(opts.interOpThreads ? { interOpNumThreads: opts.interOpThreads } : {}),
+    extra: { session: { intra_op: { allow_spinning: opts.spin === false ? '0' : '1' } } },
   }
   if (opts.ep !== 'cpu') {
     try {

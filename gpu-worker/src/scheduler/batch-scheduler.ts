@@ -54,6 +54,9 @@ interface Entry {
   tenantId: string
 }
 
+/** A waiting request joins the batch after at most this many decode steps. */
+const MAX_PREFILL_DELAY_STEPS = 4
+
 export class SchedulerError extends Error {
   readonly code: 'context_length_exceeded' | 'invalid_request'
   constructor(code: SchedulerError['code'], message: string) {
@@ -85,6 +88,8 @@ export class BatchScheduler {
   private readonly known = new Set<string>()
   private loop: Promise<void> | null = null
   private lastWasPrefill = false
+  /** Decode steps since the oldest waiting request arrived. */
+  private stepsWaited = 0
 
   constructor(engine: MoeEngine, opts: SchedulerOptions = {}) {
     this.engine = engine
@@ -146,10 +151,11 @@ export class BatchScheduler {
     while (this.runningList.length > 0 || this.waitingQueue.size > 0) {
       this.applyCancels()
       if (this.runningList.length === 0 && this.waitingQueue.size === 0) break
-      const admitted = this.lastWasPrefill && this.runningList.length > 0 ? [] : this.admit()
+      const admitted = this.prefillDue() ? this.admit() : []
       const batch = admitted.length > 0 ? admitted : this.runningList
       const kind = admitted.length > 0 ? 'prefill' : 'decode'
       this.lastWasPrefill = kind === 'prefill'
+      this.stepsWaited = kind === 'decode' && this.waitingQueue.size > 0 ? this.stepsWaited + 1 : 0
       const rows: StepRow[] = batch.map((e) => ({
         slot: e.seq.slot,
         tokens: e.seq.nextInput(),
@@ -188,6 +194,22 @@ export class BatchScheduler {
           })
       }
     }
+  }
+
+  /**
+   * Whether this step should prefill the waiting sequences. A prefill pass
+   * reads (nearly) every expert's weights whatever its row count, so while a
+   * batch is decoding, arrivals are gathered until they are worth a pass: at
+   * least half the running batch, or waiting for MAX_PREFILL_DELAY_STEPS
+   * decode steps - and never two prefills in a row while sequences wait to decode.
+   */
+  private prefillDue(): boolean {
+    const waiting = this.waitingQueue.size
+    const running = this.runningList.length
+    if (waiting === 0 || running >= this.maxBatch) return false
+    if (running === 0) return true
+    if (this.lastWasPrefill) return false
+    return waiting * 2 >= running || this.stepsWaited >= MAX_PREFILL_DELAY_STEPS
   }
 
   /** Takes waiting sequences (tenant round-robin) into free slots, within the prefill token budget. */

@@ -20,6 +20,8 @@ const WorkerEnv = z.object({
   MOE_MAX_CONTEXT: int(16, 1 << 20).default(2048),
   MOE_MAX_PREFILL_TOKENS: int(1, 1 << 20).default(4096),
   MOE_THREADS: int(1, 1024).optional(),
+  // Off by default: the worker shares its cores with Redis and the edge, and spinning threads starve them.
+  MOE_ORT_SPIN: z.enum(['0', '1']).default('0'),
   MOE_METRICS_HOST: z.string().default('127.0.0.1'),
   MOE_METRICS_PORT: int(0, 65535).default(9464),
   MOE_QUEUE_PREFIX: z
@@ -41,6 +43,7 @@ export interface WorkerConfig {
   maxContext: number
   maxPrefillTokens: number
   threads: number | undefined
+  spin: boolean
   metricsHost: string
   metricsPort: number
   queuePrefix: string
@@ -97,6 +100,7 @@ export function loadWorkerConfig(env: NodeJS.ProcessEnv = process.env, poolsFlag
     maxContext: e.MOE_MAX_CONTEXT,
     maxPrefillTokens: e.MOE_MAX_PREFILL_TOKENS,
     threads: e.MOE_THREADS,
+    spin: e.MOE_ORT_SPIN === '1',
     metricsHost: e.MOE_METRICS_HOST,
     metricsPort: e.MOE_METRICS_PORT,
     queuePrefix: e.MOE_QUEUE_PREFIX,

@@ -80,6 +80,7 @@ export class WorkerService {
         modelDir: pool.modelDir,
         ep: c.ep,
         intraOpThreads: c.threads,
+        spin: c.spin,
         maxBatch: c.maxBatch,
         maxContext: c.maxContext,
         log: (msg, fields) => this.log.info({ model: pool.modelDir, ...fields }, msg),
