@@ -100,6 +100,18 @@ describe('MoE engine on ONNX Runtime', () => {
     }
   })
 
+  it("a short prefill joining the batch leaves a long running sequence's cache intact", async () => {
+    const long = Array.from({ length: 100 }, (_, i) => 3 + ((i * 13) % 250))
+    const first = await engine.forward([row(0, long)])
+    const next = argmax(first.logits)
+    // A newcomer with a short prompt: the cache must not shrink to its length.
+    await engine.forward([row(1, [1, 5, 6])])
+    const decoded = await engine.forward([row(0, [next], long.length), row(1, [7], 3)])
+    const fresh = await engine.forward([row(2, [...long, next])])
+    const V = engine.config.vocab_size
+    expect(maxAbsDiff(decoded.logits.subarray(0, V), fresh.logits)).toBeLessThan(1e-4)
+  })
+
   it('routes only to the allowed experts and matches the reference with the others removed', async () => {
     const allowed = [2, 5]
     const out = await engine.forward([row(0, PROMPT, 0, allowed)])

@@ -1,6 +1,7 @@
 import { beforeAll, describe, expect, it } from 'vitest'
 import { type GenerationResult, MoeEngine } from '../src/engine/engine.ts'
 import type { GenerationParams } from '../src/engine/sequence.ts'
+import { ThreadedEngine } from '../src/engine/threaded-engine.ts'
 import {
   BatchScheduler,
   type ScheduledRequest,
@@ -72,6 +73,31 @@ describe('continuous batching scheduler', () => {
       expect(reqs[i]!.tokens).toEqual(alone[i]!.outputIds)
     })
     expect(scheduler.running).toBe(0)
+  })
+
+  it('batches the same way with the forward passes on a worker thread', async () => {
+    const threaded = await ThreadedEngine.load({
+      modelDir: TINY_MODEL_DIR,
+      ep: 'cpu',
+      maxBatch: 16,
+      maxContext: 256,
+      log: () => {},
+    })
+    try {
+      const scheduler = new BatchScheduler(threaded, { maxBatch: 16 })
+      const reqs = Array.from({ length: 12 }, (_, i) =>
+        request(`t${i}`, `t${i % 3}`, prompt(i), params(i, { maxTokens: 5 + (i % 6) })),
+      )
+      for (const r of reqs) scheduler.submit(r.req)
+      const outcomes = await Promise.all(reqs.map((r) => r.done))
+      for (let i = 0; i < reqs.length; i++) {
+        const alone = await engine.generate({ inputIds: prompt(i), ...params(i, { maxTokens: 5 + (i % 6) }) })
+        const o = outcomes[i]!
+        expect(o.kind === 'finished' && o.result.outputIds).toEqual(alone.outputIds)
+      }
+    } finally {
+      await threaded.close()
+    }
   })
 
   it('lets late arrivals join a running batch at a step boundary', async () => {

@@ -88,22 +88,119 @@ export function cudaAvailable(): boolean {
 }
 
 /**
+ * What the scheduler drives: one forward pass at a time over rows in KV
+ * slots, plus the sequence bookkeeping that needs only the config and the
+ * tokenizer. MoeEngine runs the passes in this thread; ThreadedEngine runs
+ * them in a worker thread so the event loop stays free for I/O meanwhile.
+ */
+export abstract class StepEngine {
+  readonly model: ModelDir
+  readonly tokenizer: ChatTokenizer
+  readonly maxBatch: number
+  readonly maxContext: number
+  abstract readonly ep: 'cpu' | 'cuda'
+  /** Bytes the KV cache holds now. */
+  abstract readonly kvBytes: number
+  abstract forward(rows: readonly StepRow[]): Promise<StepOutput>
+  /** Copies one KV slot over another (ordered before the next forward pass). */
+  abstract moveSlot(from: number, to: number, length: number): void
+  abstract close(): Promise<void>
+
+  constructor(init: { model: ModelDir; tokenizer: ChatTokenizer; maxBatch: number; maxContext: number }) {
+    this.model = init.model
+    this.tokenizer = init.tokenizer
+    this.maxBatch = init.maxBatch
+    this.maxContext = init.maxContext
+  }
+
+  get config() {
+    return this.model.config
+  }
+
+  /** Builds a Sequence for this model with defaults filled in. */
+  createSequence(
+    id: string,
+    promptIds: readonly number[],
+    params: Partial<GenerationParams> & { seed: number },
+  ): Sequence {
+    return new Sequence({
+      id,
+      promptIds,
+      params: { ...DEFAULT_GENERATION, ...params },
+      tokenizer: this.tokenizer,
+      layers: this.config.num_hidden_layers,
+      experts: this.config.num_local_experts,
+      maxContext: this.maxContext,
+    })
+  }
+
+  /** Checks that a subset of experts can serve top-k routing on this model. */
+  validateExperts(allowed: readonly number[] | null): void {
+    if (allowed === null) return
+    const k = this.config.num_experts_per_tok
+    if (new Set(allowed).size < k)
+      throw new Error(`an expert subset needs at least ${k} distinct experts (top-${k} routing)`)
+    for (const e of allowed)
+      if (!Number.isInteger(e) || e < 0 || e >= this.config.num_local_experts)
+        throw new Error(
+          `expert ${e} does not exist; the model has experts 0..${this.config.num_local_experts - 1}`,
+        )
+  }
+
+  /**
+   * Feeds one step's output back into its sequences: samples a token for
+   * each and adds its expert counts. Rows and sequences are in the same order.
+   */
+  acceptStep(seqs: readonly Sequence[], rows: readonly StepRow[], out: StepOutput): TokenOutput[] {
+    return seqs.map((seq, i) => this.acceptRow(seq, rows[i]!, out, i))
+  }
+
+  /** acceptStep for row `i` alone, so one bad row can fail without the others. */
+  acceptRow(seq: Sequence, row: StepRow, out: StepOutput, i: number): TokenOutput {
+    const V = this.config.vocab_size
+    const LE = this.config.num_hidden_layers * this.config.num_local_experts
+    const counts = out.expertCounts.subarray(i * LE, (i + 1) * LE)
+    for (let j = 0; j < LE; j++) seq.expertLoad[j]! += counts[j]!
+    return seq.accept(out.logits.subarray(i * V, (i + 1) * V), row.tokens.length)
+  }
+
+  /** Decodes one sequence alone (slot 0). Not for use while a scheduler drives this engine. */
+  async generate(req: GenerateRequest): Promise<GenerationResult> {
+    const { inputIds, onToken, ...params } = req
+    this.validateExperts(params.allowedExperts ?? null)
+    if (inputIds.length >= this.maxContext)
+      throw new Error(
+        `prompt of ${inputIds.length} tokens leaves no room in the context of ${this.maxContext}`,
+      )
+    const seq = this.createSequence('generate', inputIds, { ...params, seed: params.seed ?? 0 })
+    seq.slot = 0
+    while (!seq.finished) {
+      const row: StepRow = {
+        slot: 0,
+        tokens: seq.nextInput(),
+        pastLength: seq.pastLength,
+        allowedExperts: seq.params.allowedExperts,
+      }
+      const out = await this.forward([row])
+      const [token] = this.acceptStep([seq], [row], out)
+      onToken?.(token!)
+    }
+    return sequenceResult(seq, this.config.num_local_experts)
+  }
+}
+
+/**
  * The MoE engine: one exported graph, one ORT session, one KV cache. It knows
  * nothing of queues or HTTP. forward() runs one pass over a batch of rows;
  * generate() decodes one sequence on top of it.
  */
-export class MoeEngine {
-  readonly model: ModelDir
-  readonly tokenizer: ChatTokenizer
+export class MoeEngine extends StepEngine {
   readonly kv: KvCache
   readonly ep: 'cpu' | 'cuda'
   readonly dtype: ExportDtype
-  readonly maxBatch: number
-  readonly maxContext: number
   private readonly session: ort.InferenceSession
   private readonly layers: number
   private readonly experts: number
-  private readonly vocab: number
 
   private constructor(init: {
     model: ModelDir
@@ -114,17 +211,13 @@ export class MoeEngine {
     maxBatch: number
     maxContext: number
   }) {
-    this.model = init.model
-    this.tokenizer = init.tokenizer
+    super(init)
     this.session = init.session
     this.ep = init.ep
     this.dtype = init.dtype
-    this.maxBatch = init.maxBatch
-    this.maxContext = init.maxContext
     const c = init.model.config
     this.layers = c.num_hidden_layers
     this.experts = c.num_local_experts
-    this.vocab = c.vocab_size
     this.kv = new KvCache(c, init.maxBatch, init.maxContext, init.dtype === 'fp16' ? 'float16' : 'float32')
   }
 
@@ -150,25 +243,16 @@ export class MoeEngine {
     return new MoeEngine({ model, tokenizer, session, ep, dtype, maxBatch: opts.maxBatch ?? 32, maxContext })
   }
 
-  get config() {
-    return this.model.config
+  get kvBytes(): number {
+    return this.kv.bytes
   }
 
-  /** Builds a Sequence for this model with defaults filled in. */
-  createSequence(
-    id: string,
-    promptIds: readonly number[],
-    params: Partial<GenerationParams> & { seed: number },
-  ): Sequence {
-    return new Sequence({
-      id,
-      promptIds,
-      params: { ...DEFAULT_GENERATION, ...params },
-      tokenizer: this.tokenizer,
-      layers: this.layers,
-      experts: this.experts,
-      maxContext: this.maxContext,
-    })
+  moveSlot(from: number, to: number, length: number): void {
+    this.kv.moveSlot(from, to, length)
+  }
+
+  async close(): Promise<void> {
+    await this.session.release()
   }
 
   /**
@@ -207,7 +291,9 @@ export class MoeEngine {
     }
     feeds[graphNames.expertBias] = this.expertBias(rows)
     // Live sequences sit in slots 0..first+n-1: a prefill's rows are the newest, a decode's are all.
-    this.kv.fit(total, first + n)
+    // A decode covers every live row, so it may shrink the cache; a prefill's rows are only the
+    // newest, and shrinking to their length would cut off the older sequences' positions.
+    this.kv.fit(decode ? total : Math.max(total, this.kv.capacity), first + n)
     const kvType = this.kv.dtype
     const kvDims = [n, this.kv.kvHeads, this.kv.capacity, this.kv.headDim]
     const fetches: Record<string, ort.Tensor | null> = {
@@ -273,55 +359,6 @@ export class MoeEngine {
       return new ort.Tensor('float16', half, [rows.length, E])
     }
     return new ort.Tensor('float32', bias, [rows.length, E])
-  }
-
-  /** Checks that a subset of experts can serve top-k routing on this model. */
-  validateExperts(allowed: readonly number[] | null): void {
-    if (allowed === null) return
-    const k = this.config.num_experts_per_tok
-    if (new Set(allowed).size < k)
-      throw new Error(`an expert subset needs at least ${k} distinct experts (top-${k} routing)`)
-    for (const e of allowed)
-      if (!Number.isInteger(e) || e < 0 || e >= this.experts)
-        throw new Error(`expert ${e} does not exist; the model has experts 0..${this.experts - 1}`)
-  }
-
-  /**
-   * Feeds one step's output back into its sequences: samples a token for
-   * each and adds its expert counts. Rows and sequences are in the same order.
-   */
-  acceptStep(seqs: readonly Sequence[], rows: readonly StepRow[], out: StepOutput): TokenOutput[] {
-    const V = this.vocab
-    const LE = this.layers * this.experts
-    return seqs.map((seq, i) => {
-      const counts = out.expertCounts.subarray(i * LE, (i + 1) * LE)
-      for (let j = 0; j < LE; j++) seq.expertLoad[j]! += counts[j]!
-      return seq.accept(out.logits.subarray(i * V, (i + 1) * V), rows[i]!.tokens.length)
-    })
-  }
-
-  /** Decodes one sequence alone (slot 0). Not for use while a scheduler drives this engine. */
-  async generate(req: GenerateRequest): Promise<GenerationResult> {
-    const { inputIds, onToken, ...params } = req
-    this.validateExperts(params.allowedExperts ?? null)
-    if (inputIds.length >= this.maxContext)
-      throw new Error(
-        `prompt of ${inputIds.length} tokens leaves no room in the context of ${this.maxContext}`,
-      )
-    const seq = this.createSequence('generate', inputIds, { ...params, seed: params.seed ?? 0 })
-    seq.slot = 0
-    while (!seq.finished) {
-      const row: StepRow = {
-        slot: 0,
-        tokens: seq.nextInput(),
-        pastLength: seq.pastLength,
-        allowedExperts: seq.params.allowedExperts,
-      }
-      const out = await this.forward([row])
-      const [token] = this.acceptStep([seq], [row], out)
-      onToken?.(token!)
-    }
-    return sequenceResult(seq, this.experts)
   }
 }
 

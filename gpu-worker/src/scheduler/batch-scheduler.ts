@@ -1,4 +1,4 @@
-import { type GenerationResult, type MoeEngine, type StepRow, sequenceResult } from '../engine/engine.ts'
+import { type GenerationResult, type StepEngine, type StepRow, sequenceResult } from '../engine/engine.ts'
 import type { GenerationParams, Sequence, TokenOutput } from '../engine/sequence.ts'
 import { FairQueue } from './fair-queue.ts'
 
@@ -76,7 +76,7 @@ export class SchedulerError extends Error {
  * stall the sequences already running.
  */
 export class BatchScheduler {
-  readonly engine: MoeEngine
+  readonly engine: StepEngine
   readonly maxBatch: number
   readonly maxPrefillTokens: number
   private readonly hooks: SchedulerHooks
@@ -84,6 +84,8 @@ export class BatchScheduler {
   /** Running sequences; index = KV slot. */
   private readonly runningList: Entry[] = []
   private readonly pendingCancels = new Set<string>()
+  /** Rows whose token could not be taken this step. */
+  private readonly failedRows = new Map<Entry, Error>()
   /** Ids running or waiting here. */
   private readonly known = new Set<string>()
   private loop: Promise<void> | null = null
@@ -91,7 +93,7 @@ export class BatchScheduler {
   /** Decode steps since the oldest waiting request arrived. */
   private stepsWaited = 0
 
-  constructor(engine: MoeEngine, opts: SchedulerOptions = {}) {
+  constructor(engine: StepEngine, opts: SchedulerOptions = {}) {
     this.engine = engine
     this.maxBatch = opts.maxBatch ?? engine.maxBatch
     this.maxPrefillTokens = opts.maxPrefillTokens ?? 4096
@@ -132,9 +134,24 @@ export class BatchScheduler {
     const seq = this.engine.createSequence(request.id, promptIds, params)
     this.known.add(request.id)
     this.waitingQueue.push({ request, seq, tenantId: request.tenantId })
-    this.loop ??= this.runLoop().finally(() => {
-      this.loop = null
-    })
+    this.ensureLoop()
+  }
+
+  private ensureLoop(): void {
+    this.loop ??= this.runLoop()
+      .catch((error: Error) => {
+        // Whatever broke the loop, no request may be left waiting on it.
+        for (const e of [...this.runningList].reverse()) this.leave(e, { kind: 'failed', error })
+        for (const e of this.waitingQueue.remove(() => true)) {
+          this.known.delete(e.request.id)
+          e.request.onFinish({ kind: 'failed', error })
+        }
+      })
+      .finally(() => {
+        this.loop = null
+        // A submit that came while the loop was winding down found it still set: run again.
+        if (this.waitingQueue.size > 0 || this.runningList.length > 0) this.ensureLoop()
+      })
   }
 
   /** Asks for a sequence to leave; applied at the next step boundary. Unknown ids are ignored. */
@@ -165,13 +182,16 @@ export class BatchScheduler {
       const poll = this.hooks.pollCancels?.(this.runningList.map((e) => e.request.id))
       try {
         const out = await this.engine.forward(rows)
-        const tokens = this.engine.acceptStep(
-          batch.map((e) => e.seq),
-          rows,
-          out,
-        )
         batch.forEach((e, i) => {
-          e.request.onToken(tokens[i]!)
+          let token: TokenOutput
+          try {
+            token = this.engine.acceptRow(e.seq, rows[i]!, out, i)
+          } catch (error) {
+            // One row's failure (e.g. logits it cannot sample from) ends that sequence only.
+            this.failedRows.set(e, error as Error)
+            return
+          }
+          e.request.onToken(token)
         })
         this.hooks.afterStep?.({
           kind,
@@ -186,8 +206,10 @@ export class BatchScheduler {
       } finally {
         for (const id of (await poll?.catch(() => [])) ?? []) this.cancel(id)
       }
+      for (const [e, error] of this.failedRows) this.leave(e, { kind: 'failed', error })
+      this.failedRows.clear()
       for (const e of [...batch]) {
-        if (e.seq.finished)
+        if (e.seq.finished && this.known.has(e.request.id))
           this.leave(e, {
             kind: 'finished',
             result: sequenceResult(e.seq, this.engine.config.num_local_experts),
@@ -254,7 +276,7 @@ export class BatchScheduler {
     const last = this.runningList[this.runningList.length - 1]!
     if (this.runningList[slot] === e) {
       if (last !== e) {
-        this.engine.kv.moveSlot(last.seq.slot, slot, last.seq.pastLength)
+        if (last.seq.pastLength > 0) this.engine.moveSlot(last.seq.slot, slot, last.seq.pastLength)
         last.seq.slot = slot
         this.runningList[slot] = last
       }

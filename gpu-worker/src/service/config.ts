@@ -22,6 +22,7 @@ const WorkerEnv = z.object({
   MOE_THREADS: int(1, 1024).optional(),
   // Off by default: the worker shares its cores with Redis and the edge, and spinning threads starve them.
   MOE_ORT_SPIN: z.enum(['0', '1']).default('0'),
+  MOE_ENGINE_THREAD: z.enum(['0', '1']).default('1'),
   MOE_METRICS_HOST: z.string().default('127.0.0.1'),
   MOE_METRICS_PORT: int(0, 65535).default(9464),
   MOE_QUEUE_PREFIX: z
@@ -44,6 +45,7 @@ export interface WorkerConfig {
   maxPrefillTokens: number
   threads: number | undefined
   spin: boolean
+  engineThread: boolean
   metricsHost: string
   metricsPort: number
   queuePrefix: string
@@ -101,6 +103,7 @@ export function loadWorkerConfig(env: NodeJS.ProcessEnv = process.env, poolsFlag
     maxPrefillTokens: e.MOE_MAX_PREFILL_TOKENS,
     threads: e.MOE_THREADS,
     spin: e.MOE_ORT_SPIN === '1',
+    engineThread: e.MOE_ENGINE_THREAD === '1',
     metricsHost: e.MOE_METRICS_HOST,
     metricsPort: e.MOE_METRICS_PORT,
     queuePrefix: e.MOE_QUEUE_PREFIX,

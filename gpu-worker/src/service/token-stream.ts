@@ -53,6 +53,11 @@ export class TokenStreamWriter {
     return { lastIndex: lastToken?.type === 'token' ? lastToken.index : -1, end, cancelled: cancelled === 1 }
   }
 
+  /** Drops what this writer remembers about a job that left this worker (retry, hand-back, end). */
+  forget(jobId: string): void {
+    this.withTtl.delete(jobId)
+  }
+
   token(jobId: string, event: TokenEvent): void {
     this.buffered.push([jobId, event])
   }

@@ -151,7 +151,11 @@ function post(
   const send = url.protocol === 'https:' ? httpsRequest : httpRequest
   return new Promise((resolve) => {
     let settled = false
+    // A deadline for the whole exchange: `timeout` alone is an idle timer that a receiver
+    // trickling one byte at a time would keep resetting.
+    const deadline = setTimeout(() => req.destroy(new Error(`timed out after ${timeoutMs} ms`)), timeoutMs)
     const done = (r: PostResult) => {
+      clearTimeout(deadline)
       if (!settled) {
         settled = true
         resolve(r)

@@ -10,8 +10,9 @@ import {
 import { type Job, UnrecoverableError, WaitingError, Worker } from 'bullmq'
 import { Redis } from 'ioredis'
 import pino, { type Logger } from 'pino'
-import { MoeEngine } from '../engine/engine.ts'
+import { MoeEngine, type StepEngine } from '../engine/engine.ts'
 import { seedFromId } from '../engine/sampling.ts'
+import { ThreadedEngine } from '../engine/threaded-engine.ts'
 import { BatchScheduler, SchedulerError, type SequenceOutcome } from '../scheduler/batch-scheduler.ts'
 import type { WorkerConfig } from './config.ts'
 import { startHealthServer } from './health-server.ts'
@@ -28,7 +29,7 @@ export interface JobResult {
 /** One engine (one model) and the scheduler that batches every pool on it. */
 interface ModelRuntime {
   modelDir: string
-  engine: MoeEngine
+  engine: StepEngine
   scheduler: BatchScheduler
 }
 
@@ -76,7 +77,8 @@ export class WorkerService {
 
     for (const pool of c.pools) {
       if (this.runtimes.has(pool.modelDir)) continue
-      const engine = await MoeEngine.load({
+      // Forward passes on a worker thread by default, so queue and stream I/O run during them.
+      const engine = await (c.engineThread ? ThreadedEngine : MoeEngine).load({
         modelDir: pool.modelDir,
         ep: c.ep,
         intraOpThreads: c.threads,
@@ -102,7 +104,7 @@ export class WorkerService {
             this.metrics.stepSeconds.observe({ model, kind: s.kind }, s.stepMs / 1000)
             this.metrics.requestsRunning.set({ model }, scheduler.running)
             this.metrics.requestsWaiting.set({ model }, scheduler.waiting)
-            this.metrics.kvCacheBytes.set({ model }, engine.kv.bytes)
+            this.metrics.kvCacheBytes.set({ model }, engine.kvBytes)
             this.metrics.kvCacheUsage.set({ model }, scheduler.running / engine.maxBatch)
             // Sent behind the next step; the job awaits the chain before it completes.
             this.streams
@@ -224,6 +226,8 @@ export class WorkerService {
         )
         if (outcome.kind === 'failed') throw new JobError('internal_error', outcome.error.message, false)
         if (outcome.kind === 'cancelled' && entry.handBack) {
+          // The last step's tokens must be in Redis before another worker reads where to resume.
+          await this.streams.flush()
           await job.moveToWait(token)
           this.metrics.requests.inc({ pool: pool.name, outcome: 'handed_back' })
           log.info('handed back to the queue while draining')
@@ -256,9 +260,10 @@ export class WorkerService {
         return { finishReason: r.finishReason, text: r.text, usage: r.usage }
       } finally {
         this.inFlight.delete(jobId)
+        this.streams.forget(jobId)
       }
     } catch (err) {
-      if (err instanceof WaitingError) throw err
+      if (err instanceof WaitingError || err instanceof UnrecoverableError) throw err
       const e = err instanceof JobError ? err : new JobError('internal_error', (err as Error).message, false)
       this.metrics.requests.inc({ pool: pool.name, outcome: e.code })
       // A retryable failure with attempts left is not the end of the stream.
@@ -297,7 +302,7 @@ export class WorkerService {
     return p
   }
 
-  private tokenize(engine: MoeEngine, p: JobPayload): number[] {
+  private tokenize(engine: StepEngine, p: JobPayload): number[] {
     switch (p.input.kind) {
       case 'chat':
         return engine.tokenizer.encodeChat(p.input.messages)
@@ -380,6 +385,7 @@ export class WorkerService {
     while (this.inFlight.size > 0) await new Promise((r) => setTimeout(r, 10))
     await Promise.all(this.workers.map((w) => w.close()))
     await this.closeHealth?.()
+    for (const r of this.runtimes.values()) await r.engine.close().catch(() => {})
     await this.subscriber?.quit().catch(() => {})
     await this.redis.quit().catch(() => {})
     this.log.info('stopped')
