@@ -324,6 +324,9 @@ async function handleCompletion(
     )
   }
   const cancel = (why: string) => {
+    // A request with an Idempotency-Key will be retried under the same job: a disconnect must
+    // not cancel the work the retry is coming back for. Deadlines still cancel.
+    if (idem && why === 'client disconnected') return
     log('info', 'cancel', { request_id: requestId, job: jobId, why })
     c.executionCtx.waitUntil(gw.cancel(jobId).catch(() => {}))
   }

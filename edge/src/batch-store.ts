@@ -133,7 +133,16 @@ export class BatchStore {
       )
       throw e
     }
-    await this.redis.moeBatchTransition(key, 'validating', 'in_progress', 'in_progress_at', nowS())
+    const moved = await this.redis.moeBatchTransition(
+      key,
+      'validating',
+      'in_progress',
+      'in_progress_at',
+      nowS(),
+    )
+    // Cancelled while the children were being added: only now are they all there to remove.
+    if (moved === null && (await this.redis.hget(key, 'status')) === 'cancelling')
+      await this.enqueueCancel(s.id)
     return (await this.getBatch(s.id, s.tenantId))!
   }
 
@@ -181,17 +190,20 @@ export class BatchStore {
       'cancelling_at',
       nowS(),
     )
-    if (prev !== null) {
-      const data: BatchControlData = { batchId, action: 'cancel' }
-      await this.controlQueue().add('cancel', data, {
-        jobId: `${batchId}-cancel`,
-        removeOnComplete: true,
-        removeOnFail: true,
-        attempts: 5,
-        backoff: { type: 'fixed', delay: 500 },
-      })
-    }
+    // From `validating`, createBatch enqueues the cancel once its children exist (see there).
+    if (prev === 'in_progress') await this.enqueueCancel(batchId)
     return this.getBatch(batchId, tenantId)
+  }
+
+  private async enqueueCancel(batchId: string): Promise<void> {
+    const data: BatchControlData = { batchId, action: 'cancel' }
+    await this.controlQueue().add('cancel', data, {
+      jobId: `${batchId}-cancel`,
+      removeOnComplete: true,
+      removeOnFail: true,
+      attempts: 5,
+      backoff: { type: 'fixed', delay: 500 },
+    })
   }
 
   async getStoredFile(fileId: string, tenantId: string, withContent: boolean): Promise<StoredFile | null> {

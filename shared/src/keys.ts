@@ -16,8 +16,12 @@ export const jobCancelKey = (jobId: string): string => `moe:job:${jobId}:cancel`
  */
 export const JOB_CANCEL_CHANNEL = 'moe:cancel'
 
-/** How long a job's stream and cancel key live after the job ends. */
-export const JOB_STREAM_TTL_SECONDS = 3600
+/**
+ * How long a job's stream and cancel key live after the job ends: as long as
+ * the job's own record (the edge answers GET /v1/jobs/{id} and idempotent
+ * retries from the stream), so the two expire together.
+ */
+export const JOB_STREAM_TTL_SECONDS = 86_400
 
 /** Prefix for every BullMQ key, so the service can share a Redis with others. */
 export const QUEUE_PREFIX = 'moe'
