@@ -128,6 +128,14 @@ export function classifyIp(ip: string): AddressClass | null {
   if (g.slice(0, 5).every((x) => x === 0) && (g[5] === 0xffff || g[5] === 0)) {
     return classifyV4([g[6]! >> 8, g[6]! & 255, g[7]! >> 8, g[7]! & 255])
   }
+  // NAT64 (64:ff9b::/96) and 6to4 (2002::/16) carry an IPv4 address that the network may reach.
+  if (g[0] === 0x64 && g[1] === 0xff9b && g.slice(2, 6).every((x) => x === 0)) {
+    return classifyV4([g[6]! >> 8, g[6]! & 255, g[7]! >> 8, g[7]! & 255])
+  }
+  if (g[0] === 0x2002) {
+    const inner = classifyV4([g[1]! >> 8, g[1]! & 255, g[2]! >> 8, g[2]! & 255])
+    if (inner !== 'public') return inner
+  }
   if (g[0] === 0xfd00 && g.slice(1, 7).every((x) => x === 0) && g[7] === 0xec2) return 'metadata' // AWS IMDS v6
   if ((g[0]! & 0xfe00) === 0xfc00) return 'private'
   if ((g[0]! & 0xffc0) === 0xfe80) return 'link-local'

@@ -1,0 +1,37 @@
+import { describe, expect, it } from 'vitest'
+import { checkWebhookUrl, classifyIp } from '../src/webhooks.ts'
+
+// Addresses that must never receive a webhook, in their many spellings.
+describe('webhook address classification', () => {
+  it.each([
+    ['127.0.0.1', 'loopback'],
+    ['::1', 'loopback'],
+    ['10.1.2.3', 'private'],
+    ['192.168.0.9', 'private'],
+    ['169.254.169.254', 'metadata'],
+    ['::ffff:10.0.0.1', 'private'],
+    ['64:ff9b::a00:1', 'private'], // NAT64 of 10.0.0.1
+    ['2002:a00:1::', 'private'], // 6to4 of 10.0.0.1
+    ['2002:7f00:1::', 'loopback'], // 6to4 of 127.0.0.1
+    ['fe80::1', 'link-local'],
+    ['fd00::1', 'private'],
+  ])('%s is %s', (ip, kind) => {
+    expect(classifyIp(ip)).toBe(kind)
+  })
+
+  it('lets public addresses through, including 6to4 of a public one', () => {
+    expect(classifyIp('93.184.216.34')).toBe('public')
+    expect(classifyIp('2002:5db8:d822::')).toBe('public')
+    expect(classifyIp('2606:4700::1111')).toBe('public')
+  })
+
+  it('refuses http, credentials and internal names unless loopback is allowed for tests', () => {
+    const prod = { allowLoopback: false }
+    expect(checkWebhookUrl('https://example.com/hook', prod)).toBeNull()
+    expect(checkWebhookUrl('http://example.com/hook', prod)).not.toBeNull()
+    expect(checkWebhookUrl('https://user:pw@example.com/hook', prod)).not.toBeNull()
+    expect(checkWebhookUrl('https://[64:ff9b::a9fe:a9fe]/', prod)).not.toBeNull()
+    expect(checkWebhookUrl('https://metadata.google.internal/', prod)).not.toBeNull()
+    expect(checkWebhookUrl('http://127.0.0.1:9999/hook', { allowLoopback: true })).toBeNull()
+  })
+})
