@@ -150,13 +150,14 @@ async function main() {
   for (const [batch, context, steps] of [
     [1, 16, 64],
     [8, 16, 32],
+    [16, 16, 24],
     [32, 16, 16],
     [1, 1024, 32],
   ] as const) {
     decodes.push(await decode(engine, batch, context, steps, ceilings.bandwidth))
   }
   const b1 = decodes[0]!
-  const long = decodes[3]!
+  const long = decodes[decodes.length - 1]!
   const rooflineMs = (b1.bytesPerStep / ceilings.bandwidth) * 1000
 
   const lines = [
