@@ -66,7 +66,10 @@ export class ThreadedEngine extends StepEngine {
     const p = this.pending.get(r.id)
     if (!p) return
     this.pending.delete(r.id)
-    if (r.type === 'failed') return p.reject(new Error(r.message))
+    if (r.type === 'failed') {
+      p.reject(new Error(r.message))
+      return
+    }
     this.kvBytes = r.kvBytes
     p.resolve({
       logits: r.logits,
