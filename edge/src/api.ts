@@ -348,46 +348,24 @@ async function handleCompletion(
         if (!started && !sse.aborted) void sse.write(': waiting\n\n')
       }, 1000)
       sse.onAbort(() => clearInterval(keepAlive))
+      const chunk = (delta: Parameters<typeof chunkObject>[4]) =>
+        sse.writeSSE({
+          data: JSON.stringify(chunkObject(endpoint, id, created, r.pool.modelId, delta, includeUsage)),
+        })
       try {
         for await (const ev of jobEvents(reader, jobId, deadline)) {
           if (sse.aborted) break
           if (!started) {
             started = true
-            await sse.writeSSE({
-              data: JSON.stringify(
-                chunkObject(
-                  endpoint,
-                  id,
-                  created,
-                  r.pool.modelId,
-                  { role: 'assistant', text: '' },
-                  includeUsage,
-                ),
-              ),
-            })
+            await chunk({ role: 'assistant', text: '' })
           }
           if (ev.type === 'token') {
             // The detokeniser may hold text back (a partial UTF-8 sequence): OpenAI sends no empty deltas.
             if (ev.text === '') continue
-            await sse.writeSSE({
-              data: JSON.stringify(
-                chunkObject(endpoint, id, created, r.pool.modelId, { text: ev.text }, includeUsage),
-              ),
-            })
+            await chunk({ text: ev.text })
           } else if (ev.type === 'done') {
             finished = true
-            await sse.writeSSE({
-              data: JSON.stringify(
-                chunkObject(
-                  endpoint,
-                  id,
-                  created,
-                  r.pool.modelId,
-                  { finishReason: ev.finishReason },
-                  includeUsage,
-                ),
-              ),
-            })
+            await chunk({ finishReason: ev.finishReason })
             if (includeUsage) {
               await sse.writeSSE({
                 data: JSON.stringify(

@@ -1,11 +1,10 @@
-import { type ChildProcess, spawn } from 'node:child_process'
 import { once } from 'node:events'
 import { existsSync } from 'node:fs'
 import { join } from 'node:path'
 import { poolQueueName, QUEUE_PREFIX } from '@moe/shared'
 import { Queue } from 'bullmq'
 import { Redis } from 'ioredis'
-import { ownProcessGroup, repoRoot } from './wrangler-dev.ts'
+import { repoRoot, spawnOwned } from './wrangler-dev.ts'
 
 export const REDIS_URL = process.env.REDIS_URL ?? 'redis://127.0.0.1:6379'
 
@@ -45,35 +44,22 @@ export async function startGpuWorker(
   const before = await Promise.all(queues.map((q) => q.getWorkersCount()))
   // Node itself, not `npx`: no npm wrapper process to outlive a killed test.
   const cli = join(repoRoot, 'gpu-worker/bin/moe.js')
-  const child: ChildProcess = spawn(process.execPath, [cli, 'serve', '--pools', pools.join(',')], {
-    cwd: repoRoot,
-    env: {
-      ...process.env,
-      REDIS_URL: redisUrl,
-      MOE_METRICS_PORT: '0',
-      MOE_QUEUE_PREFIX: prefix,
-      ...opts.env,
-    },
-    stdio: ['ignore', 'pipe', 'pipe'],
-    detached: true,
-  })
-  ownProcessGroup(child)
-  let log = ''
-  child.stdout?.on('data', (d) => {
-    log += d
-  })
-  child.stderr?.on('data', (d) => {
-    log += d
+  const { child, log: output } = spawnOwned(process.execPath, [cli, 'serve', '--pools', pools.join(',')], {
+    ...process.env,
+    REDIS_URL: redisUrl,
+    MOE_METRICS_PORT: '0',
+    MOE_QUEUE_PREFIX: prefix,
+    ...opts.env,
   })
   try {
     const deadline = Date.now() + 120_000
     for (;;) {
-      if (child.exitCode !== null) throw new Error(`moe serve exited early:\n${log}`)
+      if (child.exitCode !== null) throw new Error(`moe serve exited early:\n${output()}`)
       const counts = await Promise.all(queues.map((q) => q.getWorkersCount()))
       if (counts.every((n, i) => n > before[i]!)) break
       if (Date.now() > deadline) {
         process.kill(-child.pid!, 'SIGKILL')
-        throw new Error(`moe serve did not start consuming in 120 s:\n${log}`)
+        throw new Error(`moe serve did not start consuming in 120 s:\n${output()}`)
       }
       await new Promise((r) => setTimeout(r, 250))
     }
@@ -84,7 +70,7 @@ export async function startGpuWorker(
   const exited = once(child, 'exit').catch(() => {})
   return {
     pid: child.pid!,
-    log: () => log,
+    log: output,
     async kill(signal) {
       if (child.exitCode !== null || child.signalCode !== null) return
       process.kill(-child.pid!, signal)

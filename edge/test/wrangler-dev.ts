@@ -19,6 +19,27 @@ process.on('exit', () => {
   }
 })
 
+/**
+ * Spawns a detached child in its own process group (so it can be stopped with
+ * everything it starts), owned by this test process, collecting its output.
+ */
+export function spawnOwned(
+  cmd: string,
+  args: string[],
+  env: NodeJS.ProcessEnv,
+): { child: ChildProcess; log: () => string } {
+  const child = spawn(cmd, args, { cwd: repoRoot, env, stdio: ['ignore', 'pipe', 'pipe'], detached: true })
+  ownProcessGroup(child)
+  let log = ''
+  child.stdout?.on('data', (d) => {
+    log += d
+  })
+  child.stderr?.on('data', (d) => {
+    log += d
+  })
+  return { child, log: () => log }
+}
+
 /** Remembers a detached child's process group so it cannot outlive the test run. */
 export function ownProcessGroup(child: ChildProcess): void {
   if (child.pid === undefined) return
@@ -66,36 +87,27 @@ export async function startEdge(
   const args = ['wrangler', 'dev', '--ip', '127.0.0.1', '--port', String(port), '--inspector-port', '0']
   args.push('--persist-to', persistDir)
   for (const [k, v] of Object.entries({ ...vars, ADMIN_TOKEN: adminToken })) args.push('--var', `${k}:${v}`)
-  const child: ChildProcess = spawn('npx', args, {
-    cwd: repoRoot,
-    env: { ...process.env, WRANGLER_SEND_METRICS: 'false', CI: 'true' },
-    stdio: ['ignore', 'pipe', 'pipe'],
-    detached: true,
-  })
-  ownProcessGroup(child)
-  let log = ''
-  child.stdout?.on('data', (d) => {
-    log += d
-  })
-  child.stderr?.on('data', (d) => {
-    log += d
+  const { child, log: output } = spawnOwned('npx', args, {
+    ...process.env,
+    WRANGLER_SEND_METRICS: 'false',
+    CI: 'true',
   })
   const url = `http://127.0.0.1:${port}`
   const deadline = Date.now() + 60_000
   for (;;) {
-    if (child.exitCode !== null) throw new Error(`wrangler dev exited early:\n${log}`)
+    if (child.exitCode !== null) throw new Error(`wrangler dev exited early:\n${output()}`)
     try {
       const res = await fetch(`${url}/healthz`)
       if (res.ok) break
     } catch {}
-    if (Date.now() > deadline) throw new Error(`wrangler dev did not come up in 60 s:\n${log}`)
+    if (Date.now() > deadline) throw new Error(`wrangler dev did not come up in 60 s:\n${output()}`)
     await new Promise((r) => setTimeout(r, 200))
   }
   return {
     url,
     adminToken,
     persistDir,
-    log: () => log,
+    log: output,
     async stop() {
       if (child.exitCode === null) {
         process.kill(-child.pid!, 'SIGTERM')

@@ -1,7 +1,7 @@
 // The worker-thread side of ThreadedEngine: owns the ORT session and the KV
 // cache, and runs one forward pass per message, in message order.
 import { parentPort, workerData } from 'node:worker_threads'
-import { type EngineOptions, MoeEngine, type StepRow } from './engine.ts'
+import { type EngineOptions, MoeEngine, type StepOutput, type StepRow } from './engine.ts'
 
 export type EngineRequest =
   | { op: 'forward'; id: number; rows: StepRow[] }
@@ -11,17 +11,7 @@ export type EngineRequest =
 export type EngineReply =
   | { type: 'ready'; ep: 'cpu' | 'cuda'; kvBytes: number }
   | { type: 'log'; msg: string; fields?: Record<string, unknown> }
-  | {
-      type: 'forward'
-      id: number
-      logits: Float32Array
-      expertCounts: Uint32Array
-      chosenExperts: BigInt64Array
-      seqLen: number
-      runMs: number
-      stepMs: number
-      kvBytes: number
-    }
+  | ({ type: 'forward'; id: number; kvBytes: number } & StepOutput)
   | { type: 'failed'; id: number; message: string }
   | { type: 'fatal'; message: string }
 

@@ -70,15 +70,9 @@ export class ThreadedEngine extends StepEngine {
       p.reject(new Error(r.message))
       return
     }
-    this.kvBytes = r.kvBytes
-    p.resolve({
-      logits: r.logits,
-      expertCounts: r.expertCounts,
-      chosenExperts: r.chosenExperts,
-      seqLen: r.seqLen,
-      runMs: r.runMs,
-      stepMs: r.stepMs,
-    })
+    const { type: _t, id: _i, kvBytes, ...out } = r
+    this.kvBytes = kvBytes
+    p.resolve(out)
   }
 
   private fail(e: Error): void {
