@@ -133,7 +133,9 @@ for (let i = 0; i < workers; i++) {
     },
   )
 }
-start('edge', 'npx', ['wrangler', 'dev', '--ip', '127.0.0.1', '--port', String(edgePort)], {
+// The edge reads Redis from its wrangler vars: hand it the same REDIS_URL the workers use.
+const edgeVars = env.REDIS_URL ? ['--var', `REDIS_URL:${env.REDIS_URL}`] : []
+start('edge', 'npx', ['wrangler', 'dev', '--ip', '127.0.0.1', '--port', String(edgePort), ...edgeVars], {
   WRANGLER_SEND_METRICS: 'false',
 })
 
