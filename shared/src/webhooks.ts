@@ -1,3 +1,5 @@
+import ipaddr from 'ipaddr.js'
+
 // Standard Webhooks signing (https://www.standardwebhooks.com): headers webhook-id,
 // webhook-timestamp and webhook-signature = `v1,` + base64(HMAC-SHA256(key, `${id}.${ts}.${body}`)),
 // the key being the base64 after `whsec_`. Web Crypto only, so it runs in workerd and in Node.
@@ -69,78 +71,52 @@ export async function webhookHeaders(
 
 export type AddressClass = 'public' | 'loopback' | 'private' | 'link-local' | 'metadata' | 'reserved'
 
-function ipv4Parts(ip: string): number[] | null {
-  const m = /^(\d{1,3})\.(\d{1,3})\.(\d{1,3})\.(\d{1,3})$/.exec(ip)
-  if (!m) return null
-  const parts = m.slice(1).map(Number)
-  return parts.every((p) => p <= 255) ? parts : null
+const IPV4_CLASS: Partial<Record<string, AddressClass>> = {
+  unicast: 'public',
+  loopback: 'loopback',
+  private: 'private',
+  carrierGradeNat: 'private',
+  linkLocal: 'link-local',
+}
+const IPV6_CLASS: Partial<Record<string, AddressClass>> = {
+  unicast: 'public',
+  loopback: 'loopback',
+  uniqueLocal: 'private',
+  linkLocal: 'link-local',
+}
+const METADATA_IPS = new Set(['169.254.169.254', 'fd00:ec2::254'])
+
+function classifyV4(addr: ipaddr.IPv4): AddressClass {
+  if (METADATA_IPS.has(addr.toString())) return 'metadata'
+  return IPV4_CLASS[addr.range()] ?? 'reserved'
 }
 
-function classifyV4(p: number[]): AddressClass {
-  const [a, b] = p as [number, number, number, number]
-  if (p.join('.') === '169.254.169.254') return 'metadata'
-  if (a === 127) return 'loopback'
-  if (a === 10 || (a === 172 && b >= 16 && b <= 31) || (a === 192 && b === 168)) return 'private'
-  if (a === 100 && b >= 64 && b <= 127) return 'private' // carrier-grade NAT
-  if (a === 169 && b === 254) return 'link-local'
-  if (a === 0 || a >= 224 || (a === 192 && b === 0) || (a === 198 && (b === 18 || b === 19)))
-    return 'reserved'
-  return 'public'
-}
-
-/** Expands an IPv6 literal into 8 groups, or null. */
-function ipv6Groups(ip: string): number[] | null {
-  let s = ip.toLowerCase()
-  if (s.includes('%')) s = s.slice(0, s.indexOf('%'))
-  let tail: number[] = []
-  const v4 = /(\d+\.\d+\.\d+\.\d+)$/.exec(s)
-  if (v4) {
-    const p = ipv4Parts(v4[1]!)
-    if (!p) return null
-    tail = [(p[0]! << 8) | p[1]!, (p[2]! << 8) | p[3]!]
-    s = s.slice(0, -v4[1]!.length) + (s.endsWith(`:${v4[1]}`) ? '0' : '')
-    if (s.endsWith(':0') && tail.length) s = s.slice(0, -2) || ':'
-  }
-  const halves = s.split('::')
-  if (halves.length > 2) return null
-  const parse = (h: string) =>
-    h === '' ? [] : h.split(':').map((g) => (/^[0-9a-f]{1,4}$/.test(g) ? Number.parseInt(g, 16) : Number.NaN))
-  const head = parse(halves[0]!)
-  const rest = halves.length === 2 ? parse(halves[1]!) : []
-  const known = head.length + rest.length + tail.length
-  if (head.some(Number.isNaN) || rest.some(Number.isNaN)) return null
-  if (halves.length === 1 && known !== 8) return null
-  if (known > 8) return null
-  return [...head, ...new Array(8 - known).fill(0), ...rest, ...tail]
-}
+/** The IPv4 address carried inside bytes [i, i+4) of an IPv6 address. */
+const embeddedV4 = (addr: ipaddr.IPv6, i: number): ipaddr.IPv4 =>
+  new ipaddr.IPv4(addr.toByteArray().slice(i, i + 4))
 
 /** What kind of address an IP literal is (null when it is not an IP literal). */
 export function classifyIp(ip: string): AddressClass | null {
-  const bare = ip.startsWith('[') && ip.endsWith(']') ? ip.slice(1, -1) : ip
-  const v4 = ipv4Parts(bare)
-  if (v4) return classifyV4(v4)
-  if (!bare.includes(':')) return null
-  const g = ipv6Groups(bare)
-  if (!g) return 'reserved'
-  if (g.every((x) => x === 0)) return 'reserved'
-  if (g.slice(0, 7).every((x) => x === 0) && g[7] === 1) return 'loopback'
-  // IPv4-mapped (::ffff:a.b.c.d) and IPv4-compatible addresses: judge the IPv4 inside.
-  if (g.slice(0, 5).every((x) => x === 0) && (g[5] === 0xffff || g[5] === 0)) {
-    return classifyV4([g[6]! >> 8, g[6]! & 255, g[7]! >> 8, g[7]! & 255])
+  let bare = ip.startsWith('[') && ip.endsWith(']') ? ip.slice(1, -1) : ip
+  if (bare.includes('%')) bare = bare.slice(0, bare.indexOf('%')) // zone id
+  if (!ipaddr.isValid(bare)) return bare.includes(':') ? 'reserved' : null
+  const addr = ipaddr.parse(bare)
+  if (addr.kind() === 'ipv4') return classifyV4(addr as ipaddr.IPv4)
+  const v6 = addr as ipaddr.IPv6
+  if (METADATA_IPS.has(v6.toString())) return 'metadata'
+  const range = v6.range()
+  // Forms that carry an IPv4 address the network may reach: judge the address inside.
+  if (range === 'ipv4Mapped') return classifyV4(v6.toIPv4Address())
+  if (range === 'rfc6052') return classifyV4(embeddedV4(v6, 12)) // NAT64 64:ff9b::/96
+  if (range === '6to4') {
+    const inner = classifyV4(embeddedV4(v6, 2)) // 2002:AABB:CCDD::/48
+    return inner === 'public' ? 'public' : inner
   }
-  // NAT64 (64:ff9b::/96) and 6to4 (2002::/16) carry an IPv4 address that the network may reach.
-  if (g[0] === 0x64 && g[1] === 0xff9b && g.slice(2, 6).every((x) => x === 0)) {
-    return classifyV4([g[6]! >> 8, g[6]! & 255, g[7]! >> 8, g[7]! & 255])
-  }
-  if (g[0] === 0x2002) {
-    const inner = classifyV4([g[1]! >> 8, g[1]! & 255, g[2]! >> 8, g[2]! & 255])
-    if (inner !== 'public') return inner
-  }
-  if (g[0] === 0xfd00 && g.slice(1, 7).every((x) => x === 0) && g[7] === 0xec2) return 'metadata' // AWS IMDS v6
-  if ((g[0]! & 0xfe00) === 0xfc00) return 'private'
-  if ((g[0]! & 0xffc0) === 0xfe80) return 'link-local'
-  if ((g[0]! & 0xff00) === 0xff00) return 'reserved'
-  return 'public'
+  const cls = IPV6_CLASS[range]
+  if (cls) return cls
+  // Deprecated IPv4-compatible ::a.b.c.d (ipaddr.js files it under 'reserved').
+  if (v6.parts.slice(0, 6).every((x) => x === 0)) return classifyV4(embeddedV4(v6, 12))
+  return 'reserved'
 }
 
 /** Host names that never point at the public internet. */
