@@ -308,6 +308,11 @@ async function handleCompletion(
   const id = completionId(endpoint, requestId)
   const deadline = payload.deadline
   const store = (done: DoneEvent) => {
+    const charged = admitted.ok ? admitted.window : undefined
+    if (charged !== undefined) {
+      const used = done.usage.promptTokens + done.usage.completionTokens
+      c.executionCtx.waitUntil(gw.settleTokens(tenant.id, charged, used - admit.tokenCost).catch(() => {}))
+    }
     if (!key || mode === 'off' || done.finishReason === 'cancelled') return
     const answer: CachedAnswer = {
       v: 1,

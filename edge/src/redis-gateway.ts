@@ -45,7 +45,14 @@ export interface AdmitRequest {
 }
 
 export type AdmitResult =
-  | { ok: true; jobId: string; existing: boolean; meta: JobMeta }
+  | {
+      ok: true
+      jobId: string
+      existing: boolean
+      meta: JobMeta
+      /** The rate-limit window the tokens were charged to (absent when nothing was charged). */
+      window?: number
+    }
   | { ok: false; code: 'rate_limited' | 'overloaded'; message: string; retryAfterSeconds: number }
 
 export type JobState = 'queued' | 'running' | 'completed' | 'failed' | 'cancelled'
@@ -225,7 +232,22 @@ export class RedisGateway extends DurableObject<Env> {
       }),
       redis.set(metaKey, JSON.stringify(req.meta), 'EX', JOB_META_TTL_SECONDS),
     ])
-    return { ok: true, jobId, existing: false, meta: req.meta }
+    return { ok: true, jobId, existing: false, meta: req.meta, window }
+  }
+
+  /**
+   * Corrects a request's token charge once its real usage is known: admission
+   * charged an estimate (prompt characters / 4 + max_tokens). Only while that
+   * minute's counter still exists.
+   */
+  async settleTokens(tenantId: string, window: number, delta: number): Promise<void> {
+    if (delta === 0) return
+    await this.conn().eval(
+      "if redis.call('EXISTS', KEYS[1]) == 1 then return redis.call('INCRBY', KEYS[1], ARGV[1]) end return 0",
+      1,
+      `${this.prefix}:rl:${tenantId}:t:${window}`,
+      delta,
+    )
   }
 
   /** Asks the worker to drop the job (at its next step, or before it starts). */

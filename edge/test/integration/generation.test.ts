@@ -65,6 +65,26 @@ describe.skipIf(!gpuWorkerAvailable)('generation through the real GPU worker', (
     expect(moe.expert_load.reduce((a, b) => a + b, 0)).toBeGreaterThan(0)
   })
 
+  it('charges the tenant the tokens a request really used, not the estimate it was admitted with', async () => {
+    const t = await createTenant(edge)
+    const c = new OpenAI({ apiKey: t.key, baseURL: `${edge.url}/v1`, maxRetries: 0, timeout: 120_000 })
+    const r = await c.chat.completions.create(
+      { model: 'auto', messages: question, max_tokens: 300, temperature: 0, stop: ['e'] },
+      { headers: { 'cache-control': 'no-store' } },
+    )
+    // The settlement runs after the answer (waitUntil): poll briefly for it.
+    const keys = async () => redis.keys(`${PREFIX}:rl:${t.id}:t:*`)
+    let charged = Number.NaN
+    for (let i = 0; i < 50; i++) {
+      const k = await keys()
+      charged = k.length ? Number(await redis.get(k[0]!)) : Number.NaN
+      if (charged === r.usage!.total_tokens) break
+      await new Promise((res) => setTimeout(res, 50))
+    }
+    expect(r.usage!.completion_tokens).toBeLessThan(300)
+    expect(charged).toBe(r.usage!.total_tokens)
+  })
+
   it('streams chunks and a usage chunk that match the non-streamed answer', async () => {
     const params = { model: 'auto', messages: question, max_tokens: 16, temperature: 0 }
     const whole = await client.chat.completions.create(params, { headers: { 'cache-control': 'no-store' } })
