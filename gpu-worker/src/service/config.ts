@@ -15,6 +15,8 @@ const WorkerEnv = z.object({
     .default('redis://127.0.0.1:6379'),
   MOE_POOLS_FILE: z.string().default(join(REPO_ROOT, 'infra/config/pools.json')),
   MOE_POOLS: z.string().optional(),
+  /** Serve every pool from this model directory instead of the one pools.json names. */
+  MOE_MODEL_DIR: z.string().min(1).optional(),
   MOE_EP: z.enum(['cpu', 'cuda', 'auto']).default('auto'),
   MOE_MAX_BATCH: int(1, 1024).default(32),
   MOE_MAX_CONTEXT: int(16, 1 << 20).default(2048),
@@ -92,7 +94,11 @@ export function loadWorkerConfig(env: NodeJS.ProcessEnv = process.env, poolsFlag
     )
   const pools = (wanted ?? [...known.keys()]).map((n) => {
     const p = known.get(n)!
-    return { ...p, modelDir: isAbsolute(p.modelDir) ? p.modelDir : join(REPO_ROOT, p.modelDir) }
+    const dir = e.MOE_MODEL_DIR ?? p.modelDir
+    return {
+      ...p,
+      modelDir: isAbsolute(dir) ? dir : resolve(e.MOE_MODEL_DIR ? process.cwd() : REPO_ROOT, dir),
+    }
   })
   return {
     redisUrl: e.REDIS_URL,
