@@ -2,8 +2,8 @@ import type { ChildProcess } from 'node:child_process'
 import { once } from 'node:events'
 import { jobEventsKey, type StreamEvent, type TokenEvent } from '@moe/shared'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
-import { MoeEngine } from '../src/engine/engine.ts'
-import { TINY_MODEL_DIR } from './fixtures.ts'
+import type { MoeEngine } from '../src/engine/engine.ts'
+import { loadTinyEngine } from './fixtures.ts'
 import { payload, QueueClient, spawnWorker, uniquePrefix } from './service-harness.ts'
 
 // Worker processes killed or stopped mid-generation: nothing lost, nothing repeated.
@@ -15,13 +15,7 @@ let longPrompt: number[] = []
 const MAX_TOKENS = 480
 
 beforeAll(async () => {
-  engine = await MoeEngine.load({
-    modelDir: TINY_MODEL_DIR,
-    ep: 'cpu',
-    maxBatch: 1,
-    maxContext: 512,
-    log: () => {},
-  })
+  engine = await loadTinyEngine(1, 512)
   // A greedy prompt that runs the full length without meeting EOS, so there is time to kill mid-way.
   for (let i = 0; i < 50 && longPrompt.length === 0; i++) {
     const p = [1, 40 + i, 60 + i, 80 + i]

@@ -1,7 +1,7 @@
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
-import { MoeEngine, type StepRow } from '../src/engine/engine.ts'
+import type { MoeEngine, StepRow } from '../src/engine/engine.ts'
 import { openModelDir } from '../src/engine/model-dir.ts'
-import { argmax, maxAbsDiff, TINY_MODEL_DIR } from './fixtures.ts'
+import { argmax, loadTinyEngine, maxAbsDiff, TINY_MODEL_DIR } from './fixtures.ts'
 import { ReferenceMixtral } from './reference-mixtral.ts'
 
 // Correctness of the exported graph on ONNX Runtime, held to a plain
@@ -13,13 +13,7 @@ let engine: MoeEngine
 let ref: ReferenceMixtral
 
 beforeAll(async () => {
-  engine = await MoeEngine.load({
-    modelDir: TINY_MODEL_DIR,
-    ep: 'cpu',
-    maxBatch: 8,
-    maxContext: 256,
-    log: () => {},
-  })
+  engine = await loadTinyEngine(8, 256)
   ref = new ReferenceMixtral(openModelDir(TINY_MODEL_DIR))
 })
 afterAll(() => {})

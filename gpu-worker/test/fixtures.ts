@@ -2,6 +2,7 @@ import { cpSync, mkdtempSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { fileURLToPath } from 'node:url'
+import { MoeEngine } from '../src/engine/engine.ts'
 
 /** The committed tiny model. */
 export const TINY_MODEL_DIR = fileURLToPath(new URL('../models/tiny-mixtral', import.meta.url))
@@ -24,4 +25,9 @@ export function argmax(a: ArrayLike<number>): number {
   let best = 0
   for (let i = 1; i < a.length; i++) if (a[i]! > a[best]!) best = i
   return best
+}
+
+/** The tiny model on the CPU, quiet, with the given batch and context limits. */
+export async function loadTinyEngine(maxBatch = 1, maxContext = 512): Promise<MoeEngine> {
+  return MoeEngine.load({ modelDir: TINY_MODEL_DIR, ep: 'cpu', maxBatch, maxContext, log: () => {} })
 }

@@ -1,5 +1,5 @@
 import { beforeAll, describe, expect, it } from 'vitest'
-import { type GenerationResult, MoeEngine } from '../src/engine/engine.ts'
+import type { GenerationResult, MoeEngine } from '../src/engine/engine.ts'
 import type { GenerationParams } from '../src/engine/sequence.ts'
 import { ThreadedEngine } from '../src/engine/threaded-engine.ts'
 import {
@@ -8,17 +8,11 @@ import {
   type SequenceOutcome,
 } from '../src/scheduler/batch-scheduler.ts'
 import { FairQueue } from '../src/scheduler/fair-queue.ts'
-import { TINY_MODEL_DIR } from './fixtures.ts'
+import { loadTinyEngine, TINY_MODEL_DIR } from './fixtures.ts'
 
 let engine: MoeEngine
 beforeAll(async () => {
-  engine = await MoeEngine.load({
-    modelDir: TINY_MODEL_DIR,
-    ep: 'cpu',
-    maxBatch: 16,
-    maxContext: 256,
-    log: () => {},
-  })
+  engine = await loadTinyEngine(16, 256)
 })
 
 const params = (seed: number, extra: Partial<GenerationParams> = {}): GenerationParams => ({

@@ -6,9 +6,9 @@ import {
   type TokenEvent,
 } from '@moe/shared'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
-import { MoeEngine } from '../src/engine/engine.ts'
+import type { MoeEngine } from '../src/engine/engine.ts'
 import type { WorkerService } from '../src/service/worker-service.ts'
-import { TINY_MODEL_DIR } from './fixtures.ts'
+import { loadTinyEngine } from './fixtures.ts'
 import { payload, QueueClient, startService, uniquePrefix } from './service-harness.ts'
 
 // The worker service against the real Redis on 127.0.0.1:6379 and the real engine.
@@ -21,13 +21,7 @@ let engine: MoeEngine
 beforeAll(async () => {
   service = await startService(prefix, { MOE_CANCEL_POLL_MS: '100' })
   client = new QueueClient(prefix)
-  engine = await MoeEngine.load({
-    modelDir: TINY_MODEL_DIR,
-    ep: 'cpu',
-    maxBatch: 1,
-    maxContext: 512,
-    log: () => {},
-  })
+  engine = await loadTinyEngine(1, 512)
 })
 afterAll(async () => {
   await service?.close()
