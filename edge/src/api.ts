@@ -6,6 +6,7 @@ import {
   type JobPayload,
   MoeError,
   type StreamEvent,
+  seedFromJobId,
   type TenantConfig,
 } from '@moe/shared'
 import { Hono } from 'hono'
@@ -173,11 +174,6 @@ export function promptTokenEstimate(req: ChatCompletionRequest | CompletionReque
   return Math.ceil(chars / 4)
 }
 
-/** A seed derived from the job id, so a retried job samples the same tokens. */
-export async function seedFor(jobId: string): Promise<number> {
-  return Number.parseInt((await sha256Hex(`seed:${jobId}`)).slice(0, 13), 16)
-}
-
 export const inputOf = (req: ChatCompletionRequest | CompletionRequest): JobInput =>
   'messages' in req
     ? { kind: 'chat', messages: req.messages }
@@ -251,7 +247,7 @@ async function handleCompletion(
     pool: r.pool.name,
     model: r.pool.modelId,
     input: inputOf(r.req),
-    sampling: { ...sampling, seed: sampling.seed ?? (await seedFor(jobId)) },
+    sampling: { ...sampling, seed: sampling.seed ?? seedFromJobId(jobId) },
     deadline: now + (asyncMode ? ASYNC_DEADLINE_MS : liveTimeoutMs(c.env)),
     createdAt: now,
     priority: asyncMode ? 'batch' : 'live',
@@ -507,8 +503,8 @@ function jobObject(jobId: string, s: JobStatus): Record<string, unknown> {
     )
   } else if (s.final?.type === 'error') {
     out.error = new MoeError(s.final.code, s.final.message).toBody().error
-  } else if (s.state === 'failed') {
-    out.error = new MoeError('internal_error', s.failedReason ?? 'The job failed').toBody().error
+  } else if (s.failure) {
+    out.error = new MoeError(s.failure.code, s.failure.message).toBody().error
   }
   return out
 }

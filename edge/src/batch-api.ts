@@ -8,10 +8,11 @@ import {
   type ExpertPool,
   type JobPayload,
   MoeError,
+  seedFromJobId,
   type TenantConfig,
 } from '@moe/shared'
 import { Hono } from 'hono'
-import { effectiveSampling, gatewayFor, inputOf, seedFor } from './api.ts'
+import { effectiveSampling, gatewayFor, inputOf } from './api.ts'
 import { authenticate, randomBase62 } from './auth.ts'
 import { batchOp } from './batch-store.ts'
 import type { EffectiveSampling } from './cache.ts'
@@ -312,7 +313,7 @@ batchApi.post('/batches', async (c) => {
       pool: l.pool.name,
       model: l.pool.modelId,
       input: inputOf(l.req),
-      sampling: { ...l.sampling, seed: l.sampling.seed ?? (await seedFor(jobId)) },
+      sampling: { ...l.sampling, seed: l.sampling.seed ?? seedFromJobId(jobId) },
       deadline: now + windowMs,
       createdAt: now,
       priority: 'batch',

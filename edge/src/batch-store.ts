@@ -7,7 +7,7 @@ import {
   type BatchStatic,
   batchKey,
   batchObject,
-  JOB_PRIORITY,
+  generateJobOptions,
   type JobPayload,
   poolQueueName,
   type StoredFileMeta,
@@ -99,15 +99,8 @@ export class BatchStore {
           name: 'generate',
           queueName: poolQueueName(p.pool),
           data: p,
-          opts: {
-            jobId: p.requestId,
-            priority: JOB_PRIORITY.batch,
-            attempts: 2,
-            backoff: { type: 'fixed', delay: 500 },
-            removeOnComplete: { age: 86_400 },
-            removeOnFail: { age: 86_400 },
-            ignoreDependencyOnFailure: true,
-          },
+          // A failed line is reported in the error file; it does not fail the batch.
+          opts: { ...generateJobOptions(p.requestId, 'batch'), ignoreDependencyOnFailure: true },
         })),
       })
       const expire: BatchControlData = { batchId: s.id, action: 'expire' }

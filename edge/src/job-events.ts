@@ -1,4 +1,4 @@
-import { decodeStreamEvent, jobEventsKey, MoeError, STREAM_FIELD, type StreamEvent } from '@moe/shared'
+import { readJobStream, type StreamEvent } from '@moe/shared'
 import { Redis } from 'ioredis'
 
 /**
@@ -18,38 +18,6 @@ export function closeReader(redis: Redis): void {
   } catch {}
 }
 
-/**
- * Yields a job's events from the start of its stream (XREAD from id 0, so nothing is missed),
- * each token index once even if the job was retried, until `done` or `error`.
- */
-export async function* jobEvents(redis: Redis, jobId: string, deadline: number): AsyncGenerator<StreamEvent> {
-  const key = jobEventsKey(jobId)
-  let lastId = '0'
-  let nextIndex = 0
-  for (;;) {
-    const left = deadline - Date.now()
-    if (left <= 0) throw new MoeError('deadline_exceeded', 'The model did not finish in time')
-    const res = await redis.xread(
-      'COUNT',
-      512,
-      'BLOCK',
-      Math.min(5000, Math.max(1, left)),
-      'STREAMS',
-      key,
-      lastId,
-    )
-    const entries = res?.[0]?.[1] ?? []
-    for (const [id, fields] of entries) {
-      lastId = id
-      const i = fields.indexOf(STREAM_FIELD)
-      if (i < 0) continue
-      const ev = decodeStreamEvent(fields[i + 1]!)
-      if (ev.type === 'token') {
-        if (ev.index < nextIndex) continue
-        nextIndex = ev.index + 1
-      }
-      yield ev
-      if (ev.type !== 'token') return
-    }
-  }
-}
+/** A job's events until `done` or `error`, each token index once; past `deadline` it throws 504. */
+export const jobEvents = (redis: Redis, jobId: string, deadline: number): AsyncGenerator<StreamEvent> =>
+  readJobStream(redis, jobId, { deadline })

@@ -1,14 +1,15 @@
 import { DurableObject } from 'cloudflare:workers'
 import {
-  JOB_CANCEL_CHANNEL,
+  cancelJobs,
+  decodeJobFailure,
+  generateJobOptions,
   JOB_PRIORITY,
-  JOB_STREAM_TTL_SECONDS,
+  type JobFailure,
   type JobPayload,
   jobCancelKey,
-  jobEventsKey,
+  lastJobEvent,
   poolQueueName,
   QUEUE_PREFIX,
-  STREAM_FIELD,
   type StreamEvent,
 } from '@moe/shared'
 import { Queue } from 'bullmq'
@@ -63,7 +64,8 @@ export interface JobStatus {
   bullState: string
   /** The last event of the job's stream when it is `done` or `error`. */
   final: StreamEvent | null
-  failedReason: string | null
+  /** Why BullMQ gave up on the job, when its stream has no final event. */
+  failure: JobFailure | null
 }
 
 // Sliding-window limits (two fixed one-minute windows, the previous one weighted by how much of
@@ -222,14 +224,7 @@ export class RedisGateway extends DurableObject<Env> {
     }
     const priority = req.payload.priority ?? 'live'
     await Promise.all([
-      q.add('generate', req.payload, {
-        jobId,
-        priority: JOB_PRIORITY[priority],
-        attempts: 2,
-        backoff: { type: 'fixed', delay: 500 },
-        removeOnComplete: { age: JOB_META_TTL_SECONDS },
-        removeOnFail: { age: JOB_META_TTL_SECONDS },
-      }),
+      q.add('generate', req.payload, generateJobOptions(jobId, priority)),
       redis.set(metaKey, JSON.stringify(req.meta), 'EX', JOB_META_TTL_SECONDS),
     ])
     return { ok: true, jobId, existing: false, meta: req.meta, window }
@@ -252,11 +247,7 @@ export class RedisGateway extends DurableObject<Env> {
 
   /** Asks the worker to drop the job (at its next step, or before it starts). */
   async cancel(jobId: string): Promise<void> {
-    await this.conn()
-      .multi()
-      .set(jobCancelKey(jobId), '1', 'EX', JOB_STREAM_TTL_SECONDS)
-      .publish(JOB_CANCEL_CHANNEL, jobId)
-      .exec()
+    await cancelJobs(this.conn(), [jobId])
   }
 
   /** Status of one of the tenant's jobs; null when it does not exist or is another tenant's. */
@@ -269,27 +260,21 @@ export class RedisGateway extends DurableObject<Env> {
     const q = this.queue(meta.pool)
     const [bullState, last, cancelled] = await Promise.all([
       q.getJobState(jobId),
-      redis.xrevrange(jobEventsKey(jobId), '+', '-', 'COUNT', 1),
+      lastJobEvent(redis, jobId),
       redis.exists(jobCancelKey(jobId)),
     ])
-    let final: StreamEvent | null = null
-    const fields = last[0]?.[1]
-    if (fields) {
-      const i = fields.indexOf(STREAM_FIELD)
-      const ev = i >= 0 ? (JSON.parse(fields[i + 1]!) as StreamEvent) : null
-      if (ev && ev.type !== 'token') final = ev
-    }
-    let failedReason: string | null = null
+    const final = last && last.type !== 'token' ? last : null
+    let failure: JobFailure | null = null
     let state: JobState
     if (final?.type === 'done') state = final.finishReason === 'cancelled' ? 'cancelled' : 'completed'
     else if (final?.type === 'error') state = final.code === 'cancelled' ? 'cancelled' : 'failed'
     else if (bullState === 'failed') {
       state = 'failed'
-      failedReason = (await q.getJob(jobId))?.failedReason ?? null
+      failure = decodeJobFailure((await q.getJob(jobId))?.failedReason)
     } else if (bullState === 'active') state = 'running'
     else if (bullState === 'completed') state = 'completed'
     else if (cancelled === 1) state = 'cancelled'
     else state = 'queued'
-    return { meta, state, bullState, final, failedReason }
+    return { meta, state, bullState, final, failure }
   }
 }

@@ -5,7 +5,6 @@ import {
   type SamplingParams,
   SeededRandom,
   StopMatcher,
-  seedFromId,
   splitmix64,
 } from '../src/engine/sampling.ts'
 
@@ -161,16 +160,6 @@ describe('Sampler', () => {
     expect(() => new Sampler(params({ topK: 1.5 }))).toThrow(/topK/)
     expect(() => new Sampler(params({ temperature: -1 }))).toThrow(/temperature/)
     expect(() => new Sampler(params({ seed: 2 ** 60 }))).toThrow(/seed/)
-  })
-})
-
-describe('seedFromId', () => {
-  it('is FNV-1a 64 of the id, cut to 53 bits', () => {
-    expect(seedFromId('a')).toBe(Number(0xaf63dc4c8601ec8cn >> 11n))
-    expect(seedFromId('')).toBe(Number(0xcbf29ce484222325n >> 11n))
-    expect(seedFromId('chatcmpl-123')).toBe(seedFromId('chatcmpl-123'))
-    expect(seedFromId('chatcmpl-123')).not.toBe(seedFromId('chatcmpl-124'))
-    expect(Number.isSafeInteger(seedFromId('job-😀'))).toBe(true)
   })
 })
 

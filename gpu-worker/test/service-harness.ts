@@ -1,12 +1,17 @@
 import { type ChildProcess, spawn } from 'node:child_process'
 import { randomUUID } from 'node:crypto'
 import { fileURLToPath } from 'node:url'
-import { JOB_PRIORITY, type JobPayloadInput, poolQueueName, type StreamEvent } from '@moe/shared'
+import {
+  JOB_PRIORITY,
+  type JobPayloadInput,
+  poolQueueName,
+  readJobStream,
+  type StreamEvent,
+} from '@moe/shared'
 import { Queue } from 'bullmq'
 import { Redis } from 'ioredis'
 import pino from 'pino'
 import { loadWorkerConfig, type WorkerConfig } from '../src/service/config.ts'
-import { readJobEvents } from '../src/service/token-stream.ts'
 import { WorkerService } from '../src/service/worker-service.ts'
 
 export const REDIS_URL = process.env.REDIS_URL ?? 'redis://127.0.0.1:6379'
@@ -96,7 +101,7 @@ export class QueueClient {
     const out: StreamEvent[] = []
     const timer = setTimeout(() => this.redis.disconnect(), timeoutMs)
     try {
-      for await (const ev of readJobEvents(this.redis, jobId)) out.push(ev)
+      for await (const ev of readJobStream(this.redis, jobId, { blockMs: 1000 })) out.push(ev)
       return out
     } catch (e) {
       throw new Error(

@@ -1,4 +1,7 @@
+import type { JobsOptions } from 'bullmq'
 import { z } from 'zod'
+import { ErrorCode } from './errors.ts'
+import { JOB_STREAM_TTL_SECONDS } from './keys.ts'
 import { ChatMessage } from './openai.ts'
 
 /** What the worker should generate from: chat messages (templated by the model) or a raw prompt. */
@@ -48,3 +51,48 @@ export type JobPayloadInput = z.input<typeof JobPayload>
 
 /** BullMQ priorities: lower runs first. */
 export const JOB_PRIORITY = { live: 1, batch: 10 } as const
+
+/**
+ * BullMQ options for a generate job, live or batch. The job id is the request id (a retried
+ * submission is not run twice); one retry covers a worker that died mid-job, and the job record
+ * lives as long as its stream.
+ */
+export const generateJobOptions = (jobId: string, priority: JobPayload['priority']): JobsOptions => ({
+  jobId,
+  priority: JOB_PRIORITY[priority],
+  attempts: 2,
+  backoff: { type: 'fixed', delay: 500 },
+  removeOnComplete: { age: JOB_STREAM_TTL_SECONDS },
+  removeOnFail: { age: JOB_STREAM_TTL_SECONDS },
+})
+
+const MASK64 = (1n << 64n) - 1n
+
+/**
+ * The seed of a request that named none: FNV-1a 64 of the job id's UTF-8 bytes, top 53 bits.
+ * The edge records it in the payload; a worker given a payload without one derives the same.
+ */
+export function seedFromJobId(jobId: string): number {
+  let hash = 0xcbf29ce484222325n
+  for (const byte of new TextEncoder().encode(jobId)) hash = ((hash ^ BigInt(byte)) * 0x100000001b3n) & MASK64
+  return Number(hash >> 11n)
+}
+
+/** Why a job failed, as it travels through BullMQ's `failedReason` (JSON of this shape). */
+export const JobFailure = z.object({ code: ErrorCode, message: z.string() })
+export type JobFailure = z.infer<typeof JobFailure>
+
+export const encodeJobFailure = (failure: JobFailure): string => JSON.stringify(JobFailure.parse(failure))
+
+/**
+ * The failure a worker recorded. BullMQ writes reasons of its own (a job stalled too often, a
+ * lock lost): those are internal errors, with BullMQ's text as the message.
+ */
+export function decodeJobFailure(reason: string | null | undefined): JobFailure {
+  if (!reason) return { code: 'internal_error', message: 'The job failed' }
+  try {
+    const parsed = JobFailure.safeParse(JSON.parse(reason))
+    if (parsed.success) return parsed.data
+  } catch {}
+  return { code: 'internal_error', message: reason }
+}

@@ -60,3 +60,19 @@ export const STREAM_FIELD = 'e'
 export const encodeStreamEvent = (event: StreamEvent): string => JSON.stringify(event)
 
 export const decodeStreamEvent = (raw: string): StreamEvent => StreamEvent.parse(JSON.parse(raw))
+
+/** The field/value list of one XADD entry holding `event`. */
+export const streamEntryFields = (event: StreamEvent): [string, string] => [
+  STREAM_FIELD,
+  encodeStreamEvent(event),
+]
+
+/**
+ * The event of one XRANGE/XREAD entry's field list, validated; null for an entry without the
+ * event field. A malformed event throws: a stream is written only by workers, so it is a bug.
+ */
+export function streamEntryEvent(fields: readonly string[]): StreamEvent | null {
+  for (let i = 0; i + 1 < fields.length; i += 2)
+    if (fields[i] === STREAM_FIELD) return decodeStreamEvent(fields[i + 1]!)
+  return null
+}

@@ -2,14 +2,21 @@ import { describe, expect, it } from 'vitest'
 import poolsJson from '../../infra/config/pools.json' with { type: 'json' }
 import {
   ChatCompletionRequest,
+  decodeJobFailure,
   decodeStreamEvent,
+  encodeJobFailure,
   encodeStreamEvent,
+  generateJobOptions,
+  JOB_PRIORITY,
   JobPayload,
   jobCancelKey,
   jobEventsKey,
   MoeError,
   PoolsFile,
   poolQueueName,
+  seedFromJobId,
+  streamEntryEvent,
+  streamEntryFields,
 } from '../src/index.ts'
 
 describe('contracts', () => {
@@ -65,5 +72,46 @@ describe('contracts', () => {
     expect(err.toBody()).toEqual({
       error: { message: 'bad key', type: 'authentication_error', param: null, code: 'invalid_api_key' },
     })
+  })
+})
+
+describe('seedFromJobId', () => {
+  it('is FNV-1a 64 of the id, cut to 53 bits', () => {
+    expect(seedFromJobId('a')).toBe(Number(0xaf63dc4c8601ec8cn >> 11n))
+    expect(seedFromJobId('')).toBe(Number(0xcbf29ce484222325n >> 11n))
+    expect(seedFromJobId('chatcmpl-123')).toBe(seedFromJobId('chatcmpl-123'))
+    expect(seedFromJobId('chatcmpl-123')).not.toBe(seedFromJobId('chatcmpl-124'))
+    expect(Number.isSafeInteger(seedFromJobId('job-😀'))).toBe(true)
+  })
+})
+
+describe('the queue protocol', () => {
+  it('reads stream entries by field name, validated', () => {
+    const ev = { type: 'error', code: 'cancelled', message: 'stop' } as const
+    expect(streamEntryEvent(streamEntryFields(ev))).toEqual(ev)
+    expect(streamEntryEvent(['other', 'x', ...streamEntryFields(ev)])).toEqual(ev)
+    expect(streamEntryEvent(['other', 'x'])).toBeNull()
+    expect(() => streamEntryEvent(['e', '{"type":"token","index":"1"}'])).toThrow()
+  })
+
+  it('carries job failures as {code, message}, and reads BullMQ reasons as internal errors', () => {
+    const failure = { code: 'max_tokens_exceeded', message: 'max_tokens 9: too many' } as const
+    expect(decodeJobFailure(encodeJobFailure(failure))).toEqual(failure)
+    expect(decodeJobFailure('job stalled more than allowable limit')).toEqual({
+      code: 'internal_error',
+      message: 'job stalled more than allowable limit',
+    })
+    expect(decodeJobFailure('{"code":"no_such_code","message":"m"}').code).toBe('internal_error')
+    expect(decodeJobFailure(undefined).code).toBe('internal_error')
+    expect(() => encodeJobFailure({ code: 'bogus' as 'internal_error', message: '' })).toThrow()
+  })
+
+  it('gives live and batch generate jobs the same options but their priority', () => {
+    const live = generateJobOptions('r1', 'live')
+    const batch = generateJobOptions('r1', 'batch')
+    expect(live.jobId).toBe('r1')
+    expect(live.priority).toBe(JOB_PRIORITY.live)
+    expect(batch.priority).toBe(JOB_PRIORITY.batch)
+    expect({ ...batch, priority: live.priority }).toEqual(live)
   })
 })

@@ -7,13 +7,12 @@ import { randomUUID } from 'node:crypto'
 import { existsSync, mkdirSync, mkdtempSync, writeFileSync } from 'node:fs'
 import { availableParallelism, cpus, tmpdir, totalmem } from 'node:os'
 import { join } from 'node:path'
-import { JOB_PRIORITY, type JobPayloadInput, poolQueueName } from '@moe/shared'
+import { JOB_PRIORITY, type JobPayloadInput, poolQueueName, readJobStream } from '@moe/shared'
 import { Queue } from 'bullmq'
 import { Redis } from 'ioredis'
 import { MoeEngine, type StepRow } from '../engine/engine.ts'
 import { BENCH_CONFIG, writeRandomMixtral } from '../engine/random-model.ts'
 import { REPO_ROOT } from '../service/config.ts'
-import { readJobEvents } from '../service/token-stream.ts'
 import { decodeBytes, touchedExperts } from './weight-bytes.ts'
 
 const REDIS_URL = process.env.REDIS_URL ?? 'redis://127.0.0.1:6379'
@@ -69,7 +68,7 @@ async function follow(
 ): Promise<{ firstAt: number; endAt: number; tokens: number }> {
   let firstAt = 0
   let tokens = 0
-  for await (const ev of readJobEvents(redis, jobId, 5000)) {
+  for await (const ev of readJobStream(redis, jobId, { blockMs: 5000 })) {
     if (ev.type === 'token') {
       tokens++
       firstAt ||= performance.now()

@@ -74,15 +74,6 @@ export class SeededRandom {
   }
 }
 
-/** A deterministic 53-bit seed from a job id (FNV-1a 64 of its UTF-8 bytes), for requests without a seed. */
-export function seedFromId(id: string): number {
-  let hash = 0xcbf29ce484222325n
-  for (const byte of new TextEncoder().encode(id)) {
-    hash = ((hash ^ BigInt(byte)) * 0x100000001b3n) & MASK64
-  }
-  return Number(hash >> 11n)
-}
-
 // Scratch space shared by every sampler: sampling is synchronous, so one call never overlaps another.
 let weights = new Float64Array(0)
 let candidates = new Int32Array(0)

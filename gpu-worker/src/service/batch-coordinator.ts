@@ -10,9 +10,9 @@ import {
   batchKey,
   batchOutputLine,
   type ChildResult,
-  JOB_CANCEL_CHANNEL,
-  JOB_STREAM_TTL_SECONDS,
-  jobCancelKey,
+  cancelJobs,
+  decodeJobFailure,
+  httpStatusOf,
   type StoredFileMeta,
   storedFileKey,
   type WebhookEvent,
@@ -119,12 +119,7 @@ export class BatchCoordinator {
         else running.push(k.id)
       }),
     )
-    if (running.length > 0) {
-      const m = this.redis.multi()
-      for (const id of running)
-        m.set(jobCancelKey(id), '1', 'EX', JOB_STREAM_TTL_SECONDS).publish(JOB_CANCEL_CHANNEL, id)
-      await m.exec()
-    }
+    await cancelJobs(this.redis, running)
     this.log.info(
       { batchId: c.batchId, action: c.action, removed, stopped: running.length },
       'batch children stopped',
@@ -179,10 +174,8 @@ export class BatchCoordinator {
       }
       const reason = failedById.get(line.j)
       if (reason !== undefined) {
-        const m = /^([a-z_]+): (.*)$/s.exec(reason)
-        const code = m?.[1] ?? 'internal_error'
-        const status = code === 'internal_error' ? 500 : code === 'deadline_exceeded' ? 504 : 400
-        err.push(batchErrorLine(line, { code, message: m?.[2] ?? reason }, status))
+        const failure = decodeJobFailure(reason)
+        err.push(batchErrorLine(line, failure, httpStatusOf(failure.code)))
       } else if (expiring) {
         err.push(
           batchErrorLine(

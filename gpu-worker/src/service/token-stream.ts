@@ -1,13 +1,12 @@
 import {
   type DoneEvent,
-  decodeStreamEvent,
   type ErrorEvent,
-  encodeStreamEvent,
   JOB_STREAM_TTL_SECONDS,
   jobCancelKey,
   jobEventsKey,
-  STREAM_FIELD,
   type StreamEvent,
+  streamEntryEvent,
+  streamEntryFields,
   type TokenEvent,
 } from '@moe/shared'
 import type { Redis } from 'ioredis'
@@ -46,7 +45,7 @@ export class TokenStreamWriter {
       .xrevrange(jobEventsKey(jobId), '+', '-', 'COUNT', 2)
       .exists(jobCancelKey(jobId))
       .exec()) as [[null, Array<[string, string[]]>], [null, number]]
-    const events = entries.map(([, fields]) => JSON.parse(fields[1] ?? '{}') as StreamEvent)
+    const events = entries.flatMap(([, fields]) => streamEntryEvent(fields) ?? [])
     const newest = events[0]
     const end = newest && newest.type !== 'token' ? newest : null
     const lastToken = events.find((e) => e.type === 'token')
@@ -90,7 +89,7 @@ export class TokenStreamWriter {
     const pipe = this.redis.pipeline()
     for (const [jobId, event] of batch) {
       const key = jobEventsKey(jobId)
-      pipe.xadd(key, '*', STREAM_FIELD, encodeStreamEvent(event))
+      pipe.xadd(key, '*', ...streamEntryFields(event))
       // A TTL from the first event on, so a stream whose worker died for good still expires.
       if (!this.withTtl.has(jobId)) {
         pipe.expire(key, RUNNING_TTL_SECONDS)
@@ -114,37 +113,5 @@ export class TokenStreamWriter {
     for (const id of jobIds) pipe.exists(jobCancelKey(id))
     const results = (await pipe.exec()) ?? []
     return jobIds.filter((_, i) => results[i]?.[1] === 1)
-  }
-}
-
-/**
- * Reads a job's events from the start of its stream (so nothing is missed,
- * whenever the reader arrives) until `done` or `error`, blocking on Redis
- * between arrivals. For clients of the stream: tests, benchmarks, tools.
- */
-export async function* readJobEvents(
-  redis: Redis,
-  jobId: string,
-  blockMs = 1000,
-): AsyncGenerator<StreamEvent> {
-  let cursor = '0'
-  for (;;) {
-    const res = (await redis.xread(
-      'COUNT',
-      1000,
-      'BLOCK',
-      blockMs,
-      'STREAMS',
-      jobEventsKey(jobId),
-      cursor,
-    )) as Array<[string, Array<[string, string[]]>]> | null
-    for (const [, entries] of res ?? []) {
-      for (const [id, fields] of entries) {
-        cursor = id
-        const event = decodeStreamEvent(fields[1]!)
-        yield event
-        if (event.type !== 'token') return
-      }
-    }
   }
 }

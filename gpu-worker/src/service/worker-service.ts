@@ -2,16 +2,17 @@ import {
   type DoneEvent,
   type ErrorCode,
   type ExpertPool,
+  encodeJobFailure,
   JOB_CANCEL_CHANNEL,
   type JobPayload,
   JobPayload as JobPayloadSchema,
   poolQueueName,
+  seedFromJobId,
 } from '@moe/shared'
 import { type Job, UnrecoverableError, WaitingError, Worker } from 'bullmq'
 import { Redis } from 'ioredis'
 import pino, { type Logger } from 'pino'
 import { MoeEngine, type StepEngine } from '../engine/engine.ts'
-import { seedFromId } from '../engine/sampling.ts'
 import { ThreadedEngine } from '../engine/threaded-engine.ts'
 import { BatchScheduler, SchedulerError, type SequenceOutcome } from '../scheduler/batch-scheduler.ts'
 import type { WorkerConfig } from './config.ts'
@@ -177,7 +178,7 @@ export class WorkerService {
     try {
       const payload = this.validate(pool, job)
       this.metrics.queueWait.observe({ pool: pool.name }, Math.max(0, takenAt - payload.createdAt) / 1000)
-      const seed = payload.sampling.seed ?? seedFromId(payload.requestId)
+      const seed = payload.sampling.seed ?? seedFromJobId(payload.requestId)
       const promptIds = this.tokenize(runtime.engine, payload)
       const resume = await this.streams.resumePoint(jobId)
       if (resume.end?.type === 'done') {
@@ -186,7 +187,7 @@ export class WorkerService {
         return { finishReason: resume.end.finishReason, text: resume.end.text, usage: resume.end.usage }
       }
       if (resume.end?.type === 'error')
-        throw new UnrecoverableError(`${resume.end.code}: ${resume.end.message}`)
+        throw new UnrecoverableError(encodeJobFailure({ code: resume.end.code, message: resume.end.message }))
       if (resume.cancelled) {
         const usage = { promptTokens: promptIds.length, completionTokens: 0 }
         this.streams.end(jobId, {
@@ -273,9 +274,8 @@ export class WorkerService {
         await this.streams.flush().catch(() => {})
       }
       log.warn({ code: e.code, err: e.message, willRetry }, 'job failed')
-      throw e.permanent
-        ? new UnrecoverableError(`${e.code}: ${e.message}`)
-        : new Error(`${e.code}: ${e.message}`)
+      const reason = encodeJobFailure({ code: e.code, message: e.message })
+      throw e.permanent ? new UnrecoverableError(reason) : new Error(reason)
     }
   }
 
