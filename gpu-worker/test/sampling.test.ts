@@ -1,12 +1,7 @@
 import { describe, expect, it } from 'vitest'
-import {
-  argmax,
-  Sampler,
-  type SamplingParams,
-  SeededRandom,
-  StopMatcher,
-  splitmix64,
-} from '../src/engine/sampling.ts'
+import { StopMatcher } from '../src/engine/detokenizer.ts'
+import { SeededRandom, splitmix64 } from '../src/engine/random.ts'
+import { argmax, Sampler, type SamplingParams } from '../src/engine/sampling.ts'
 
 const params = (p: Partial<SamplingParams> = {}): SamplingParams => ({
   temperature: 1,

@@ -3,8 +3,9 @@ import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { Template } from '@huggingface/jinja'
 import { afterAll, describe, expect, it } from 'vitest'
+import { IncrementalDetokenizer } from '../src/engine/detokenizer.ts'
 import { BYTE_TOKEN_OFFSET, byteLevelTokenizerFiles, CHAT_TEMPLATE } from '../src/engine/tiny-tokenizer.ts'
-import { type ChatMessage, ChatTokenizer, IncrementalDetokenizer } from '../src/engine/tokenizer.ts'
+import { type ChatMessage, ChatTokenizer } from '../src/engine/tokenizer.ts'
 
 const files = byteLevelTokenizerFiles()
 const tokenizer = new ChatTokenizer(files.tokenizerJson, files.tokenizerConfig)

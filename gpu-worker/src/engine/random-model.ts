@@ -2,8 +2,8 @@ import { mkdirSync, writeFileSync } from 'node:fs'
 import { join } from 'node:path'
 import type { MixtralConfig } from './model-config.ts'
 import { expectedTensors } from './model-dir.ts'
+import { SeededRandom } from './random.ts'
 import { writeSafetensors } from './safetensors.ts'
-import { SeededRandom } from './sampling.ts'
 import { byteLevelTokenizerFiles } from './tiny-tokenizer.ts'
 
 // Deterministic random-weight Mixtral checkpoints in the Hugging Face layout:

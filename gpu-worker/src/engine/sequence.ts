@@ -1,5 +1,5 @@
-import { Sampler, StopMatcher } from './sampling.ts'
-import { IncrementalDetokenizer, type TokenDecoder } from './tokenizer.ts'
+import { IncrementalDetokenizer, StopMatcher, type TokenDecoder } from './detokenizer.ts'
+import { Sampler } from './sampling.ts'
 
 export type FinishReason = 'stop' | 'length'
 
