@@ -1,6 +1,10 @@
+import { spawnSync } from 'node:child_process'
+import { join } from 'node:path'
 import { describe, expect, it } from 'vitest'
 import { ConfigError, loadWorkerConfig } from '../src/service/config.ts'
 import { TINY_MODEL_DIR } from './fixtures.ts'
+
+const MOE_BIN = join(import.meta.dirname, '..', 'bin', 'moe.js')
 
 describe('worker configuration', () => {
   it('reads defaults and every pool from pools.json', () => {
@@ -28,5 +32,38 @@ describe('worker configuration', () => {
     expect(() => loadWorkerConfig({ REDIS_URL: 'http://x' })).toThrow(/REDIS_URL/)
     expect(() => loadWorkerConfig({}, 'nope')).toThrow(/unknown pool\(s\) nope/)
     expect(() => loadWorkerConfig({ MOE_POOLS_FILE: '/nonexistent.json' })).toThrow(ConfigError)
+    expect(() => loadWorkerConfig({ MOE_BATCH_SERVICES: 'yes' })).toThrow(/MOE_BATCH_SERVICES: must be 0 or 1/)
+    expect(() => loadWorkerConfig({ MOE_WEBHOOK_ATTEMPTS: '0' })).toThrow(/MOE_WEBHOOK_ATTEMPTS/)
+    expect(() => loadWorkerConfig({ MOE_EXPORT_CACHE: '' })).toThrow(/MOE_EXPORT_CACHE/)
+  })
+
+  it('holds every MOE_* setting, the batch services and webhooks included', () => {
+    const c = loadWorkerConfig({
+      MOE_BATCH_SERVICES: '0',
+      MOE_WEBHOOK_ATTEMPTS: '3',
+      MOE_WEBHOOK_ALLOW_LOOPBACK: '1',
+      MOE_EXPORT_CACHE: '/tmp/onnx-cache',
+    })
+    expect(c.batchServices).toBe(false)
+    expect(c.exportCacheDir).toBe('/tmp/onnx-cache')
+    expect(c.webhooks).toEqual({
+      attempts: 3,
+      backoffMs: 30_000,
+      maxBackoffMs: 3 * 3_600_000,
+      timeoutMs: 10_000,
+      allowLoopback: true,
+    })
+    expect(loadWorkerConfig({}).batchServices).toBe(true)
+  })
+
+  it('exits 1 with a message, not a stack trace, on a bad setting', () => {
+    const r = spawnSync(process.execPath, [MOE_BIN, 'serve'], {
+      env: { ...process.env, MOE_MAX_BATCH: 'lots' },
+      encoding: 'utf8',
+      timeout: 20_000,
+    })
+    expect(r.status).toBe(1)
+    expect(r.stderr).toContain('MOE_MAX_BATCH')
+    expect(r.stderr).not.toMatch(/ZodError|\n\s+at /)
   })
 })

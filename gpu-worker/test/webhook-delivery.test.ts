@@ -12,12 +12,8 @@ import {
 import { Redis } from 'ioredis'
 import pino from 'pino'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
-import {
-  enqueueWebhookEvent,
-  type WebhookConfig,
-  WebhookDelivery,
-  webhookBackoff,
-} from '../src/service/webhook-delivery.ts'
+import type { WebhookConfig } from '../src/service/config.ts'
+import { enqueueWebhookEvent, WebhookDelivery, webhookBackoff } from '../src/service/webhook-delivery.ts'
 
 // Delivery-time SSRF checks (the URL is checked again, and the host resolved, at every attempt:
 // an endpoint stored before a policy change, or a name that now resolves to a private address,

@@ -20,12 +20,8 @@ import {
 import { type Job, Queue, Worker } from 'bullmq'
 import { Redis } from 'ioredis'
 import type { Logger } from 'pino'
-import {
-  enqueueWebhookEvent,
-  type WebhookConfig,
-  WebhookDelivery,
-  webhookConfigFromEnv,
-} from './webhook-delivery.ts'
+import type { WebhookConfig, WorkerConfig } from './config.ts'
+import { enqueueWebhookEvent, WebhookDelivery } from './webhook-delivery.ts'
 
 // The Node side of batches. Consumes the `batches` queue:
 //   finalize  the flow's parent, which BullMQ hands over once every child finished (or was
@@ -263,18 +259,16 @@ export class BatchCoordinator {
  * hands each parent and each delivery to one of them.
  */
 export async function startBatchServices(
-  redisUrl: string,
-  prefix: string,
+  config: WorkerConfig,
   log: Logger,
-  env: NodeJS.ProcessEnv = process.env,
 ): Promise<{ close(): Promise<void> } | null> {
-  if (env.MOE_BATCH_SERVICES === '0') return null
-  const cfg = webhookConfigFromEnv(env)
-  const coordinator = new BatchCoordinator(redisUrl, prefix, log, cfg)
-  const delivery = new WebhookDelivery(redisUrl, prefix, log, cfg)
+  if (!config.batchServices) return null
+  const { redisUrl, queuePrefix, webhooks } = config
+  const coordinator = new BatchCoordinator(redisUrl, queuePrefix, log, webhooks)
+  const delivery = new WebhookDelivery(redisUrl, queuePrefix, log, webhooks)
   await Promise.all([coordinator.start(), delivery.start()])
   log.info(
-    { webhookAttempts: cfg.attempts, webhookBackoffMs: cfg.backoffMs },
+    { webhookAttempts: webhooks.attempts, webhookBackoffMs: webhooks.backoffMs },
     'batch coordinator and webhook delivery running',
   )
   return {

@@ -6,117 +6,134 @@ import { z } from 'zod'
 export const REPO_ROOT = resolve(import.meta.dirname, '..', '..', '..')
 
 const int = (min: number, max: number) => z.coerce.number().int().min(min).max(max)
+const flag = (byDefault: '0' | '1') =>
+  z
+    .enum(['0', '1'], { error: 'must be 0 or 1' })
+    .default(byDefault)
+    .transform((v) => v === '1')
 
-/** The worker's settings, from the environment, validated once at start. */
-const WorkerEnv = z.object({
-  REDIS_URL: z
-    .string()
-    .regex(/^rediss?:\/\//, 'must be a redis:// or rediss:// URL')
-    .default('redis://127.0.0.1:6379'),
-  MOE_POOLS_FILE: z.string().default(join(REPO_ROOT, 'infra/config/pools.json')),
-  MOE_POOLS: z.string().optional(),
-  /** Serve every pool from this model directory instead of the one pools.json names. */
-  MOE_MODEL_DIR: z.string().min(1).optional(),
-  MOE_EP: z.enum(['cpu', 'cuda', 'auto']).default('auto'),
-  MOE_MAX_BATCH: int(1, 1024).default(32),
-  MOE_MAX_CONTEXT: int(16, 1 << 20).default(2048),
-  MOE_MAX_PREFILL_TOKENS: int(1, 1 << 20).default(4096),
-  MOE_THREADS: int(1, 1024).optional(),
-  // Off by default: the worker shares its cores with Redis and the edge, and spinning threads starve them.
-  MOE_ORT_SPIN: z.enum(['0', '1']).default('0'),
-  MOE_ENGINE_THREAD: z.enum(['0', '1']).default('1'),
-  MOE_METRICS_HOST: z.string().default('127.0.0.1'),
-  MOE_METRICS_PORT: int(0, 65535).default(9464),
-  MOE_QUEUE_PREFIX: z
-    .string()
-    .regex(/^[\w.-]+$/)
-    .default(QUEUE_PREFIX),
-  MOE_LOCK_MS: int(1000, 600_000).default(30_000),
-  MOE_STALLED_INTERVAL_MS: int(500, 600_000).default(15_000),
-  MOE_DRAIN_TIMEOUT_MS: int(0, 3_600_000).default(30_000),
-  MOE_CANCEL_POLL_MS: int(10, 600_000).default(1000),
-  MOE_LOG_LEVEL: z.enum(['trace', 'debug', 'info', 'warn', 'error', 'fatal', 'silent']).default('info'),
-})
+const issuesText = (error: z.ZodError, sep: string) =>
+  error.issues.map((i) => `${i.path.join('.') || '(root)'}: ${i.message}`).join(sep)
 
-export interface WorkerConfig {
-  redisUrl: string
-  pools: ExpertPool[]
-  ep: 'cpu' | 'cuda' | 'auto'
-  maxBatch: number
-  maxContext: number
-  maxPrefillTokens: number
-  threads: number | undefined
-  spin: boolean
-  engineThread: boolean
-  metricsHost: string
-  metricsPort: number
-  queuePrefix: string
-  lockMs: number
-  stalledIntervalMs: number
-  drainTimeoutMs: number
-  cancelPollMs: number
-  logLevel: string
-}
+/**
+ * Every `MOE_*` setting of a worker process (and REDIS_URL), validated once at start. The
+ * output is the worker's configuration: the pools file is read and resolved here too, so a
+ * bad setting of any kind is one message naming the variable.
+ */
+export const WorkerEnv = z
+  .object({
+    REDIS_URL: z
+      .string()
+      .regex(/^rediss?:\/\//, 'must be a redis:// or rediss:// URL')
+      .default('redis://127.0.0.1:6379'),
+    MOE_POOLS_FILE: z.string().default(join(REPO_ROOT, 'infra/config/pools.json')),
+    /** Comma-separated pool names to serve (default: every pool in the file). */
+    MOE_POOLS: z.string().optional(),
+    /** Serve every pool from this model directory instead of the one pools.json names. */
+    MOE_MODEL_DIR: z.string().min(1).optional(),
+    MOE_EP: z.enum(['cpu', 'cuda', 'auto']).default('auto'),
+    /** Where exported ONNX graphs are cached (default: beside the model, else the temp dir). */
+    MOE_EXPORT_CACHE: z.string().min(1).optional(),
+    MOE_MAX_BATCH: int(1, 1024).default(32),
+    MOE_MAX_CONTEXT: int(16, 1 << 20).default(2048),
+    MOE_MAX_PREFILL_TOKENS: int(1, 1 << 20).default(4096),
+    MOE_THREADS: int(1, 1024).optional(),
+    // Off by default: the worker shares its cores with Redis and the edge, and spinning threads starve them.
+    MOE_ORT_SPIN: flag('0'),
+    MOE_ENGINE_THREAD: flag('1'),
+    MOE_METRICS_HOST: z.string().default('127.0.0.1'),
+    MOE_METRICS_PORT: int(0, 65535).default(9464),
+    MOE_QUEUE_PREFIX: z
+      .string()
+      .regex(/^[\w.-]+$/, 'may hold letters, digits, _, . and - only')
+      .default(QUEUE_PREFIX),
+    MOE_LOCK_MS: int(1000, 600_000).default(30_000),
+    MOE_STALLED_INTERVAL_MS: int(500, 600_000).default(15_000),
+    MOE_DRAIN_TIMEOUT_MS: int(0, 3_600_000).default(30_000),
+    MOE_CANCEL_POLL_MS: int(10, 600_000).default(1000),
+    MOE_LOG_LEVEL: z.enum(['trace', 'debug', 'info', 'warn', 'error', 'fatal', 'silent']).default('info'),
+    /** The batch coordinator and webhook delivery run beside the pool consumers unless 0. */
+    MOE_BATCH_SERVICES: flag('1'),
+    MOE_WEBHOOK_ATTEMPTS: int(1, 50).default(10),
+    /** First retry delay; doubles per attempt, with jitter (10 attempts at 30 s span about 2-4 hours). */
+    MOE_WEBHOOK_BACKOFF_MS: int(1, 86_400_000).default(30_000),
+    MOE_WEBHOOK_MAX_BACKOFF_MS: int(1, 7 * 86_400_000).default(3 * 3_600_000),
+    MOE_WEBHOOK_TIMEOUT_MS: int(100, 600_000).default(10_000),
+    /** Dev/test only: allow http and loopback receivers (127.0.0.1, ::1, localhost). */
+    MOE_WEBHOOK_ALLOW_LOOPBACK: flag('0'),
+  })
+  .transform((e, ctx) => {
+    const pools = resolvePools(e.MOE_POOLS_FILE, e.MOE_POOLS, e.MOE_MODEL_DIR)
+    if (typeof pools === 'string') {
+      ctx.addIssue({ code: 'custom', message: pools, path: ['MOE_POOLS'] })
+      return z.NEVER
+    }
+    return {
+      redisUrl: e.REDIS_URL,
+      pools,
+      ep: e.MOE_EP,
+      exportCacheDir: e.MOE_EXPORT_CACHE,
+      maxBatch: e.MOE_MAX_BATCH,
+      maxContext: e.MOE_MAX_CONTEXT,
+      maxPrefillTokens: e.MOE_MAX_PREFILL_TOKENS,
+      threads: e.MOE_THREADS,
+      spin: e.MOE_ORT_SPIN,
+      engineThread: e.MOE_ENGINE_THREAD,
+      metricsHost: e.MOE_METRICS_HOST,
+      metricsPort: e.MOE_METRICS_PORT,
+      queuePrefix: e.MOE_QUEUE_PREFIX,
+      lockMs: e.MOE_LOCK_MS,
+      stalledIntervalMs: e.MOE_STALLED_INTERVAL_MS,
+      drainTimeoutMs: e.MOE_DRAIN_TIMEOUT_MS,
+      cancelPollMs: e.MOE_CANCEL_POLL_MS,
+      logLevel: e.MOE_LOG_LEVEL,
+      batchServices: e.MOE_BATCH_SERVICES,
+      webhooks: {
+        attempts: e.MOE_WEBHOOK_ATTEMPTS,
+        backoffMs: e.MOE_WEBHOOK_BACKOFF_MS,
+        maxBackoffMs: e.MOE_WEBHOOK_MAX_BACKOFF_MS,
+        timeoutMs: e.MOE_WEBHOOK_TIMEOUT_MS,
+        allowLoopback: e.MOE_WEBHOOK_ALLOW_LOOPBACK,
+      },
+    }
+  })
+
+export type WorkerConfig = z.output<typeof WorkerEnv>
+export type WebhookConfig = WorkerConfig['webhooks']
 
 export class ConfigError extends Error {
   override name = 'ConfigError'
 }
 
-/** Reads and validates the environment and the pools file; `poolsFlag` (from --pools) wins over MOE_POOLS. */
-export function loadWorkerConfig(env: NodeJS.ProcessEnv = process.env, poolsFlag?: string): WorkerConfig {
-  const parsed = WorkerEnv.safeParse(env)
-  if (!parsed.success)
-    throw new ConfigError(parsed.error.issues.map((i) => `${i.path.join('.')}: ${i.message}`).join('\n'))
-  const e = parsed.data
-  if (!existsSync(e.MOE_POOLS_FILE))
-    throw new ConfigError(`MOE_POOLS_FILE: ${e.MOE_POOLS_FILE} does not exist`)
-  let file: PoolsFile
+/** The pools to serve, with model directories made absolute; or what is wrong, as a message. */
+function resolvePools(file: string, wantedList?: string, modelDir?: string): ExpertPool[] | string {
+  if (!existsSync(file)) return `MOE_POOLS_FILE: ${file} does not exist`
+  let json: unknown
   try {
-    const result = PoolsFile.safeParse(JSON.parse(readFileSync(e.MOE_POOLS_FILE, 'utf8')))
-    if (!result.success)
-      throw new ConfigError(
-        `${e.MOE_POOLS_FILE}: ${result.error.issues.map((i) => `${i.path.join('.')}: ${i.message}`).join('; ')}`,
-      )
-    file = result.data
+    json = JSON.parse(readFileSync(file, 'utf8'))
   } catch (err) {
-    if (err instanceof ConfigError) throw err
-    throw new ConfigError(`${e.MOE_POOLS_FILE}: not valid JSON (${(err as Error).message})`)
+    return `MOE_POOLS_FILE: ${file} is not valid JSON (${(err as Error).message})`
   }
-  const wanted = (poolsFlag ?? e.MOE_POOLS)
+  const parsed = PoolsFile.safeParse(json)
+  if (!parsed.success) return `MOE_POOLS_FILE: ${file}: ${issuesText(parsed.error, '; ')}`
+  const known = new Map(parsed.data.pools.map((p) => [p.name, p]))
+  const wanted = wantedList
     ?.split(',')
     .map((s) => s.trim())
     .filter(Boolean)
-  const known = new Map(file.pools.map((p) => [p.name, p]))
   const unknown = wanted?.filter((n) => !known.has(n)) ?? []
-  if (unknown.length)
-    throw new ConfigError(
-      `unknown pool(s) ${unknown.join(', ')}; ${e.MOE_POOLS_FILE} defines ${[...known.keys()].join(', ')}`,
-    )
-  const pools = (wanted ?? [...known.keys()]).map((n) => {
+  if (unknown.length > 0)
+    return `unknown pool(s) ${unknown.join(', ')}; ${file} defines ${[...known.keys()].join(', ')}`
+  return (wanted ?? [...known.keys()]).map((n) => {
     const p = known.get(n)!
-    const dir = e.MOE_MODEL_DIR ?? p.modelDir
-    return {
-      ...p,
-      modelDir: isAbsolute(dir) ? dir : resolve(e.MOE_MODEL_DIR ? process.cwd() : REPO_ROOT, dir),
-    }
+    const dir = modelDir ?? p.modelDir
+    return { ...p, modelDir: isAbsolute(dir) ? dir : resolve(modelDir ? process.cwd() : REPO_ROOT, dir) }
   })
-  return {
-    redisUrl: e.REDIS_URL,
-    pools,
-    ep: e.MOE_EP,
-    maxBatch: e.MOE_MAX_BATCH,
-    maxContext: e.MOE_MAX_CONTEXT,
-    maxPrefillTokens: e.MOE_MAX_PREFILL_TOKENS,
-    threads: e.MOE_THREADS,
-    spin: e.MOE_ORT_SPIN === '1',
-    engineThread: e.MOE_ENGINE_THREAD === '1',
-    metricsHost: e.MOE_METRICS_HOST,
-    metricsPort: e.MOE_METRICS_PORT,
-    queuePrefix: e.MOE_QUEUE_PREFIX,
-    lockMs: e.MOE_LOCK_MS,
-    stalledIntervalMs: e.MOE_STALLED_INTERVAL_MS,
-    drainTimeoutMs: e.MOE_DRAIN_TIMEOUT_MS,
-    cancelPollMs: e.MOE_CANCEL_POLL_MS,
-    logLevel: e.MOE_LOG_LEVEL,
-  }
+}
+
+/** Reads and validates the environment; `poolsFlag` (from --pools) wins over MOE_POOLS. */
+export function loadWorkerConfig(env: NodeJS.ProcessEnv = process.env, poolsFlag?: string): WorkerConfig {
+  const parsed = WorkerEnv.safeParse(poolsFlag === undefined ? env : { ...env, MOE_POOLS: poolsFlag })
+  if (!parsed.success) throw new ConfigError(issuesText(parsed.error, '\n'))
+  return parsed.data
 }

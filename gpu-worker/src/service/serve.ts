@@ -39,5 +39,5 @@ export async function serve(argv: string[]): Promise<void> {
   process.on('SIGTERM', () => stop('SIGTERM'))
   process.on('SIGINT', () => stop('SIGINT'))
   await service.start()
-  batchServices = await startBatchServices(service.config.redisUrl, service.config.queuePrefix, service.log)
+  batchServices = await startBatchServices(service.config, service.log)
 }

@@ -21,7 +21,7 @@ import {
 import { type Job, Queue, UnrecoverableError, Worker } from 'bullmq'
 import { Redis } from 'ioredis'
 import type { Logger } from 'pino'
-import { z } from 'zod'
+import type { WebhookConfig } from './config.ts'
 
 // Webhook delivery: one BullMQ job per (event, endpoint) on the `webhooks` queue, signed per
 // Standard Webhooks with the same webhook-id on every attempt. Retried with exponential backoff
@@ -29,39 +29,6 @@ import { z } from 'zod'
 // disables the endpoint. Every attempt is recorded (status, latency) for GET /v1/webhooks/deliveries.
 // The URL is checked again here (SSRF): the host is resolved and every address must be public,
 // and the connection goes to the address that was checked (no second lookup to rebind).
-
-export interface WebhookConfig {
-  attempts: number
-  backoffMs: number
-  maxBackoffMs: number
-  timeoutMs: number
-  allowLoopback: boolean
-}
-
-const WebhookEnv = z.object({
-  MOE_WEBHOOK_ATTEMPTS: z.coerce.number().int().min(1).max(50).default(10),
-  /** First retry delay; doubles per attempt, with jitter (10 attempts at 30 s span about 2-4 hours). */
-  MOE_WEBHOOK_BACKOFF_MS: z.coerce.number().int().min(1).default(30_000),
-  MOE_WEBHOOK_MAX_BACKOFF_MS: z.coerce
-    .number()
-    .int()
-    .min(1)
-    .default(3 * 3_600_000),
-  MOE_WEBHOOK_TIMEOUT_MS: z.coerce.number().int().min(100).default(10_000),
-  /** Dev/test only: allow http and loopback receivers (127.0.0.1, ::1, localhost). */
-  MOE_WEBHOOK_ALLOW_LOOPBACK: z.enum(['0', '1']).default('0'),
-})
-
-export function webhookConfigFromEnv(env: NodeJS.ProcessEnv = process.env): WebhookConfig {
-  const e = WebhookEnv.parse(env)
-  return {
-    attempts: e.MOE_WEBHOOK_ATTEMPTS,
-    backoffMs: e.MOE_WEBHOOK_BACKOFF_MS,
-    maxBackoffMs: e.MOE_WEBHOOK_MAX_BACKOFF_MS,
-    timeoutMs: e.MOE_WEBHOOK_TIMEOUT_MS,
-    allowLoopback: e.MOE_WEBHOOK_ALLOW_LOOPBACK === '1',
-  }
-}
 
 /** Delay before retry n (1-based): min(cap, base * 2^(n-1)), "equal jitter" (between half and all of it). */
 export function webhookBackoff(cfg: WebhookConfig, attemptsMade: number): number {
