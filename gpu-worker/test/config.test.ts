@@ -32,7 +32,9 @@ describe('worker configuration', () => {
     expect(() => loadWorkerConfig({ REDIS_URL: 'http://x' })).toThrow(/REDIS_URL/)
     expect(() => loadWorkerConfig({}, 'nope')).toThrow(/unknown pool\(s\) nope/)
     expect(() => loadWorkerConfig({ MOE_POOLS_FILE: '/nonexistent.json' })).toThrow(ConfigError)
-    expect(() => loadWorkerConfig({ MOE_BATCH_SERVICES: 'yes' })).toThrow(/MOE_BATCH_SERVICES: must be 0 or 1/)
+    expect(() => loadWorkerConfig({ MOE_BATCH_SERVICES: 'yes' })).toThrow(
+      /MOE_BATCH_SERVICES: must be 0 or 1/,
+    )
     expect(() => loadWorkerConfig({ MOE_WEBHOOK_ATTEMPTS: '0' })).toThrow(/MOE_WEBHOOK_ATTEMPTS/)
     expect(() => loadWorkerConfig({ MOE_EXPORT_CACHE: '' })).toThrow(/MOE_EXPORT_CACHE/)
   })

@@ -4,9 +4,11 @@ import { fileURLToPath } from 'node:url'
 import {
   JOB_PRIORITY,
   type JobPayloadInput,
+  jobEventsKey,
   poolQueueName,
   readJobStream,
   type StreamEvent,
+  streamEntryEvent,
 } from '@moe/shared'
 import { Queue } from 'bullmq'
 import { Redis } from 'ioredis'
@@ -96,20 +98,24 @@ export class QueueClient {
     })
   }
 
-  /** Reads a job's stream from the start until `done` or `error`. */
+  /**
+   * Waits for a job's `done` or `error`, then returns every event of its stream as written
+   * (XRANGE, no de-duplication), so a test sees any token index written twice.
+   */
   async events(jobId: string, timeoutMs = 30_000): Promise<StreamEvent[]> {
-    const out: StreamEvent[] = []
+    let seen = 0
     const timer = setTimeout(() => this.redis.disconnect(), timeoutMs)
     try {
-      for await (const ev of readJobStream(this.redis, jobId, { blockMs: 1000 })) out.push(ev)
-      return out
+      for await (const _ of readJobStream(this.redis, jobId, { blockMs: 1000 })) seen++
     } catch (e) {
       throw new Error(
-        `no end event on ${jobId} within ${timeoutMs} ms (got ${out.length} events): ${(e as Error).message}`,
+        `no end event on ${jobId} within ${timeoutMs} ms (got ${seen} events): ${(e as Error).message}`,
       )
     } finally {
       clearTimeout(timer)
     }
+    const entries = await this.redis.xrange(jobEventsKey(jobId), '-', '+')
+    return entries.flatMap(([, fields]) => streamEntryEvent(fields) ?? [])
   }
 
   async close(): Promise<void> {

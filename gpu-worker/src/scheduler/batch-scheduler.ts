@@ -1,4 +1,10 @@
-import { type GenerationResult, type StepEngine, type StepRow, sequenceResult } from '../engine/engine.ts'
+import {
+  type GenerationResult,
+  type StepEngine,
+  type StepOutput,
+  type StepRow,
+  sequenceResult,
+} from '../engine/engine.ts'
 import type { GenerationParams, Sequence, TokenOutput } from '../engine/sequence.ts'
 import { FairQueue } from './fair-queue.ts'
 
@@ -54,6 +60,18 @@ interface Entry {
   tenantId: string
 }
 
+/** What one step runs: a prefill of newly admitted sequences, or a decode of every running one. */
+export interface StepPlan {
+  kind: 'prefill' | 'decode'
+  entries: Entry[]
+  rows: StepRow[]
+}
+
+/** What one step did to one sequence: a token (and whether it ended the sequence), or a failure. */
+export type SequenceOutput =
+  | { entry: Entry; kind: 'token'; token: TokenOutput; finished: boolean }
+  | { entry: Entry; kind: 'failed'; error: Error }
+
 /** A waiting request joins the batch after at most this many decode steps. */
 const MAX_PREFILL_DELAY_STEPS = 4
 
@@ -84,8 +102,6 @@ export class BatchScheduler {
   /** Running sequences; index = KV slot. */
   private readonly runningList: Entry[] = []
   private readonly pendingCancels = new Set<string>()
-  /** Rows whose token could not be taken this step. */
-  private readonly failedRows = new Map<Entry, Error>()
   /** Ids running or waiting here. */
   private readonly known = new Set<string>()
   private loop: Promise<void> | null = null
@@ -167,55 +183,69 @@ export class BatchScheduler {
   private async runLoop(): Promise<void> {
     while (this.runningList.length > 0 || this.waitingQueue.size > 0) {
       this.applyCancels()
-      if (this.runningList.length === 0 && this.waitingQueue.size === 0) break
-      const admitted = this.prefillDue() ? this.admit() : []
-      const batch = admitted.length > 0 ? admitted : this.runningList
-      const kind = admitted.length > 0 ? 'prefill' : 'decode'
-      this.lastWasPrefill = kind === 'prefill'
-      this.stepsWaited = kind === 'decode' && this.waitingQueue.size > 0 ? this.stepsWaited + 1 : 0
-      const rows: StepRow[] = batch.map((e) => ({
-        slot: e.seq.slot,
-        tokens: e.seq.nextInput(),
-        pastLength: e.seq.pastLength,
-        allowedExperts: e.seq.params.allowedExperts,
-      }))
+      const plan = this.schedule()
+      if (!plan) break
       const poll = this.hooks.pollCancels?.(this.runningList.map((e) => e.request.id))
+      let outputs: SequenceOutput[]
       try {
-        const out = await this.engine.forward(rows)
-        batch.forEach((e, i) => {
-          let token: TokenOutput
-          try {
-            token = this.engine.acceptRow(e.seq, rows[i]!, out, i)
-          } catch (error) {
-            // One row's failure (e.g. logits it cannot sample from) ends that sequence only.
-            this.failedRows.set(e, error as Error)
-            return
-          }
-          e.request.onToken(token)
-        })
+        const out = await this.engine.forward(plan.rows)
+        outputs = this.update(plan, out)
+        for (const o of outputs) if (o.kind === 'token') o.entry.request.onToken(o.token)
         this.hooks.afterStep?.({
-          kind,
-          rows: rows.length,
-          tokens: rows.reduce((a, r) => a + r.tokens.length, 0),
+          kind: plan.kind,
+          rows: plan.rows.length,
+          tokens: plan.rows.reduce((a, r) => a + r.tokens.length, 0),
           runMs: out.runMs,
           stepMs: out.stepMs,
         })
       } catch (error) {
-        for (const e of [...batch]) this.leave(e, { kind: 'failed', error: error as Error })
+        for (const e of [...plan.entries]) this.leave(e, { kind: 'failed', error: error as Error })
         continue
       } finally {
         for (const id of (await poll?.catch(() => [])) ?? []) this.cancel(id)
       }
-      for (const [e, error] of this.failedRows) this.leave(e, { kind: 'failed', error })
-      this.failedRows.clear()
-      for (const e of [...batch]) {
-        if (e.seq.finished && this.known.has(e.request.id))
-          this.leave(e, {
+      for (const o of outputs) {
+        if (o.kind === 'failed') this.leave(o.entry, { kind: 'failed', error: o.error })
+        else if (o.finished && this.known.has(o.entry.request.id))
+          this.leave(o.entry, {
             kind: 'finished',
-            result: sequenceResult(e.seq, this.engine.config.num_local_experts),
+            result: sequenceResult(o.entry.seq, this.engine.config.num_local_experts),
           })
       }
     }
+  }
+
+  /**
+   * The next step: a prefill of waiting sequences admitted into free slots when one is due,
+   * else a decode of every running sequence; null when there is nothing to run.
+   */
+  private schedule(): StepPlan | null {
+    if (this.runningList.length === 0 && this.waitingQueue.size === 0) return null
+    const admitted = this.prefillDue() ? this.admit() : []
+    const kind = admitted.length > 0 ? 'prefill' : 'decode'
+    const entries = kind === 'prefill' ? admitted : [...this.runningList]
+    this.lastWasPrefill = kind === 'prefill'
+    this.stepsWaited = kind === 'decode' && this.waitingQueue.size > 0 ? this.stepsWaited + 1 : 0
+    const rows = entries.map((e) => ({
+      slot: e.seq.slot,
+      tokens: e.seq.nextInput(),
+      pastLength: e.seq.pastLength,
+      allowedExperts: e.seq.params.allowedExperts,
+    }))
+    return { kind, entries, rows }
+  }
+
+  /** Takes each row's token from the step's logits: what the step did to each sequence. */
+  private update(plan: StepPlan, out: StepOutput): SequenceOutput[] {
+    return plan.entries.map((entry, i): SequenceOutput => {
+      try {
+        const token = this.engine.acceptRow(entry.seq, plan.rows[i]!, out, i)
+        return { entry, kind: 'token', token, finished: entry.seq.finished }
+      } catch (error) {
+        // One row's failure (e.g. logits it cannot sample from) ends that sequence only.
+        return { entry, kind: 'failed', error: error as Error }
+      }
+    })
   }
 
   /**

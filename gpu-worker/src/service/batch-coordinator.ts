@@ -103,7 +103,7 @@ export class BatchCoordinator {
       const moved = await this.redis.moeBatchTransition(key, 'in_progress', 'in_progress', 'expiring', '1')
       if (moved === null) return { removed: 0, stopped: 0 }
     }
-    const deps = await this.redis.smembers(`${this.prefix}:${BATCH_QUEUE}:${c.batchId}:dependencies`)
+    const deps = await this.unprocessedChildren(c.batchId)
     let removed = 0
     const running: string[] = []
     await Promise.all(
@@ -121,6 +121,20 @@ export class BatchCoordinator {
       'batch children stopped',
     )
     return { removed, stopped: running.length }
+  }
+
+  /** The keys of a batch's children that have not finished (SSCAN pages may repeat a key). */
+  private async unprocessedChildren(batchId: string): Promise<string[]> {
+    const parent = await this.queue(BATCH_QUEUE).getJob(batchId)
+    if (!parent) return []
+    const keys = new Set<string>()
+    let cursor = 0
+    do {
+      const page = await parent.getDependencies({ unprocessed: { cursor, count: 1000 } })
+      for (const k of page.unprocessed ?? []) keys.add(k)
+      cursor = page.nextUnprocessedCursor ?? 0
+    } while (cursor !== 0)
+    return [...keys]
   }
 
   /** Every child has finished or been removed: write the files, settle the status, send the event. */
