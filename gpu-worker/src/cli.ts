@@ -1,5 +1,7 @@
+import { readFileSync } from 'node:fs'
 import { parseArgs } from 'node:util'
 import { type GenerateRequest, MoeEngine } from './engine/engine.ts'
+import { evaluateText } from './engine/evaluate.ts'
 import { ModelDirError, openModelDir } from './engine/model-dir.ts'
 import { ensureExported } from './engine/onnx-export.ts'
 import { BENCH_CONFIG, TINY_CONFIG, writeRandomMixtral } from './engine/random-model.ts'
@@ -16,6 +18,8 @@ commands:
       Export the model to ONNX (cached next to the model) and print where.
   make-model --out DIR [--preset tiny|bench] [--seed N]
       Write a deterministic random-weight Mixtral in the Hugging Face layout.
+  eval --model DIR --text-file F [--window N] [--experts 0,2,5] [--json] [--ep cpu|cuda|auto] [--threads N]
+      Held-out bits per byte of a text under the model, with the engine's own forward pass.
   serve [--pools a,b]
       Run the GPU worker service (see README).
 `
@@ -158,6 +162,50 @@ function makeModel(argv: string[]): void {
   console.log(`wrote a ${preset} random-weight Mixtral to ${values.out}`)
 }
 
+async function evalCommand(argv: string[]): Promise<void> {
+  const { values } = parseArgs({
+    args: argv,
+    strict: true,
+    options: {
+      model: { type: 'string' },
+      'text-file': { type: 'string' },
+      window: { type: 'string' },
+      experts: { type: 'string' },
+      json: { type: 'boolean' },
+      ep: { type: 'string' },
+      threads: { type: 'string' },
+    },
+  })
+  if (!values.model) throw new UsageError('eval needs --model DIR')
+  if (!values['text-file']) throw new UsageError('eval needs --text-file F')
+  let text: string
+  try {
+    text = readFileSync(values['text-file'], 'utf8')
+  } catch (e) {
+    throw new UsageError(`--text-file: cannot read ${values['text-file']}: ${(e as Error).message}`)
+  }
+  if (text.length === 0) throw new UsageError(`--text-file: ${values['text-file']} is empty`)
+  const window = num('window', values.window, { int: true, min: 2 })
+  const engine = await MoeEngine.load({
+    modelDir: values.model,
+    ep: ep(values.ep),
+    intraOpThreads: num('threads', values.threads, { int: true, min: 1 }),
+    maxBatch: 16,
+    maxContext: window === undefined ? 1024 : window + 1,
+    log: () => {},
+  })
+  try {
+    const r = await evaluateText(engine, text, { window, allowedExperts: intList('experts', values.experts) })
+    if (values.json) process.stdout.write(`${JSON.stringify(r)}\n`)
+    else
+      process.stdout.write(
+        `${r.bits_per_byte.toFixed(4)} bits per byte over ${r.bytes} bytes (${r.tokens} tokens in ${r.windows} windows; perplexity ${r.perplexity.toFixed(3)})\n`,
+      )
+  } finally {
+    await engine.close()
+  }
+}
+
 async function main(argv: string[]): Promise<void> {
   const [command, ...rest] = argv
   switch (command) {
@@ -167,6 +215,8 @@ async function main(argv: string[]): Promise<void> {
       return exportCommand(rest)
     case 'make-model':
       return makeModel(rest)
+    case 'eval':
+      return evalCommand(rest)
     case 'serve': {
       const { serve } = await import('./service/serve.ts')
       return serve(rest)
