@@ -20,6 +20,9 @@ commands:
       Write a deterministic random-weight Mixtral in the Hugging Face layout.
   eval --model DIR --text-file F [--window N] [--experts 0,2,5] [--json] [--ep cpu|cuda|auto] [--threads N]
       Held-out bits per byte of a text under the model, with the engine's own forward pass.
+  pull ORG/NAME [--revision R] [--dir DIR]
+      Download the files the engine needs from a Hugging Face hub (HF_ENDPOINT, HF_TOKEN),
+      resuming an interrupted pull and verifying every checksum.
   serve [--pools a,b]
       Run the GPU worker service (see README).
 `
@@ -206,6 +209,35 @@ async function evalCommand(argv: string[]): Promise<void> {
   }
 }
 
+async function pullCommand(argv: string[]): Promise<void> {
+  const { values, positionals } = parseArgs({
+    args: argv,
+    strict: true,
+    allowPositionals: true,
+    options: { revision: { type: 'string' }, dir: { type: 'string' } },
+  })
+  if (positionals.length !== 1) throw new UsageError('pull needs exactly one repository, ORG/NAME')
+  const { pullModel, PullError } = await import('./hub/pull.ts')
+  try {
+    const r = await pullModel({
+      repo: positionals[0]!,
+      revision: values.revision,
+      dir: values.dir,
+      endpoint: process.env.HF_ENDPOINT,
+      token: process.env.HF_TOKEN,
+      log: (line) => console.error(line),
+    })
+    const bytes = r.files.reduce((a, f) => a + f.bytes, 0)
+    console.log(`${r.dir}: ${r.files.length} files, ${bytes} bytes, every checksum verified`)
+  } catch (e) {
+    if (e instanceof PullError) {
+      console.error(`moe pull: ${e.message}`)
+      process.exit(1)
+    }
+    throw e
+  }
+}
+
 async function main(argv: string[]): Promise<void> {
   const [command, ...rest] = argv
   switch (command) {
@@ -217,6 +249,8 @@ async function main(argv: string[]): Promise<void> {
       return makeModel(rest)
     case 'eval':
       return evalCommand(rest)
+    case 'pull':
+      return pullCommand(rest)
     case 'serve': {
       const { serve } = await import('./service/serve.ts')
       return serve(rest)
