@@ -61,6 +61,18 @@ describe('Sampler', () => {
     expect(() => argmax(Float32Array.from([Number.NaN, Number.NEGATIVE_INFINITY]))).toThrow(/no usable/)
   })
 
+  it('is greedy at a vanishing temperature instead of returning token 0 from NaN weights', () => {
+    const peaked = Float32Array.from([0.1, 0.3, 9, 0.2, Number.NaN])
+    for (const temperature of [5e-324, 1e-300, 1e-6]) {
+      const sampler = new Sampler(params({ temperature, topP: 0.9, topK: 3, seed: 3 }))
+      for (let i = 0; i < 20; i++) expect(sampler.sample(peaked)).toBe(2)
+      const plain = new Sampler(params({ temperature, topP: 1, topK: 0, seed: 3 }))
+      expect(plain.sample(peaked)).toBe(2)
+    }
+    // Just above the threshold the filters still run and stay finite.
+    expect(new Sampler(params({ temperature: 2e-5, seed: 1 })).sample(peaked)).toBe(2)
+  })
+
   it('repeats itself for a seed over 200 draws, and differs for another seed', () => {
     const big = randomLogits(500, 1)
     const run = (seed: number) => {

@@ -47,6 +47,9 @@ export function argmax(logits: Float32Array): number {
   return best
 }
 
+/** Temperatures below this sample greedily (vLLM's sampling epsilon). */
+export const GREEDY_BELOW_TEMPERATURE = 1e-5
+
 /** Picks each next token of one sequence: temperature, then top-k, then top-p, then one seeded draw. */
 export class Sampler {
   readonly params: Readonly<SamplingParams>
@@ -69,7 +72,8 @@ export class Sampler {
     const { temperature, topP, topK } = this.params
     const vocab = logits.length
     if (vocab === 0) throw new Error('Cannot sample from empty logits')
-    if (temperature === 0) return argmax(logits)
+    // A vanishing temperature (5e-324) would make 1/T infinite and every weight NaN: it is greedy.
+    if (temperature < GREEDY_BELOW_TEMPERATURE) return argmax(logits)
     // Exactly one draw per sampled token, whatever the filters keep, so the n-th token always uses the
     // n-th draw of the seed's stream.
     const u = this.#random.nextDouble()
