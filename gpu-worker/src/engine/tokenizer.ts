@@ -89,6 +89,10 @@ export class ChatTokenizer {
   readonly modelMaxLength: number | null
   readonly specialTokenIds: ReadonlySet<number>
   readonly #tokenizer: Tokenizer
+  /** The same tokenizer blind to special tokens: user text is encoded with it. */
+  readonly #plain: Tokenizer
+  /** Special tokens' texts, longest first (so `<|im_start|>` wins over a prefix of it). */
+  readonly #specialTexts: string[]
   readonly #template: Template | null
   readonly #cleanUpSpaces: boolean
 
@@ -136,6 +140,9 @@ export class ChatTokenizer {
     }
     try {
       this.#tokenizer = new Tokenizer(libraryJson, libraryConfig)
+      // HF's split_special_tokens: text that spells a special token is just text.
+      const ordinary = libraryJson.added_tokens.filter((t) => !t.special)
+      this.#plain = new Tokenizer({ ...libraryJson, added_tokens: ordinary }, libraryConfig)
     } catch (error) {
       throw new Error(`${sources.tokenizerJson} could not be loaded: ${(error as Error).message}`)
     }
@@ -159,7 +166,9 @@ export class ChatTokenizer {
     this.modelMaxLength =
       cfg.model_max_length != null && cfg.model_max_length < 1e12 ? cfg.model_max_length : null
     this.#cleanUpSpaces = cfg.clean_up_tokenization_spaces ?? false
-    this.specialTokenIds = new Set(json.data.added_tokens.filter((t) => t.special).map((t) => t.id))
+    const specials = json.data.added_tokens.filter((t) => t.special)
+    this.specialTokenIds = new Set(specials.map((t) => t.id))
+    this.#specialTexts = specials.map((t) => t.content).sort((a, b) => b.length - a.length)
 
     const templateSource = options.chatTemplate ?? pickTemplate(cfg.chat_template)
     try {
@@ -175,10 +184,9 @@ export class ChatTokenizer {
       tokenizerJson: join(dir, 'tokenizer.json'),
       tokenizerConfig: join(dir, 'tokenizer_config.json'),
     }
-    const [tokenizerJson, tokenizerConfig] = await Promise.all([
-      readJson(sources.tokenizerJson),
-      readJson(sources.tokenizerConfig),
-    ])
+    // One after the other, so a directory missing both names tokenizer.json, whichever reads faster.
+    const tokenizerJson = await readJson(sources.tokenizerJson)
+    const tokenizerConfig = await readJson(sources.tokenizerConfig)
     const templateFile = join(dir, 'chat_template.jinja')
     const chatTemplate = existsSync(templateFile) ? await readFile(templateFile, 'utf8') : undefined
     return new ChatTokenizer(tokenizerJson, tokenizerConfig, { sources, chatTemplate })
@@ -188,10 +196,37 @@ export class ChatTokenizer {
     return this.#template !== null
   }
 
-  /** Token ids of `text`; no bos/eos is added, but special tokens written in the text are recognised. */
+  /**
+   * Token ids of `text`, with no bos/eos added. Text that spells a special token (`</s>`,
+   * `[INST]`, `<|im_start|>`) is encoded as the text it is, never as the control token: users
+   * cannot end a sequence or forge a turn by writing one.
+   */
   encode(text: string): number[] {
     if (text.length === 0) return []
-    return this.#tokenizer.encode(text, { add_special_tokens: false }).ids
+    return this.#plain.encode(text, { add_special_tokens: false }).ids
+  }
+
+  /** Token ids of text whose special-token spellings are control tokens (a chat template's output). */
+  #encodeTrusted(text: string, untrusted: ReadonlyMap<string, string>): number[] {
+    const ids: number[] = []
+    let piece = ''
+    const flush = () => {
+      for (const [sentinel, content] of untrusted) piece = piece.replaceAll(sentinel, content)
+      ids.push(...this.encode(piece))
+      piece = ''
+    }
+    for (let i = 0; i < text.length; ) {
+      const special = this.#specialTexts.find((t) => text.startsWith(t, i))
+      if (special === undefined) {
+        piece += text[i++]
+        continue
+      }
+      flush()
+      ids.push(this.#tokenizer.token_to_id(special)!)
+      i += special.length
+    }
+    flush()
+    return ids
   }
 
   decode(ids: readonly number[], options: DecodeOptions = {}): string {
@@ -234,9 +269,21 @@ export class ChatTokenizer {
     }
   }
 
-  /** Prompt ids for a chat: the template's `<s>` text becomes the bos id, like any special token in text. */
+  /**
+   * Prompt ids for a chat. The template is rendered with each message's text stood in for by a
+   * random sentinel, so the special tokens the template writes become control tokens while
+   * those the users wrote stay text; the text between control tokens is encoded whole, so
+   * merges across the template's and the message's text are as the model was trained.
+   */
   encodeChat(messages: readonly ChatMessage[], options: { addGenerationPrompt?: boolean } = {}): number[] {
-    return this.encode(this.applyChatTemplate(messages, options))
+    const nonce = Math.random().toString(36).slice(2, 12)
+    const untrusted = new Map<string, string>()
+    const stood = messages.map((m, i) => {
+      const sentinel = `\u{F0000}${nonce}:${i}\u{F0001}`
+      untrusted.set(sentinel, messageText(m.content))
+      return { ...m, content: sentinel }
+    })
+    return this.#encodeTrusted(this.applyChatTemplate(stood, options), untrusted)
   }
 
   /** Prompt ids for a raw completion; bos is prepended when the model adds one (add_bos_token). */
