@@ -21,6 +21,8 @@ export class ThreadedEngine extends StepEngine {
     { resolve: (o: StepOutput) => void; reject: (e: Error) => void }
   >()
   private failure: Error | null = null
+  private closing = false
+  private readonly deathListeners: Array<(e: Error) => void> = []
 
   private constructor(init: ConstructorParameters<typeof StepEngine>[0] & { worker: Worker }) {
     super(init)
@@ -76,9 +78,24 @@ export class ThreadedEngine extends StepEngine {
   }
 
   private fail(e: Error): void {
+    const first = this.failure === null
     this.failure ??= e
     for (const p of this.pending.values()) p.reject(e)
     this.pending.clear()
+    if (first && !this.closing) for (const listener of this.deathListeners) listener(e)
+  }
+
+  /**
+   * Calls `listener` once if the engine thread dies other than by close(): every forward
+   * pass would fail from then on, so the process should stop taking work.
+   */
+  onDeath(listener: (e: Error) => void): void {
+    this.deathListeners.push(listener)
+  }
+
+  /** Stops the thread at once, without waiting for a pass in flight (which then fails). */
+  async terminate(): Promise<void> {
+    await this.worker.terminate()
   }
 
   private send(m: EngineRequest): void {
@@ -100,6 +117,7 @@ export class ThreadedEngine extends StepEngine {
 
   async close(): Promise<void> {
     if (this.failure) return
+    this.closing = true
     this.send({ op: 'close' })
     await new Promise((r) => this.worker.once('exit', r))
   }

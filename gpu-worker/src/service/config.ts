@@ -49,6 +49,8 @@ export const WorkerEnv = z
       .default(QUEUE_PREFIX),
     MOE_LOCK_MS: int(1000, 600_000).default(30_000),
     MOE_STALLED_INTERVAL_MS: int(500, 600_000).default(15_000),
+    /** Times a job may lose its worker (lock expired) and go back to the queue before it fails. */
+    MOE_MAX_STALLED_COUNT: int(0, 100).default(2),
     MOE_DRAIN_TIMEOUT_MS: int(0, 3_600_000).default(30_000),
     MOE_CANCEL_POLL_MS: int(10, 600_000).default(1000),
     MOE_LOG_LEVEL: z.enum(['trace', 'debug', 'info', 'warn', 'error', 'fatal', 'silent']).default('info'),
@@ -84,6 +86,7 @@ export const WorkerEnv = z
       queuePrefix: e.MOE_QUEUE_PREFIX,
       lockMs: e.MOE_LOCK_MS,
       stalledIntervalMs: e.MOE_STALLED_INTERVAL_MS,
+      maxStalledCount: e.MOE_MAX_STALLED_COUNT,
       drainTimeoutMs: e.MOE_DRAIN_TIMEOUT_MS,
       cancelPollMs: e.MOE_CANCEL_POLL_MS,
       logLevel: e.MOE_LOG_LEVEL,

@@ -55,9 +55,33 @@ export class PoolConsumer {
       concurrency: c.maxBatch,
       lockDuration: c.lockMs,
       stalledInterval: c.stalledIntervalMs,
-      maxStalledCount: 2,
+      maxStalledCount: c.maxStalledCount,
     })
     this.worker.on('error', (err) => this.log.error({ pool: pool.name, err: err.message }, 'worker error'))
+    this.worker.on('failed', (job, err) => {
+      if (job)
+        void this.endAbandoned(job, err).catch((e) =>
+          this.log.warn({ err: String(e) }, 'could not end stream'),
+        )
+    })
+  }
+
+  /**
+   * BullMQ fails some jobs without running them here: one that stalled past the limit (its
+   * worker died or hung, more than once) is failed by the next worker that takes it. Its stream
+   * then has no end, and a live client would wait out its whole timeout: write one, unless the
+   * job's own run already did.
+   */
+  private async endAbandoned(job: Job, err: Error): Promise<void> {
+    if (!job.id || !(err instanceof UnrecoverableError)) return
+    if ((await this.streams.resumePoint(job.id)).end) return
+    this.log.warn({ jobId: job.id, err: err.message }, 'job abandoned by BullMQ: ending its stream')
+    this.streams.end(job.id, {
+      type: 'error',
+      code: 'internal_error',
+      message: 'The request was abandoned after its worker stopped responding; please retry it.',
+    })
+    await this.streams.flush()
   }
 
   /** Takes no new jobs; those in hand go on. */

@@ -14,7 +14,10 @@ export async function serve(argv: string[]): Promise<void> {
   }
   let service: WorkerService
   try {
-    service = new WorkerService(loadWorkerConfig(process.env, pools))
+    // A dead engine makes this process useless: drain what can be, then exit 1 for a restart.
+    service = new WorkerService(loadWorkerConfig(process.env, pools), undefined, () =>
+      stop('engine failure', 1),
+    )
   } catch (e) {
     if (e instanceof ConfigError) {
       console.error(`moe serve: configuration error:\n${e.message}`)
@@ -24,12 +27,12 @@ export async function serve(argv: string[]): Promise<void> {
   }
   let batchServices: { close(): Promise<void> } | null = null
   let stopping = false
-  const stop = (signal: string) => {
+  function stop(reason: string, code = 0) {
     if (stopping) return
     stopping = true
-    service.log.info({ signal }, 'stopping')
+    service.log.info({ reason }, 'stopping')
     Promise.all([service.close(), batchServices?.close()]).then(
-      () => process.exit(0),
+      () => process.exit(code),
       (err) => {
         service.log.error({ err: String(err) }, 'error while draining')
         process.exit(1)

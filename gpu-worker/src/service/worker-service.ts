@@ -1,6 +1,7 @@
 import { JOB_CANCEL_CHANNEL } from '@moe/shared'
 import { Redis } from 'ioredis'
 import pino, { type Logger } from 'pino'
+import { ThreadedEngine } from '../engine/threaded-engine.ts'
 import type { WorkerConfig } from './config.ts'
 import { startHealthServer } from './health-server.ts'
 import { WorkerMetrics } from './metrics.ts'
@@ -22,12 +23,17 @@ export class WorkerService {
   private subscriber: Redis | null = null
   private draining = false
   private ready = false
+  /** Set when an engine died: the process takes no more work and should exit non-zero. */
+  private engineFailure: Error | null = null
+  private readonly onFatal: (err: Error) => void
   healthPort = 0
   private closeHealth: (() => Promise<void>) | null = null
 
-  constructor(config: WorkerConfig, log?: Logger) {
+  /** `onFatal` hears of a failure the process cannot recover from (`moe serve` exits 1). */
+  constructor(config: WorkerConfig, log?: Logger, onFatal: (err: Error) => void = () => {}) {
     this.config = config
     this.log = log ?? pino({ level: config.logLevel, base: { service: 'gpu-worker' } })
+    this.onFatal = onFatal
   }
 
   async start(): Promise<void> {
@@ -36,6 +42,8 @@ export class WorkerService {
     this.redis.on('error', (err) => this.log.warn({ err: err.message }, 'redis connection error'))
     const streams = new TokenStreamWriter(this.redis)
     this.runtimes = await loadModelRuntimes(c, streams, this.metrics, this.log)
+    for (const r of this.runtimes.values())
+      if (r.engine instanceof ThreadedEngine) r.engine.onDeath((err) => this.engineDied(r, err))
     this.subscriber = this.redis.duplicate()
     this.subscriber.on('message', (_channel: string, jobId: string) => {
       for (const r of this.runtimes.values()) r.scheduler.cancel(jobId)
@@ -54,10 +62,37 @@ export class WorkerService {
     this.log.info({ pools: c.pools.map((p) => p.name), metricsPort: health.port }, 'gpu worker serving')
   }
 
+  /**
+   * An engine thread died: every job this process took would now fail at once, faster than
+   * healthy workers could take them. Stop taking jobs, report unhealthy, and let the
+   * supervisor restart the process; jobs in flight fail retryably and run elsewhere.
+   */
+  private engineDied(runtime: ModelRuntime, err: Error): void {
+    if (this.engineFailure) return
+    this.engineFailure = err
+    this.log.fatal({ model: runtime.modelDir, err: err.message }, 'engine thread died; taking no more jobs')
+    for (const c of this.consumers) void c.pause().catch(() => {})
+    this.onFatal(err)
+  }
+
+  /** The runtime serving a pool (for health reports and tests). */
+  runtimeFor(pool: string): ModelRuntime | undefined {
+    const p = this.config.pools.find((x) => x.name === pool)
+    return p && this.runtimes.get(p.modelDir)
+  }
+
   health() {
+    const status = this.engineFailure
+      ? 'engine_failed'
+      : this.draining
+        ? 'draining'
+        : this.ready
+          ? 'ok'
+          : 'starting'
     return {
-      ok: this.ready && !this.draining,
-      status: this.draining ? 'draining' : this.ready ? 'ok' : 'starting',
+      ok: status === 'ok',
+      status,
+      ...(this.engineFailure && { error: this.engineFailure.message }),
       pools: this.config.pools.map((p) => p.name),
       models: [...this.runtimes.values()].map((r) => ({
         modelDir: r.modelDir,
