@@ -146,6 +146,30 @@ describe('continuous batching scheduler', () => {
     expect(o.kind === 'finished' && o.result.outputIds).toEqual(solo.outputIds)
   })
 
+  it('polls the cancel keys of waiting requests too, not only running ones', async () => {
+    const polled = new Set<string>()
+    const scheduler = new BatchScheduler(engine, {
+      maxBatch: 1,
+      hooks: {
+        pollCancels: async (ids) => {
+          for (const id of ids) polled.add(id)
+          return ids.filter((id) => id === 'queued')
+        },
+      },
+    })
+    const running = request('running', 't', prompt(5), params(5, { maxTokens: 40, ignoreEos: true }))
+    const queued = request('queued', 'u', prompt(6), params(6))
+    scheduler.submit(running.req)
+    scheduler.submit(queued.req)
+    const outcome = await queued.done
+    expect(outcome.kind).toBe('cancelled')
+    expect(queued.tokens).toHaveLength(0)
+    expect(polled.has('queued')).toBe(true)
+    // It left while the one slot was still busy with the running request.
+    expect(running.tokens.length).toBeLessThan(40)
+    expect((await running.done).kind).toBe('finished')
+  })
+
   it('refuses requests that cannot fit the context, saying why', () => {
     const scheduler = new BatchScheduler(engine, { maxBatch: 4 })
     const r = request('long', 't', Array(250).fill(5), params(1, { maxTokens: 10 }))

@@ -36,7 +36,7 @@ export interface StepStats {
 
 export interface SchedulerHooks {
   /**
-   * Asked as each step starts, with the running ids; answers the ids to
+   * Asked as each step starts, with the running and waiting ids; answers the ids to
    * cancel (e.g. those whose cancel key is set). The answer is awaited after
    * the forward pass, so its round trip overlaps the compute, and applied at
    * the next step boundary.
@@ -185,7 +185,10 @@ export class BatchScheduler {
       this.applyCancels()
       const plan = this.schedule()
       if (!plan) break
-      const poll = this.hooks.pollCancels?.(this.runningList.map((e) => e.request.id))
+      // Waiting requests too: a cancel whose publish was missed must not wait for admission.
+      const poll = this.hooks.pollCancels?.(
+        [...this.runningList, ...this.waitingQueue].map((e) => e.request.id),
+      )
       let outputs: SequenceOutput[]
       try {
         const out = await this.engine.forward(plan.rows)

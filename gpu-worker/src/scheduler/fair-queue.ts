@@ -43,6 +43,11 @@ export class FairQueue<T extends { tenantId: string }> {
     return item
   }
 
+  /** Every waiting item, in no particular order. */
+  *[Symbol.iterator](): IterableIterator<T> {
+    for (const q of this.queues.values()) yield* q
+  }
+
   /** Removes and returns the items matching `pred` (cancellations). */
   remove(pred: (item: T) => boolean): T[] {
     const removed: T[] = []
