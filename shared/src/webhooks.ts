@@ -112,11 +112,11 @@ export function classifyIp(ip: string): AddressClass | null {
     const inner = classifyV4(embeddedV4(v6, 2)) // 2002:AABB:CCDD::/48
     return inner === 'public' ? 'public' : inner
   }
-  const cls = IPV6_CLASS[range]
-  if (cls) return cls
-  // Deprecated IPv4-compatible ::a.b.c.d (ipaddr.js files it under 'reserved').
-  if (v6.parts.slice(0, 6).every((x) => x === 0)) return classifyV4(embeddedV4(v6, 12))
-  return 'reserved'
+  // Deprecated IPv4-compatible ::a.b.c.d: a URL writes it as [::7f00:1], which ipaddr.js calls
+  // unicast, so it is judged by the IPv4 address inside before the range lookup (:: and ::1 aside).
+  if (range !== 'loopback' && range !== 'unspecified' && v6.parts.slice(0, 6).every((x) => x === 0))
+    return classifyV4(embeddedV4(v6, 12))
+  return IPV6_CLASS[range] ?? 'reserved'
 }
 
 /** Host names that never point at the public internet. */

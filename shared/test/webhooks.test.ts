@@ -15,6 +15,10 @@ describe('webhook address classification', () => {
     ['2002:7f00:1::', 'loopback'], // 6to4 of 127.0.0.1
     ['fe80::1', 'link-local'],
     ['fd00::1', 'private'],
+    ['::7f00:1', 'loopback'], // IPv4-compatible ::127.0.0.1, as a URL spells it
+    ['::a9fe:a9fe', 'metadata'], // ::169.254.169.254
+    ['::a00:1', 'private'], // ::10.0.0.1
+    ['::', 'reserved'],
   ])('%s is %s', (ip, kind) => {
     expect(classifyIp(ip)).toBe(kind)
   })
@@ -32,6 +36,10 @@ describe('webhook address classification', () => {
     expect(checkWebhookUrl('https://user:pw@example.com/hook', prod)).not.toBeNull()
     expect(checkWebhookUrl('https://[64:ff9b::a9fe:a9fe]/', prod)).not.toBeNull()
     expect(checkWebhookUrl('https://metadata.google.internal/', prod)).not.toBeNull()
+    expect(checkWebhookUrl('https://[::7f00:1]/', prod)).toMatch(/loopback/)
+    expect(checkWebhookUrl('https://[::127.0.0.1]/', prod)).toMatch(/loopback/)
+    expect(checkWebhookUrl('https://[::169.254.169.254]/', prod)).toMatch(/metadata/)
+    expect(classifyIp('::808:808')).toBe('public') // ::8.8.8.8
     expect(checkWebhookUrl('http://127.0.0.1:9999/hook', { allowLoopback: true })).toBeNull()
   })
 })
