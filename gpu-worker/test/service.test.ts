@@ -218,8 +218,11 @@ describe('GPU worker service', () => {
       'moe_inter_token_latency_seconds_bucket',
       'moe_generated_tokens_total',
       'moe_queue_wait_seconds_bucket',
+      'moe_batch_occupancy',
     ])
       expect(text).toContain(name)
+    expect(text).toMatch(/moe_request_duration_seconds_count\{pool="general"\} [1-9]/)
+    expect(text).toMatch(/moe_queue_depth\{pool="general",priority="live"\} 0/)
     expect(text).toMatch(/moe_expert_tokens_total\{pool="code",layer="0",expert="(0|2|5|7)"\} \d+/)
     expect(text).not.toMatch(/moe_expert_tokens_total\{pool="code",layer="\d",expert="(1|3|4|6)"\}/)
   })

@@ -50,6 +50,10 @@ describe('worker faults', () => {
     await client.add(p, { attempts: 2 })
     await new Promise((r) => setTimeout(r, 800))
     expect(['waiting', 'prioritized']).toContain(await client.queue('general').getJobState(p.requestId!))
+    // The queue-depth gauge (what an autoscaler reads) counts it.
+    const metrics = await (await fetch(`http://127.0.0.1:${service.healthPort}/metrics`)).text()
+    expect(metrics).toContain('moe_queue_depth{pool="general",priority="live"} 1')
+    expect(metrics).toContain('moe_queue_depth{pool="general",priority="batch"} 0')
   })
 
   it('a job that stalled past the limit gets a final error event, so clients stop waiting', async () => {

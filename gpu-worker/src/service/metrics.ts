@@ -89,6 +89,36 @@ export class WorkerMetrics {
     registers: [this.registry],
   })
 
+  readonly requestDuration = new Histogram({
+    name: 'moe_request_duration_seconds',
+    help: 'End to end: from the edge accepting the request to its last token (vLLM: e2e_request_latency)',
+    labelNames: ['pool'],
+    buckets: [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300],
+    registers: [this.registry],
+  })
+  readonly batchOccupancy = new Gauge({
+    name: 'moe_batch_occupancy',
+    help: 'Running sequences as a share of the batch the worker allows (MOE_MAX_BATCH)',
+    labelNames: ['model'],
+    registers: [this.registry],
+  })
+  /** Read from Redis at each scrape (see WorkerService), so an autoscaler sees the queue itself. */
+  readonly queueDepth = new Gauge({
+    name: 'moe_queue_depth',
+    help: 'Jobs queued for a pool and not yet taken by a worker, by priority (live, batch)',
+    labelNames: ['pool', 'priority'],
+    registers: [this.registry],
+    collect: async () => {
+      await this.queueDepthSource?.()
+    },
+  })
+  private queueDepthSource: (() => Promise<void>) | null = null
+
+  /** Sets what fills moe_queue_depth at scrape time. */
+  collectQueueDepth(source: () => Promise<void>): void {
+    this.queueDepthSource = source
+  }
+
   /** Adds a finished sequence's expert-load matrix [layer][expert]. */
   addExpertLoad(pool: string, load: number[][]): void {
     load.forEach((row, layer) => {

@@ -72,6 +72,7 @@ async function loadModelRuntime(
         metrics.requestsWaiting.set({ model }, scheduler.waiting)
         metrics.kvCacheBytes.set({ model }, engine.kvBytes)
         metrics.kvCacheUsage.set({ model }, scheduler.running / engine.maxBatch)
+        metrics.batchOccupancy.set({ model }, scheduler.running / scheduler.maxBatch)
         // Sent behind the next step; the job awaits the chain before it completes.
         streams.flush().catch((err) => log.error({ err: String(err) }, 'writing token events failed'))
       },

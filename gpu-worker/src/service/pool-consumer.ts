@@ -157,6 +157,10 @@ export class PoolConsumer {
         this.metrics.requests.inc({ pool: pool.name, outcome: r.finishReason })
         this.metrics.addExpertLoad(pool.name, r.expertLoad)
         this.metrics.promptTokens.inc({ pool: pool.name }, r.usage.promptTokens)
+        this.metrics.requestDuration.observe(
+          { pool: pool.name },
+          Math.max(0, Date.now() - payload.createdAt) / 1000,
+        )
         log.info(
           { finishReason: r.finishReason, usage: r.usage, ttftMs: Math.round(r.timings.timeToFirstTokenMs) },
           'job done',

@@ -1,4 +1,5 @@
-import { JOB_CANCEL_CHANNEL } from '@moe/shared'
+import { JOB_CANCEL_CHANNEL, JOB_PRIORITY, poolQueueName } from '@moe/shared'
+import { Queue } from 'bullmq'
 import { Redis } from 'ioredis'
 import pino, { type Logger } from 'pino'
 import { ThreadedEngine } from '../engine/threaded-engine.ts'
@@ -19,6 +20,8 @@ export class WorkerService {
   readonly metrics = new WorkerMetrics()
   private runtimes = new Map<string, ModelRuntime>()
   private readonly consumers: PoolConsumer[] = []
+  /** Read-only handles on the pools' queues, for the queue-depth gauge. */
+  private readonly queues: Queue[] = []
   private redis!: Redis
   private subscriber: Redis | null = null
   private draining = false
@@ -55,6 +58,9 @@ export class WorkerService {
         new PoolConsumer(pool, runtime, { config: c, streams, metrics: this.metrics, log: this.log }),
       )
     }
+    for (const pool of c.pools)
+      this.queues.push(new Queue(poolQueueName(pool.name), { connection: this.redis, prefix: c.queuePrefix }))
+    this.metrics.collectQueueDepth(() => this.collectQueueDepth())
     const health = await startHealthServer(c.metricsHost, c.metricsPort, this.metrics, this)
     this.healthPort = health.port
     this.closeHealth = () => new Promise((r) => health.server.close(() => r()))
@@ -103,6 +109,19 @@ export class WorkerService {
     }
   }
 
+  /** Every job priority the edge uses is a BullMQ priority, so all queued jobs are counted here. */
+  private async collectQueueDepth(): Promise<void> {
+    const priorities = Object.entries(JOB_PRIORITY)
+    await Promise.all(
+      this.queues.map(async (q, i) => {
+        const counts = await q.getCountsPerPriority(priorities.map(([, n]) => n))
+        const pool = this.config.pools[i]!.name
+        for (const [name, n] of priorities)
+          this.metrics.queueDepth.set({ pool, priority: name }, counts[n] ?? 0)
+      }),
+    )
+  }
+
   private get inFlight(): number {
     return this.consumers.reduce((n, c) => n + c.inFlight.size, 0)
   }
@@ -124,6 +143,7 @@ export class WorkerService {
     for (const r of this.runtimes.values()) await r.scheduler.idle()
     while (this.inFlight > 0) await new Promise((r) => setTimeout(r, 10))
     await Promise.all(this.consumers.map((c) => c.close()))
+    await Promise.all(this.queues.map((q) => q.close()))
     await this.closeHealth?.()
     for (const r of this.runtimes.values()) await r.engine.close().catch(() => {})
     await this.subscriber?.quit().catch(() => {})
