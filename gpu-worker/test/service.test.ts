@@ -205,6 +205,20 @@ describe('GPU worker service', () => {
     expect(total).toBe((d.usage.promptTokens + d.usage.completionTokens - 1) * 2)
   })
 
+  it('writes no token events for a job that asks for none (batch lines), only the final event', async () => {
+    const p = payload('general', { streamTokens: false })
+    await client.add(p)
+    const events = await client.events(p.requestId!)
+    expect(events).toHaveLength(1)
+    const d = done(events)!
+    expect(d.usage.completionTokens).toBeGreaterThan(0)
+    const streamed = payload('general', { requestId: `${p.requestId}-streamed`, streamTokens: true })
+    await client.add(streamed)
+    const withTokens = await client.events(streamed.requestId!)
+    expect(done(withTokens)!.text).toBe(d.text)
+    expect(tokens(withTokens).map((t) => t.text).join('')).toBe(d.text)
+  })
+
   it('exposes /healthz and Prometheus /metrics with expert load', async () => {
     const base = `http://127.0.0.1:${service.healthPort}`
     const health = await (await fetch(`${base}/healthz`)).json()

@@ -45,6 +45,12 @@ export const JobPayload = z.object({
   createdAt: z.number().int().positive(),
   /** Batch jobs run behind live traffic. */
   priority: z.enum(['live', 'batch']).default('live'),
+  /**
+   * Whether token events are written to the job's stream. Batch lines set false: nobody reads
+   * their tokens (the result is the job's return value), and a stream entry per token of a
+   * 50,000-line batch is Redis memory for nothing. The final event is written either way.
+   */
+  streamTokens: z.boolean().default(true),
 })
 export type JobPayload = z.infer<typeof JobPayload>
 export type JobPayloadInput = z.input<typeof JobPayload>

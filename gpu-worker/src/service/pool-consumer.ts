@@ -244,7 +244,7 @@ export class PoolConsumer {
             last = now
             this.metrics.generatedTokens.inc(labels)
             // A retried job skips the indices its stream already holds.
-            if (t.index > lastIndex)
+            if (p.streamTokens && t.index > lastIndex)
               this.streams.token(p.requestId, {
                 type: 'token',
                 index: t.index,
