@@ -22,8 +22,16 @@ import {
   type EffectiveSampling,
   isDeterministic,
 } from './cache.ts'
-import type { Env } from './env.ts'
-import { type AppEnv, type Ctx, EdgeError, jsonBody, limitBody, log, requireJson } from './http.ts'
+import {
+  type AppEnv,
+  admissionOf,
+  type Ctx,
+  EdgeError,
+  jsonBody,
+  limitBody,
+  log,
+  requireJson,
+} from './http.ts'
 import { closeReader, jobEvents, openReader } from './job-events.ts'
 import {
   type Answer,
@@ -35,8 +43,8 @@ import {
   usageChunk,
 } from './openai-format.ts'
 import { POOLS } from './pools.ts'
-import type { AdmitRequest, JobMeta, JobStatus } from './redis-gateway.ts'
 import { choosePool, decideTask, modalitiesOf, routerFor } from './router/index.ts'
+import type { AdmitRequest, JobMeta, JobStatus } from './tenant-admission.ts'
 import { type Endpoint, requestedMaxTokens, validateBody } from './validate.ts'
 
 /** max_tokens when the request sets none (capped by the pool's limit). */
@@ -56,10 +64,6 @@ for (const path of API_PATHS) {
   })
   api.on(['POST', 'PUT', 'PATCH'], path, requireJson, limitBody)
 }
-
-/** The tenant's Durable Object, which holds a warm Redis connection (see redis-gateway.ts). */
-export const gatewayFor = (env: Env, tenantId: string) =>
-  env.REDIS_GATEWAY.get(env.REDIS_GATEWAY.idFromName(`tenant:${tenantId}`))
 
 // ---------------------------------------------------------------- models
 
@@ -198,8 +202,6 @@ function moeSummary(c: Ctx, r: Routed, cache: MoeSummary['cache'], done?: DoneEv
   return m
 }
 
-const liveTimeoutMs = (env: Env): number => (Number(env.LIVE_TIMEOUT_SECONDS) || 300) * 1000
-
 async function handleCompletion(
   c: Ctx,
   endpoint: Endpoint,
@@ -248,7 +250,7 @@ async function handleCompletion(
     model: r.pool.modelId,
     input: inputOf(r.req),
     sampling: { ...sampling, seed: sampling.seed ?? seedFromJobId(jobId) },
-    deadline: now + (asyncMode ? ASYNC_DEADLINE_MS : liveTimeoutMs(c.env)),
+    deadline: now + (asyncMode ? ASYNC_DEADLINE_MS : c.get('config').liveTimeoutMs),
     createdAt: now,
     priority: asyncMode ? 'batch' : 'live',
   }
@@ -268,8 +270,8 @@ async function handleCompletion(
     maxQueueDepth: r.pool.maxQueueDepth,
     idempotent: idem !== undefined,
   }
-  const reader = asyncMode ? null : openReader(c.env.REDIS_URL)
-  const gw = gatewayFor(c.env, tenant.id)
+  const reader = asyncMode ? null : openReader(c.get('config').redisUrl)
+  const gw = admissionOf(c.env, tenant.id)
   let admitted: Awaited<ReturnType<typeof gw.admit>>
   try {
     admitted = await gw.admit(admit)
@@ -514,7 +516,7 @@ const JOB_ID = /^[A-Za-z0-9_-]{1,128}$/
 api.get('/jobs/:id', async (c) => {
   const jobId = c.req.param('id')
   const tenant = c.get('principal').tenant
-  const s = JOB_ID.test(jobId) ? await gatewayFor(c.env, tenant.id).jobStatus(jobId, tenant.id) : null
+  const s = JOB_ID.test(jobId) ? await admissionOf(c.env, tenant.id).jobStatus(jobId, tenant.id) : null
   if (!s) throw new MoeError('not_found', `No job '${jobId}'`)
   return c.json(jobObject(jobId, s))
 })
@@ -523,7 +525,7 @@ api.get('/jobs/:id', async (c) => {
 api.delete('/jobs/:id', async (c) => {
   const jobId = c.req.param('id')
   const tenant = c.get('principal').tenant
-  const gw = gatewayFor(c.env, tenant.id)
+  const gw = admissionOf(c.env, tenant.id)
   const s = JOB_ID.test(jobId) ? await gw.jobStatus(jobId, tenant.id) : null
   if (!s) throw new MoeError('not_found', `No job '${jobId}'`)
   if (s.state === 'queued' || s.state === 'running') await gw.cancel(jobId)

@@ -6,6 +6,7 @@ import { admin } from './admin.ts'
 import { api } from './api.ts'
 import { randomBase62 } from './auth.ts'
 import { batchApi } from './batch-api.ts'
+import { withConfig } from './config.ts'
 import { type AppEnv, errorResponse, isRedisUnavailable, log, redisUnavailable } from './http.ts'
 
 export const app = new Hono<AppEnv>()
@@ -30,6 +31,7 @@ app.use(async (c, next) => {
     ...c.get('logFields'),
   })
 })
+app.use(withConfig)
 app.use(
   cors({
     origin: '*',
@@ -66,7 +68,9 @@ app.use(
   }),
 )
 
-app.get('/healthz', (c) => c.json({ status: 'ok', service: 'moe-edge', environment: c.env.ENVIRONMENT }))
+app.get('/healthz', (c) =>
+  c.json({ status: 'ok', service: 'moe-edge', environment: c.get('config').environment }),
+)
 app.route('/v1', api)
 app.route('/v1', batchApi)
 app.route('/admin', admin)

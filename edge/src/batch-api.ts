@@ -12,12 +12,11 @@ import {
   type TenantConfig,
 } from '@moe/shared'
 import { Hono } from 'hono'
-import { effectiveSampling, gatewayFor, inputOf } from './api.ts'
+import { effectiveSampling, inputOf } from './api.ts'
 import { authenticate, randomBase62 } from './auth.ts'
-import { batchOp } from './batch-store.ts'
 import type { EffectiveSampling } from './cache.ts'
-import type { Env } from './env.ts'
-import { type AppEnv, jsonBody, limitBody, requireJson } from './http.ts'
+import type { EdgeConfig } from './config.ts'
+import { type AppEnv, admissionOf, jsonBody, limitBody, requireJson } from './http.ts'
 import { POOLS } from './pools.ts'
 import { choosePool, decideTask, modalitiesOf, routerFor } from './router/index.ts'
 import { type Endpoint, validateBody } from './validate.ts'
@@ -39,10 +38,6 @@ for (const path of ['/files', '/files/*', '/batches', '/batches/*', '/webhooks/*
 }
 batchApi.post('/batches', requireJson, limitBody)
 
-const DEFAULT_MAX_LINES = 50_000
-const DEFAULT_MAX_BYTES = 20 * 1024 * 1024
-const maxLines = (env: Env) => Number(env.FILES_MAX_LINES) || DEFAULT_MAX_LINES
-const maxBytes = (env: Env) => Number(env.FILES_MAX_BYTES) || DEFAULT_MAX_BYTES
 const r2Key = (tenantId: string, fileId: string) => `files/${tenantId}/${fileId}`
 const FILE_ID = /^file-[A-Za-z0-9]{1,64}$/
 const BATCH_ID = /^batch_[A-Za-z0-9]{1,64}$/
@@ -77,9 +72,9 @@ function routeLine(tenant: TenantConfig, endpoint: Endpoint, body: unknown) {
  * url, a body valid for the tenant; limits on lines and bytes. The first problem is a 400
  * naming its line.
  */
-export function validateBatchFile(text: string, tenant: TenantConfig, env: Env): RoutedLine[] {
-  const limitLines = maxLines(env)
-  const limitBytes = maxBytes(env)
+export function validateBatchFile(text: string, tenant: TenantConfig, config: EdgeConfig): RoutedLine[] {
+  const limitLines = config.filesMaxLines
+  const limitBytes = config.filesMaxBytes
   const enc = new TextEncoder()
   const out: RoutedLine[] = []
   const seen = new Map<string, number>()
@@ -171,8 +166,9 @@ const fileObject = (
 batchApi.post('/files', async (c) => {
   const tenant = c.get('principal').tenant
   const declared = Number(c.req.header('content-length') ?? 0)
-  if (declared > maxBytes(c.env) + 64 * 1024)
-    throw new MoeError('payload_too_large', `The file is larger than the limit of ${maxBytes(c.env)} bytes`)
+  const { filesMaxBytes } = c.get('config')
+  if (declared > filesMaxBytes + 64 * 1024)
+    throw new MoeError('payload_too_large', `The file is larger than the limit of ${filesMaxBytes} bytes`)
   let form: FormData
   try {
     form = await c.req.raw.formData()
@@ -185,7 +181,7 @@ batchApi.post('/files', async (c) => {
   if (file === null || typeof file === 'string')
     throw bad('The form has no file field holding a file', 'file')
   const text = await file.text()
-  const lines = validateBatchFile(text, tenant, c.env)
+  const lines = validateBatchFile(text, tenant, c.get('config'))
   const id = `file-${randomBase62(24)}`
   const createdAt = Math.floor(Date.now() / 1000)
   const bytes = new TextEncoder().encode(text).length
@@ -223,7 +219,7 @@ async function findFile(env: Env, tenantId: string, id: string, withContent: boo
       }
     }
   }
-  const stored = await batchOp(gatewayFor(env, tenantId), 'getStoredFile', id, tenantId, withContent)
+  const stored = await admissionOf(env, tenantId).getStoredFile(id, tenantId, withContent)
   if (!stored) return null
   const m = stored.meta
   return { file: fileObject(id, m.bytes, m.created_at, m.filename, m.purpose), content: stored.content }
@@ -251,7 +247,7 @@ batchApi.delete('/files/:id', async (c) => {
     if (await c.env.FILES.head(r2Key(tenant.id, id))) {
       await c.env.FILES.delete(r2Key(tenant.id, id))
       deleted = true
-    } else deleted = await batchOp(gatewayFor(c.env, tenant.id), 'deleteStoredFile', id, tenant.id)
+    } else deleted = await admissionOf(c.env, tenant.id).deleteStoredFile(id, tenant.id)
   }
   if (!deleted) throw new MoeError('not_found', `No such File object: ${id}`, 'id')
   return c.json({ id, object: 'file', deleted: true })
@@ -290,7 +286,7 @@ batchApi.post('/batches', async (c) => {
   if (f?.file.purpose !== 'batch')
     throw new MoeError('not_found', `No such File object: ${fileId}`, 'input_file_id')
   // The tenant's config may have changed since the upload: validate and route again.
-  const lines = validateBatchFile(f.content ?? '', tenant, c.env)
+  const lines = validateBatchFile(f.content ?? '', tenant, c.get('config'))
   for (const l of lines) {
     if (l.url !== endpoint)
       throw bad(
@@ -332,7 +328,7 @@ batchApi.post('/batches', async (c) => {
     metadata: meta,
     total: lines.length,
   }
-  const batch = await batchOp(gatewayFor(c.env, tenant.id), 'createBatch', {
+  const batch = await admissionOf(c.env, tenant.id).createBatch({
     static: stat,
     parent: { batchId, tenantId: tenant.id, endpoint: endpoint as BatchEndpoint, lines: parentLines },
     children,
@@ -346,7 +342,7 @@ batchApi.get('/batches', async (c) => {
   const tenant = c.get('principal').tenant
   const limit = Math.min(100, Math.max(1, Number(c.req.query('limit') ?? 20) || 20))
   const after = c.req.query('after') ?? null
-  const page = await batchOp(gatewayFor(c.env, tenant.id), 'listBatches', tenant.id, after, limit)
+  const page = await admissionOf(c.env, tenant.id).listBatches(tenant.id, after, limit)
   return c.json({
     object: 'list',
     data: page.data,
@@ -359,7 +355,7 @@ batchApi.get('/batches', async (c) => {
 batchApi.get('/batches/:id', async (c) => {
   const tenant = c.get('principal').tenant
   const id = c.req.param('id')
-  const b = BATCH_ID.test(id) ? await batchOp(gatewayFor(c.env, tenant.id), 'getBatch', id, tenant.id) : null
+  const b = BATCH_ID.test(id) ? await admissionOf(c.env, tenant.id).getBatch(id, tenant.id) : null
   if (!b) throw new MoeError('not_found', `No such Batch object: ${id}`, 'id')
   return c.json(b)
 })
@@ -367,9 +363,7 @@ batchApi.get('/batches/:id', async (c) => {
 batchApi.post('/batches/:id/cancel', async (c) => {
   const tenant = c.get('principal').tenant
   const id = c.req.param('id')
-  const b = BATCH_ID.test(id)
-    ? await batchOp(gatewayFor(c.env, tenant.id), 'cancelBatch', id, tenant.id)
-    : null
+  const b = BATCH_ID.test(id) ? await admissionOf(c.env, tenant.id).cancelBatch(id, tenant.id) : null
   if (!b) throw new MoeError('not_found', `No such Batch object: ${id}`, 'id')
   return c.json(b)
 })
@@ -380,9 +374,7 @@ batchApi.post('/batches/:id/cancel', async (c) => {
 batchApi.get('/webhooks/deliveries', async (c) => {
   const tenant = c.get('principal').tenant
   const limit = Math.min(100, Math.max(1, Number(c.req.query('limit') ?? 20) || 20))
-  const data = await batchOp(
-    gatewayFor(c.env, tenant.id),
-    'listDeliveries',
+  const data = await admissionOf(c.env, tenant.id).listDeliveries(
     tenant.id,
     c.req.query('batch_id') ?? null,
     limit,
