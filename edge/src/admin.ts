@@ -3,8 +3,6 @@ import { Hono } from 'hono'
 import { z } from 'zod'
 import {
   ApiKeyRecord,
-  adminTokenMatches,
-  bearerToken,
   createApiKey,
   forgetAuthCache,
   getTenant,
@@ -13,6 +11,7 @@ import {
   kvTenantKey,
 } from './auth.ts'
 import { type AppEnv, type Ctx, jsonBody, limitBody, requireJson } from './http.ts'
+import { adminAuth } from './middleware/admin-auth/index.ts'
 import { POOLS } from './pools.ts'
 import { zodToMoeError } from './validate.ts'
 import { checkTenantWebhooks, mirrorWebhooks, webhookAdmin } from './webhooks-admin.ts'
@@ -21,16 +20,7 @@ import { checkTenantWebhooks, mirrorWebhooks, webhookAdmin } from './webhooks-ad
 
 export const admin = new Hono<AppEnv>()
 
-admin.use('*', async (c, next) => {
-  const expected = c.get('config').adminToken
-  if (!expected) {
-    throw new MoeError('invalid_api_key', 'The admin API is disabled: the ADMIN_TOKEN secret is not set')
-  }
-  if (!(await adminTokenMatches(bearerToken(c.req.header('authorization')), expected))) {
-    throw new MoeError('invalid_api_key', 'Invalid admin token')
-  }
-  await next()
-})
+admin.use('*', adminAuth({ token: (c) => c.get('config').adminToken }))
 admin.on(['POST', 'PUT'], '*', requireJson, limitBody)
 
 function checkTenant(cfg: TenantConfig): void {

@@ -11,7 +11,7 @@ import {
 } from '@moe/shared'
 import { Hono } from 'hono'
 import { streamSSE } from 'hono/streaming'
-import { authenticate, sha256Hex } from './auth.ts'
+import { sha256Hex } from './auth.ts'
 import {
   type CachedAnswer,
   cacheGet,
@@ -33,6 +33,7 @@ import {
   requireJson,
 } from './http.ts'
 import { closeReader, jobEvents, openReader } from './job-events.ts'
+import { tenantAuth } from './middleware/tenant-auth/index.ts'
 import {
   type Answer,
   chunkObject,
@@ -57,11 +58,7 @@ export const api = new Hono<AppEnv>()
 /** Bearer key -> tenant, or 401 (on the API's routes only: an unknown path stays a 404). */
 const API_PATHS = ['/models', '/route', '/chat/completions', '/completions', '/jobs', '/jobs/*'] as const
 for (const path of API_PATHS) {
-  api.use(path, async (c, next) => {
-    c.set('principal', await authenticate(c.env.AUTH, c.req.header('authorization')))
-    c.get('logFields').tenant = c.get('principal').tenant.id
-    await next()
-  })
+  api.use(path, tenantAuth({ keys: (c) => c.env.AUTH }))
   api.on(['POST', 'PUT', 'PATCH'], path, requireJson, limitBody)
 }
 

@@ -13,10 +13,11 @@ import {
 } from '@moe/shared'
 import { Hono } from 'hono'
 import { effectiveSampling, inputOf } from './api.ts'
-import { authenticate, randomBase62 } from './auth.ts'
+import { randomBase62 } from './auth.ts'
 import type { EffectiveSampling } from './cache.ts'
 import type { EdgeConfig } from './config.ts'
 import { type AppEnv, admissionOf, jsonBody, limitBody, requireJson } from './http.ts'
+import { tenantAuth } from './middleware/tenant-auth/index.ts'
 import { POOLS } from './pools.ts'
 import { choosePool, decideTask, modalitiesOf, routerFor } from './router/index.ts'
 import { type Endpoint, validateBody } from './validate.ts'
@@ -30,11 +31,7 @@ import { type Endpoint, validateBody } from './validate.ts'
 export const batchApi = new Hono<AppEnv>()
 
 for (const path of ['/files', '/files/*', '/batches', '/batches/*', '/webhooks/*'] as const) {
-  batchApi.use(path, async (c, next) => {
-    c.set('principal', await authenticate(c.env.AUTH, c.req.header('authorization')))
-    c.get('logFields').tenant = c.get('principal').tenant.id
-    await next()
-  })
+  batchApi.use(path, tenantAuth({ keys: (c) => c.env.AUTH }))
 }
 batchApi.post('/batches', requireJson, limitBody)
 
