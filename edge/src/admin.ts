@@ -3,8 +3,6 @@ import { Hono } from 'hono'
 import { z } from 'zod'
 import {
   ApiKeyRecord,
-  adminTokenMatches,
-  bearerToken,
   createApiKey,
   forgetAuthCache,
   getTenant,
@@ -12,8 +10,8 @@ import {
   kvTenant,
   kvTenantKey,
 } from './auth.ts'
-import type { Env } from './env.ts'
-import { type AppEnv, jsonBody, limitBody, requireJson } from './http.ts'
+import { type AppEnv, type Ctx, jsonBody, limitBody, requireJson } from './http.ts'
+import { adminAuth } from './middleware/admin-auth/index.ts'
 import { POOLS } from './pools.ts'
 import { zodToMoeError } from './validate.ts'
 import { checkTenantWebhooks, mirrorWebhooks, webhookAdmin } from './webhooks-admin.ts'
@@ -22,15 +20,7 @@ import { checkTenantWebhooks, mirrorWebhooks, webhookAdmin } from './webhooks-ad
 
 export const admin = new Hono<AppEnv>()
 
-admin.use('*', async (c, next) => {
-  if (!c.env.ADMIN_TOKEN) {
-    throw new MoeError('invalid_api_key', 'The admin API is disabled: the ADMIN_TOKEN secret is not set')
-  }
-  if (!(await adminTokenMatches(bearerToken(c.req.header('authorization')), c.env.ADMIN_TOKEN))) {
-    throw new MoeError('invalid_api_key', 'Invalid admin token')
-  }
-  await next()
-})
+admin.use('*', adminAuth({ token: (c) => c.get('config').adminToken }))
 admin.on(['POST', 'PUT'], '*', requireJson, limitBody)
 
 function checkTenant(cfg: TenantConfig): void {
@@ -43,14 +33,14 @@ function checkTenant(cfg: TenantConfig): void {
   }
 }
 
-async function putTenant(env: Env, body: unknown, id?: string): Promise<TenantConfig> {
+async function putTenant(c: Ctx, body: unknown, id?: string): Promise<TenantConfig> {
   const parsed = TenantConfig.safeParse(id === undefined ? body : { ...(body as object), id })
   if (!parsed.success) throw zodToMoeError(parsed.error)
   checkTenant(parsed.data)
-  await checkTenantWebhooks(env, parsed.data)
-  await env.AUTH.put(kvTenant(parsed.data.id), JSON.stringify(parsed.data))
+  await checkTenantWebhooks(c.get('config'), parsed.data)
+  await c.env.AUTH.put(kvTenant(parsed.data.id), JSON.stringify(parsed.data))
   forgetAuthCache()
-  await mirrorWebhooks(env, parsed.data)
+  await mirrorWebhooks(c.env, parsed.data)
   return parsed.data
 }
 
@@ -64,11 +54,11 @@ admin.post('/tenants', async (c) => {
       409,
     )
   }
-  return c.json(await putTenant(c.env, body), 201)
+  return c.json(await putTenant(c, body), 201)
 })
 
 /** Create or replace a tenant's config. */
-admin.put('/tenants/:id', async (c) => c.json(await putTenant(c.env, await jsonBody(c), c.req.param('id'))))
+admin.put('/tenants/:id', async (c) => c.json(await putTenant(c, await jsonBody(c), c.req.param('id'))))
 
 admin.get('/tenants/:id', async (c) => {
   const t = await getTenant(c.env.AUTH, c.req.param('id'))

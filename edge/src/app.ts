@@ -3,10 +3,14 @@ import { Hono } from 'hono'
 import { cors } from 'hono/cors'
 import { requestId } from 'hono/request-id'
 import { admin } from './admin.ts'
-import { api } from './api.ts'
 import { randomBase62 } from './auth.ts'
-import { batchApi } from './batch-api.ts'
+import { files } from './batches/files.ts'
+import { batches } from './batches/index.ts'
+import { completions } from './completions/index.ts'
+import { withConfig } from './config.ts'
 import { type AppEnv, errorResponse, isRedisUnavailable, log, redisUnavailable } from './http.ts'
+import { jobs } from './jobs.ts'
+import { models } from './models.ts'
 
 export const app = new Hono<AppEnv>()
 
@@ -30,6 +34,7 @@ app.use(async (c, next) => {
     ...c.get('logFields'),
   })
 })
+app.use(withConfig)
 app.use(
   cors({
     origin: '*',
@@ -66,9 +71,14 @@ app.use(
   }),
 )
 
-app.get('/healthz', (c) => c.json({ status: 'ok', service: 'moe-edge', environment: c.env.ENVIRONMENT }))
-app.route('/v1', api)
-app.route('/v1', batchApi)
+app.get('/healthz', (c) =>
+  c.json({ status: 'ok', service: 'moe-edge', environment: c.get('config').environment }),
+)
+app.route('/v1', models)
+app.route('/v1', completions)
+app.route('/v1', jobs)
+app.route('/v1', files)
+app.route('/v1', batches)
 app.route('/admin', admin)
 
 app.notFound((c) => {

@@ -135,20 +135,3 @@ export async function authenticate(
     throw invalid('This API key has expired.')
   return principal
 }
-
-/** Constant-time comparison of a presented admin token with the configured one. */
-export async function adminTokenMatches(
-  presented: string | null,
-  expected: string | undefined,
-): Promise<boolean> {
-  if (!presented || !expected) return false
-  const [a, b] = await Promise.all([
-    crypto.subtle.digest('SHA-256', enc.encode(presented)),
-    crypto.subtle.digest('SHA-256', enc.encode(expected)),
-  ])
-  const x = new Uint8Array(a)
-  const y = new Uint8Array(b)
-  let diff = 0
-  for (let i = 0; i < x.length; i++) diff |= x[i]! ^ y[i]!
-  return diff === 0
-}

@@ -24,7 +24,7 @@ import {
 import { FlowProducer, Queue } from 'bullmq'
 import type { Redis } from 'ioredis'
 
-// The Redis side of batches, run inside the RedisGateway Durable Object (its warm connection).
+// The Redis side of batches, run inside the TenantAdmission Durable Object (its warm connection).
 // Who stores what:
 //   R2 (FILES)          uploaded input files (validated JSONL), read only by the edge at batch creation;
 //   BullMQ flow         parent `batches:<batchId>` + one child per line on the line's pool queue,
@@ -45,8 +45,19 @@ export interface StoredFile {
   content: string | null
 }
 
+export type WebhookDeliveries = Array<WebhookDeliveryRecord & { attempts: WebhookAttempt[] }>
+
+// JSON three levels deep, as a batch object crosses the RPC boundary (a recursive JSON type
+// sends Hono's and workerd's type mappings into infinite instantiation).
+type Json0 = string | number | boolean | null
+type Json1 = Json0 | Json0[] | { [key: string]: Json0 }
+type Json2 = Json1 | Json1[] | { [key: string]: Json1 }
+type Json3 = Json2 | Json2[] | { [key: string]: Json2 }
+/** A Batch object in OpenAI's shape (batchObject in shared/). */
+export type BatchObject = { id: string; [key: string]: Json3 }
+
 export interface BatchList {
-  data: Record<string, unknown>[]
+  data: BatchObject[]
   has_more: boolean
 }
 
@@ -58,7 +69,7 @@ const nowS = (): string => String(Math.floor(Date.now() / 1000))
 
 export class BatchStore {
   readonly redis: Transitioning
-  /** The connection it was made for (the gateway makes a new store when it reconnects). */
+  /** The connection it was made for (the Durable Object makes a new store when it reconnects). */
   readonly conn: Redis
   private readonly prefix: string
   private flow: FlowProducer | null = null
@@ -78,7 +89,7 @@ export class BatchStore {
   }
 
   /** Records the batch, then adds the flow (parent + children) and the expiry job. */
-  async createBatch(spec: CreateBatchSpec): Promise<Record<string, unknown>> {
+  async createBatch(spec: CreateBatchSpec): Promise<BatchObject> {
     const s = spec.static
     const key = batchKey(this.prefix, s.id)
     await this.redis
@@ -140,19 +151,17 @@ export class BatchStore {
   }
 
   /** The batch object; while it runs, request_counts come from the flow's parent. */
-  async getBatch(batchId: string, tenantId: string): Promise<Record<string, unknown> | null> {
+  async getBatch(batchId: string, tenantId: string): Promise<BatchObject | null> {
     const h = await this.redis.hgetall(batchKey(this.prefix, batchId))
     if (h.tenant !== tenantId) return null
     let live: { completed: number; failed: number } | undefined
     if (h.completed === undefined) {
-      const parent = `${this.prefix}:${BATCH_QUEUE}:${batchId}`
-      const [done, failed] = await Promise.all([
-        this.redis.hlen(`${parent}:processed`),
-        this.redis.hlen(`${parent}:failed`),
-      ])
-      live = { completed: done, failed }
+      // Lines fail with ignoreDependencyOnFailure, which BullMQ counts as `ignored`, not `failed`.
+      const parent = await this.controlQueue().getJob(batchId)
+      const n = parent ? await parent.getDependenciesCount({ processed: true, ignored: true }) : {}
+      live = { completed: n.processed ?? 0, failed: n.ignored ?? 0 }
     }
-    return batchObject(h, live)
+    return batchObject(h, live) as BatchObject | null
   }
 
   /** The tenant's batches, newest first, after the `after` cursor (a batch id). */
@@ -167,13 +176,13 @@ export class BatchStore {
     const ids = await this.redis.zrevrange(zkey, start, start + limit)
     const page = ids.slice(0, limit)
     const data = (await Promise.all(page.map((id) => this.getBatch(id, tenantId)))).filter(
-      (b): b is Record<string, unknown> => b !== null,
+      (b): b is BatchObject => b !== null,
     )
     return { data, has_more: ids.length > limit }
   }
 
   /** in_progress -> cancelling; the coordinator removes waiting children and stops running ones. */
-  async cancelBatch(batchId: string, tenantId: string): Promise<Record<string, unknown> | null> {
+  async cancelBatch(batchId: string, tenantId: string): Promise<BatchObject | null> {
     const key = batchKey(this.prefix, batchId)
     if ((await this.redis.hget(key, 'tenant')) !== tenantId) return null
     const prev = await this.redis.moeBatchTransition(
@@ -229,13 +238,9 @@ export class BatchStore {
   }
 
   /** The tenant's webhook deliveries (newest first), each with every attempt. */
-  async listDeliveries(
-    tenantId: string,
-    batchId: string | null,
-    limit: number,
-  ): Promise<Array<WebhookDeliveryRecord & { attempts: WebhookAttempt[] }>> {
+  async listDeliveries(tenantId: string, batchId: string | null, limit: number): Promise<WebhookDeliveries> {
     const ids = await this.redis.zrevrange(tenantDeliveriesKey(this.prefix, tenantId), 0, 999)
-    const out: Array<WebhookDeliveryRecord & { attempts: WebhookAttempt[] }> = []
+    const out: WebhookDeliveries = []
     for (const id of ids) {
       const [raw, attempts] = await Promise.all([
         this.redis.get(webhookDeliveryKey(this.prefix, id)),
@@ -249,27 +254,4 @@ export class BatchStore {
     }
     return out
   }
-}
-
-/** The operations the gateway exposes over RPC (see RedisGateway.batchOp). */
-export const BATCH_OPS = [
-  'createBatch',
-  'getBatch',
-  'listBatches',
-  'cancelBatch',
-  'getStoredFile',
-  'deleteStoredFile',
-  'putWebhooks',
-  'getWebhooks',
-  'listDeliveries',
-] as const
-export type BatchOp = (typeof BATCH_OPS)[number]
-
-/** Calls a BatchStore method in the tenant's gateway object, typed. */
-export function batchOp<K extends BatchOp>(
-  gateway: unknown,
-  op: K,
-  ...args: Parameters<BatchStore[K]>
-): Promise<Awaited<ReturnType<BatchStore[K]>>> {
-  return (gateway as { batchOp(op: string, args: unknown[]): Promise<never> }).batchOp(op, args)
 }

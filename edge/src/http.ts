@@ -2,11 +2,12 @@ import { type ErrorCode, MoeError } from '@moe/shared'
 import type { Context, MiddlewareHandler } from 'hono'
 import { bodyLimit } from 'hono/body-limit'
 import type { Principal } from './auth.ts'
-import type { Env } from './env.ts'
+import type { EdgeConfig } from './config.ts'
 import { parseJson } from './validate.ts'
 
 export interface Vars {
   requestId: string
+  config: EdgeConfig
   principal: Principal
   /** Filled by routed handlers for the access log. */
   logFields: Record<string, unknown>
@@ -14,6 +15,10 @@ export interface Vars {
 
 export type AppEnv = { Bindings: Env; Variables: Vars }
 export type Ctx = Context<AppEnv>
+
+/** The tenant's Durable Object: admission, jobs, batches, files and webhooks (tenant-admission.ts). */
+export const admissionOf = (env: Env, tenantId: string) =>
+  env.TENANT_ADMISSION.get(env.TENANT_ADMISSION.idFromName(`tenant:${tenantId}`))
 
 /** A MoeError that also carries response headers (Retry-After). */
 export class EdgeError extends MoeError {
@@ -65,17 +70,16 @@ export const requireJson: MiddlewareHandler<AppEnv> = async (c, next) => {
 }
 
 /** 413 over MAX_BODY_BYTES (hono's body-limit, with the OpenAI error body). */
-export const limitBody: MiddlewareHandler<AppEnv> = (c, next) =>
-  bodyLimit({
-    maxSize: Number(c.env.MAX_BODY_BYTES) || 1_048_576,
+export const limitBody: MiddlewareHandler<AppEnv> = (c, next) => {
+  const maxSize = c.get('config').maxBodyBytes
+  return bodyLimit({
+    maxSize,
     onError: (c2) => {
-      const err = new MoeError(
-        'payload_too_large',
-        `Request body too large: the limit is ${Number(c.env.MAX_BODY_BYTES) || 1_048_576} bytes`,
-      )
+      const err = new MoeError('payload_too_large', `Request body too large: the limit is ${maxSize} bytes`)
       return c2.json(err.toBody(), 413)
     },
   })(c, next)
+}
 
 export async function jsonBody(c: Ctx): Promise<unknown> {
   return parseJson(await c.req.text())

@@ -1,7 +1,7 @@
 import { app } from './app.ts'
 
 export { app } from './app.ts'
-/** The Durable Object that keeps a warm Redis connection (bound as REDIS_GATEWAY in wrangler.toml). */
-export { RedisGateway } from './redis-gateway.ts'
+/** The Durable Object that admits a tenant's requests (bound as TENANT_ADMISSION in wrangler.toml). */
+export { TenantAdmission } from './tenant-admission.ts'
 
 export default app

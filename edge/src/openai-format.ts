@@ -1,4 +1,4 @@
-import type { FinishReason, RoutingStats, Timings, Usage } from '@moe/shared'
+import type { DoneEvent, FinishReason, RoutingStats, Timings, Usage } from '@moe/shared'
 
 // Builds the OpenAI response objects (chat.completion, chat.completion.chunk, text_completion)
 // from a job's result. `moe` is an extra object OpenAI clients ignore.
@@ -36,6 +36,31 @@ export function expertLoadSummary(routing: RoutingStats): number[] {
   }
   return totals
 }
+
+/** What a finished job adds to its summary: seed, expert load and timings. */
+export const doneSummary = (
+  done: DoneEvent,
+): Pick<MoeSummary, 'seed' | 'expert_load' | 'allowed_experts' | 'timings'> => ({
+  seed: done.seed,
+  expert_load: expertLoadSummary(done.routing),
+  allowed_experts: done.routing.allowedExperts,
+  timings: done.timings,
+})
+
+/** The summary of a routed request, with the job's result once it is done. */
+export const moeSummary = (
+  requestId: string,
+  r: { pool: { name: string }; task: { task: string }; modality: string },
+  cache: MoeSummary['cache'],
+  done?: DoneEvent,
+): MoeSummary => ({
+  request_id: requestId,
+  pool: r.pool.name,
+  task: r.task.task,
+  modality: r.modality,
+  cache,
+  ...(done ? doneSummary(done) : {}),
+})
 
 export const completionId = (kind: 'chat' | 'completion', requestId: string): string =>
   `${kind === 'chat' ? 'chatcmpl' : 'cmpl'}-${requestId}`
@@ -75,13 +100,19 @@ export function completionObject(
   }
 }
 
+export interface ChunkPart {
+  role?: 'assistant'
+  text?: string
+  finishReason?: FinishReason | null
+}
+
 /** One streamed chunk; `delta` null with a finish reason closes the choice. */
 export function chunkObject(
   kind: 'chat' | 'completion',
   id: string,
   created: number,
   model: string,
-  part: { role?: 'assistant'; text?: string; finishReason?: FinishReason | null },
+  part: ChunkPart,
   includeUsage: boolean,
 ): Record<string, unknown> {
   const finish = part.finishReason ?? null

@@ -12,11 +12,9 @@ import {
 } from '@moe/shared'
 import { Hono } from 'hono'
 import { z } from 'zod'
-import { gatewayFor } from './api.ts'
 import { forgetAuthCache, getTenant, kvTenant, randomBase62 } from './auth.ts'
-import { batchOp } from './batch-store.ts'
-import type { Env } from './env.ts'
-import { type AppEnv, jsonBody } from './http.ts'
+import type { EdgeConfig } from './config.ts'
+import { type AppEnv, admissionOf, jsonBody } from './http.ts'
 import { zodToMoeError } from './validate.ts'
 
 // Webhook endpoints of a tenant (admin API). The tenant config in KV keeps them, and a copy goes
@@ -25,13 +23,9 @@ import { zodToMoeError } from './validate.ts'
 
 export const webhookAdmin = new Hono<AppEnv>()
 
-export const webhookPolicy = (env: Env): WebhookUrlPolicy => ({
-  allowLoopback: env.WEBHOOK_ALLOW_LOOPBACK === '1' && env.ENVIRONMENT !== 'production',
-})
-
 /** Resolves a host name over DNS-over-HTTPS (workerd has no resolver API); [] when it does not resolve. */
-async function resolveHost(env: Env, host: string): Promise<string[]> {
-  const base = env.WEBHOOK_DOH_URL || 'https://cloudflare-dns.com/dns-query'
+async function resolveHost(config: EdgeConfig, host: string): Promise<string[]> {
+  const base = config.webhookDohUrl
   const out: string[] = []
   for (const type of ['A', 'AAAA']) {
     const res = await fetch(`${base}?name=${encodeURIComponent(host)}&type=${type}`, {
@@ -46,15 +40,15 @@ async function resolveHost(env: Env, host: string): Promise<string[]> {
 }
 
 /** Refuses (400) a URL that is not https or that names or resolves to a non-public address. */
-export async function assertSafeWebhookUrl(env: Env, url: string): Promise<void> {
-  const policy = webhookPolicy(env)
+export async function assertSafeWebhookUrl(config: EdgeConfig, url: string): Promise<void> {
+  const policy: WebhookUrlPolicy = { allowLoopback: config.webhookAllowLoopback }
   const why = checkWebhookUrl(url, policy)
   if (why) throw new MoeError('invalid_request', `Webhook URL ${why}`, 'url')
   const host = new URL(url).hostname
   if (classifyIp(host) !== null || /(^|\.)localhost$/i.test(host)) return
   let addrs: string[]
   try {
-    addrs = await resolveHost(env, host)
+    addrs = await resolveHost(config, host)
   } catch (e) {
     throw new MoeError(
       'invalid_request',
@@ -71,9 +65,9 @@ export async function assertSafeWebhookUrl(env: Env, url: string): Promise<void>
 }
 
 /** Checks every endpoint of a tenant config (on tenant create/replace). */
-export async function checkTenantWebhooks(env: Env, cfg: TenantConfig): Promise<void> {
+export async function checkTenantWebhooks(config: EdgeConfig, cfg: TenantConfig): Promise<void> {
   for (const w of cfg.webhooks) {
-    await assertSafeWebhookUrl(env, w.url)
+    await assertSafeWebhookUrl(config, w.url)
     if (!isValidWebhookSecret(w.secret))
       throw new MoeError(
         'invalid_request',
@@ -85,7 +79,7 @@ export async function checkTenantWebhooks(env: Env, cfg: TenantConfig): Promise<
 
 /** Copies a tenant's endpoints to Redis for the delivery worker. */
 export async function mirrorWebhooks(env: Env, cfg: TenantConfig): Promise<void> {
-  await batchOp(gatewayFor(env, cfg.id), 'putWebhooks', cfg.id, cfg.webhooks)
+  await admissionOf(env, cfg.id).putWebhooks(cfg.id, cfg.webhooks)
 }
 
 const NewEndpoint = z.strictObject({
@@ -118,7 +112,7 @@ webhookAdmin.post('/tenants/:id/webhooks', async (c) => {
   const secret = parsed.data.secret ?? generateWebhookSecret()
   if (!isValidWebhookSecret(secret))
     throw new MoeError('invalid_request', 'secret must be whsec_ + base64 of at least 16 bytes', 'secret')
-  await assertSafeWebhookUrl(c.env, url)
+  await assertSafeWebhookUrl(c.get('config'), url)
   if (tenant.webhooks.length >= 16)
     throw new MoeError('invalid_request', 'A tenant may have at most 16 webhook endpoints')
   const endpoint: WebhookEndpoint = { id: `we_${randomBase62(16)}`, url, secret, events, disabled: false }
@@ -129,7 +123,7 @@ webhookAdmin.post('/tenants/:id/webhooks', async (c) => {
 /** The tenant's endpoints as the delivery worker sees them (`disabled` after a 410). */
 webhookAdmin.get('/tenants/:id/webhooks', async (c) => {
   const tenant = await tenantOr404(c.env, c.req.param('id'))
-  const live = await batchOp(gatewayFor(c.env, tenant.id), 'getWebhooks', tenant.id)
+  const live = await admissionOf(c.env, tenant.id).getWebhooks(tenant.id)
   return c.json({ object: 'list', data: live.map(({ secret: _s, ...rest }) => rest) })
 })
 
@@ -141,7 +135,7 @@ webhookAdmin.post('/tenants/:id/webhooks/:wid', async (c) => {
   const wid = c.req.param('wid')
   if (!tenant.webhooks.some((w) => w.id === wid))
     throw new MoeError('not_found', `No webhook endpoint '${wid}'`)
-  const live = await batchOp(gatewayFor(c.env, tenant.id), 'getWebhooks', tenant.id)
+  const live = await admissionOf(c.env, tenant.id).getWebhooks(tenant.id)
   const webhooks = tenant.webhooks.map((w) => {
     const disabled =
       w.id === wid ? body.data.disabled : (live.find((l) => l.id === w.id)?.disabled ?? w.disabled)

@@ -1,5 +1,4 @@
 import { once } from 'node:events'
-import { existsSync } from 'node:fs'
 import { join } from 'node:path'
 import { poolQueueName, QUEUE_PREFIX } from '@moe/shared'
 import { Queue } from 'bullmq'
@@ -7,9 +6,6 @@ import { Redis } from 'ioredis'
 import { repoRoot, spawnOwned } from './wrangler-dev.ts'
 
 export const REDIS_URL = process.env.REDIS_URL ?? 'redis://127.0.0.1:6379'
-
-/** The real GPU worker exists once its service entry point lands. */
-export const gpuWorkerAvailable = existsSync(join(repoRoot, 'gpu-worker/src/service/serve.ts'))
 
 export interface RunningWorker {
   /** Process id of the `moe serve` process (the leader of the worker's process group). */

@@ -7,7 +7,7 @@ import { Redis } from 'ioredis'
 import OpenAI, { toFile } from 'openai'
 import { Webhook } from 'standardwebhooks'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
-import { gpuWorkerAvailable, REDIS_URL, type RunningWorker, startGpuWorker } from '../gpu-worker.ts'
+import { REDIS_URL, type RunningWorker, startGpuWorker } from '../gpu-worker.ts'
 import { adminCall, createTenant, type RunningEdge, startEdge, type TestTenant } from '../wrangler-dev.ts'
 
 // The batch path end to end: the official `openai` client against wrangler dev, the real GPU
@@ -73,7 +73,7 @@ async function until<T>(
   }
 }
 
-describe.skipIf(!gpuWorkerAvailable)('batches, files and webhooks', () => {
+describe('batches, files and webhooks', () => {
   let edge: RunningEdge
   let worker: RunningWorker
   let redis: Redis

@@ -1,4 +1,3 @@
-import type { ChatCompletionRequest } from '@moe/shared'
 import { describe, expect, it } from 'vitest'
 import {
   cacheKey,
@@ -8,23 +7,15 @@ import {
   isDeterministic,
   stableStringify,
 } from '../../src/cache.ts'
+import { effectiveSampling } from '../../src/completions/submit.ts'
+import { POOLS } from '../../src/pools.ts'
 import { validateBody } from '../../src/validate.ts'
 
-// Mirrors the edge: validate, apply defaults, canonicalise, hash.
-function sampling(req: ChatCompletionRequest): EffectiveSampling {
-  const stop = req.stop == null ? [] : typeof req.stop === 'string' ? [req.stop] : req.stop
-  return {
-    maxTokens: req.max_completion_tokens ?? req.max_tokens ?? 256,
-    temperature: req.temperature ?? 1,
-    topP: req.top_p ?? 1,
-    topK: req.top_k ?? 0,
-    seed: req.seed ?? null,
-    stop,
-  }
-}
+// As the edge does it: validate, apply the pool's defaults, canonicalise, hash.
 async function keyOf(body: unknown, tenant = 't1', pool = 'general') {
   const req = validateBody('chat', body)
-  return cacheKey(tenant, pool, 'tiny-mixtral', canonicalRequest('chat', req, sampling(req)))
+  const sampling = effectiveSampling({ req, pool: POOLS.get(pool)! })
+  return cacheKey(tenant, pool, 'tiny-mixtral', canonicalRequest('chat', req, sampling))
 }
 
 const base = { model: 'auto', temperature: 0, messages: [{ role: 'user', content: 'Hello' }] }

@@ -9,18 +9,26 @@ import {
   jobCancelKey,
   lastJobEvent,
   poolQueueName,
-  QUEUE_PREFIX,
   type StreamEvent,
+  type WebhookEndpoint,
 } from '@moe/shared'
 import { Queue } from 'bullmq'
 import { Redis } from 'ioredis'
-import { BATCH_OPS, type BatchOp, BatchStore } from './batch-store.ts'
-import type { Env } from './env.ts'
+import {
+  type BatchList,
+  type BatchObject,
+  BatchStore,
+  type CreateBatchSpec,
+  type StoredFile,
+  type WebhookDeliveries,
+} from './batch-store.ts'
+import { type EdgeConfig, edgeConfigOf } from './config.ts'
 
-// workerd will not let one request use a socket another request opened, so a Worker would pay
-// a fresh Redis connection (about 9 ms here) on every enqueue. A Durable Object's I/O belongs to
-// the object, not to one request: it keeps a warm connection and BullMQ queues, and does the
-// whole admission (rate limits, queue depth, enqueue, job metadata) in two pipelined round trips.
+// One object per tenant admits that tenant's requests: rate limits, queue depth, enqueue, and
+// the tenant's job, batch, file and webhook records. workerd will not let one request use a
+// socket another request opened, so a Worker would pay a fresh Redis connection (about 9 ms here)
+// on every enqueue; a Durable Object's I/O belongs to the object, so it keeps a warm connection
+// and BullMQ queues, and admits in two pipelined round trips.
 
 /** How long the edge remembers who owns a job (for GET /v1/jobs/{id}). */
 export const JOB_META_TTL_SECONDS = 86_400
@@ -110,14 +118,21 @@ type RateLimited = Redis & {
   ): Promise<[number, string, number, number]>
 }
 
+/** Priorities below the batch one: the jobs that count against a pool's queue depth. */
+const LIVE_PRIORITIES = Array.from({ length: JOB_PRIORITY.batch - 1 }, (_, i) => i + 1)
+
 export const jobMetaKey = (prefix: string, jobId: string): string => `${prefix}:jobmeta:${jobId}`
 
-export class RedisGateway extends DurableObject<Env> {
+export class TenantAdmission extends DurableObject<Env> {
   private redis: RateLimited | null = null
   private readonly queues = new Map<string, Queue>()
 
+  private get config(): EdgeConfig {
+    return edgeConfigOf(this.env)
+  }
+
   private get prefix(): string {
-    return this.env.QUEUE_PREFIX || QUEUE_PREFIX
+    return this.config.queuePrefix
   }
 
   private conn(): RateLimited {
@@ -129,7 +144,7 @@ export class RedisGateway extends DurableObject<Env> {
     }
     for (const q of this.queues.values()) void q.close().catch(() => {})
     this.queues.clear()
-    const redis = new Redis(this.env.REDIS_URL, {
+    const redis = new Redis(this.config.redisUrl, {
       maxRetriesPerRequest: 2,
       connectTimeout: 2000,
       enableReadyCheck: false,
@@ -160,12 +175,38 @@ export class RedisGateway extends DurableObject<Env> {
   private batchStore: BatchStore | null = null
 
   /** Batches, files and webhooks (batch-store.ts) on this object's warm connection. */
-  async batchOp(op: BatchOp, args: unknown[]): Promise<unknown> {
-    if (!BATCH_OPS.includes(op)) throw new Error(`unknown batch op ${op}`)
+  private batches(): BatchStore {
     const redis = this.conn()
     if (this.batchStore?.conn !== redis) this.batchStore = new BatchStore(redis, this.prefix)
-    const store = this.batchStore
-    return (store[op] as (...a: unknown[]) => Promise<unknown>).apply(store, args)
+    return this.batchStore
+  }
+
+  createBatch(spec: CreateBatchSpec): Promise<BatchObject> {
+    return this.batches().createBatch(spec)
+  }
+  getBatch(batchId: string, tenantId: string): Promise<BatchObject | null> {
+    return this.batches().getBatch(batchId, tenantId)
+  }
+  listBatches(tenantId: string, after: string | null, limit: number): Promise<BatchList> {
+    return this.batches().listBatches(tenantId, after, limit)
+  }
+  cancelBatch(batchId: string, tenantId: string): Promise<BatchObject | null> {
+    return this.batches().cancelBatch(batchId, tenantId)
+  }
+  getStoredFile(fileId: string, tenantId: string, withContent: boolean): Promise<StoredFile | null> {
+    return this.batches().getStoredFile(fileId, tenantId, withContent)
+  }
+  deleteStoredFile(fileId: string, tenantId: string): Promise<boolean> {
+    return this.batches().deleteStoredFile(fileId, tenantId)
+  }
+  putWebhooks(tenantId: string, endpoints: WebhookEndpoint[]): Promise<void> {
+    return this.batches().putWebhooks(tenantId, endpoints)
+  }
+  getWebhooks(tenantId: string): Promise<WebhookEndpoint[]> {
+    return this.batches().getWebhooks(tenantId)
+  }
+  listDeliveries(tenantId: string, batchId: string | null, limit: number): Promise<WebhookDeliveries> {
+    return this.batches().listDeliveries(tenantId, batchId, limit)
   }
 
   async ping(): Promise<string> {
@@ -189,17 +230,10 @@ export class RedisGateway extends DurableObject<Env> {
     const [rl, depth] = await Promise.all([
       redis.moeRateLimit(rlBase, req.limits.requestsPerMinute, req.limits.tokensPerMinute, req.tokenCost),
       // Batch children queue behind live traffic and do not count against its depth.
-      q
-        .getJobCountByTypes('waiting', 'delayed', 'waiting-children')
-        .then(
-          async (n) =>
-            n +
-            (await redis.zcount(
-              `${this.prefix}:${poolQueueName(req.payload.pool)}:prioritized`,
-              0,
-              JOB_PRIORITY.batch * 0x100000000 - 1,
-            )),
-        ),
+      Promise.all([
+        q.getJobCountByTypes('waiting', 'delayed', 'waiting-children'),
+        q.getCountsPerPriority(LIVE_PRIORITIES),
+      ]).then(([n, perPriority]) => n + Object.values(perPriority).reduce((a, b) => a + b, 0)),
     ])
     const [allowed, reason, retryMs, window] = rl
     if (allowed !== 1) {

@@ -1,0 +1,128 @@
+import { MoeError } from '@moe/shared'
+import { Hono } from 'hono'
+import { randomBase62 } from '../auth.ts'
+import { type AppEnv, admissionOf } from '../http.ts'
+import { tenantAuth } from '../middleware/tenant-auth/index.ts'
+import { bad, validateBatchFile } from './input-file.ts'
+
+// OpenAI-compatible Files API. Input files are kept in R2 (validated at upload); output and error
+// files are written by the Node batch coordinator into Redis and served from there.
+
+export const files = new Hono<AppEnv>()
+
+files.use('/files', tenantAuth({ keys: (c) => c.env.AUTH }))
+files.use('/files/*', tenantAuth({ keys: (c) => c.env.AUTH }))
+
+const r2Key = (tenantId: string, fileId: string) => `files/${tenantId}/${fileId}`
+const FILE_ID = /^file-[A-Za-z0-9]{1,64}$/
+
+interface FileObject {
+  id: string
+  object: 'file'
+  bytes: number
+  created_at: number
+  filename: string
+  purpose: string
+  status: 'processed'
+  status_details: null
+  expires_at: null
+}
+
+const fileObject = (
+  id: string,
+  bytes: number,
+  createdAt: number,
+  filename: string,
+  purpose: string,
+): FileObject => ({
+  id,
+  object: 'file',
+  bytes,
+  created_at: createdAt,
+  filename,
+  purpose,
+  status: 'processed',
+  status_details: null,
+  expires_at: null,
+})
+
+files.post('/files', async (c) => {
+  const tenant = c.get('principal').tenant
+  const declared = Number(c.req.header('content-length') ?? 0)
+  const { filesMaxBytes } = c.get('config')
+  if (declared > filesMaxBytes + 64 * 1024)
+    throw new MoeError('payload_too_large', `The file is larger than the limit of ${filesMaxBytes} bytes`)
+  let form: FormData
+  try {
+    form = await c.req.raw.formData()
+  } catch {
+    throw bad('Send the file as multipart/form-data with the fields file and purpose')
+  }
+  const purpose = form.get('purpose')
+  if (purpose !== 'batch') throw bad(`purpose must be 'batch' (got ${JSON.stringify(purpose)})`, 'purpose')
+  const file = form.get('file')
+  if (file === null || typeof file === 'string')
+    throw bad('The form has no file field holding a file', 'file')
+  const text = await file.text()
+  const lines = validateBatchFile(text, tenant, c.get('config'))
+  const id = `file-${randomBase62(24)}`
+  const createdAt = Math.floor(Date.now() / 1000)
+  const bytes = new TextEncoder().encode(text).length
+  await c.env.FILES.put(r2Key(tenant.id, id), text, {
+    httpMetadata: { contentType: 'application/jsonl' },
+    customMetadata: {
+      filename: file.name || 'batch.jsonl',
+      purpose: 'batch',
+      created_at: String(createdAt),
+      lines: String(lines.length),
+    },
+  })
+  c.get('logFields').file = id
+  return c.json(fileObject(id, bytes, createdAt, file.name || 'batch.jsonl', 'batch'))
+})
+
+/** A tenant's file: an uploaded one from R2, else an output or error file from Redis. */
+export async function findFile(env: Env, tenantId: string, id: string, withContent: boolean) {
+  if (!FILE_ID.test(id)) return null
+  const body = withContent ? await env.FILES.get(r2Key(tenantId, id)) : null
+  const obj = body ?? (withContent ? null : await env.FILES.head(r2Key(tenantId, id)))
+  if (obj) {
+    const m = obj.customMetadata ?? {}
+    return {
+      file: fileObject(id, obj.size, Number(m.created_at), m.filename ?? '', m.purpose ?? 'batch'),
+      content: body ? await body.text() : null,
+    }
+  }
+  const stored = await admissionOf(env, tenantId).getStoredFile(id, tenantId, withContent)
+  if (!stored) return null
+  const m = stored.meta
+  return { file: fileObject(id, m.bytes, m.created_at, m.filename, m.purpose), content: stored.content }
+}
+
+files.get('/files/:id', async (c) => {
+  const tenant = c.get('principal').tenant
+  const f = await findFile(c.env, tenant.id, c.req.param('id'), false)
+  if (!f) throw new MoeError('not_found', `No such File object: ${c.req.param('id')}`, 'id')
+  return c.json(f.file)
+})
+
+files.get('/files/:id/content', async (c) => {
+  const tenant = c.get('principal').tenant
+  const f = await findFile(c.env, tenant.id, c.req.param('id'), true)
+  if (!f) throw new MoeError('not_found', `No such File object: ${c.req.param('id')}`, 'id')
+  return c.body(f.content ?? '', 200, { 'content-type': 'application/jsonl' })
+})
+
+files.delete('/files/:id', async (c) => {
+  const tenant = c.get('principal').tenant
+  const id = c.req.param('id')
+  let deleted = false
+  if (FILE_ID.test(id)) {
+    if (await c.env.FILES.head(r2Key(tenant.id, id))) {
+      await c.env.FILES.delete(r2Key(tenant.id, id))
+      deleted = true
+    } else deleted = await admissionOf(c.env, tenant.id).deleteStoredFile(id, tenant.id)
+  }
+  if (!deleted) throw new MoeError('not_found', `No such File object: ${id}`, 'id')
+  return c.json({ id, object: 'file', deleted: true })
+})

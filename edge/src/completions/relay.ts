@@ -1,0 +1,131 @@
+import { type DoneEvent, MoeError, type StreamEvent } from '@moe/shared'
+import { type SSEStreamingApi, streamSSE } from 'hono/streaming'
+import type { Ctx } from '../http.ts'
+import { closeReader, jobEvents } from '../job-events.ts'
+import { type Answer, type ChunkPart, chunkObject, type MoeSummary, usageChunk } from '../openai-format.ts'
+import type { Endpoint } from '../validate.ts'
+
+// Relays a job's token stream to the client as OpenAI-style SSE chunks, waits for a non-streamed
+// answer, or replays a cached answer as SSE.
+
+/** What every chunk of one streamed answer carries. */
+export interface SseFrame {
+  endpoint: Endpoint
+  /** The completion id (chatcmpl-... or cmpl-...). */
+  id: string
+  created: number
+  model: string
+  includeUsage: boolean
+}
+
+/** A live job this request reads: its stream, what to do when it ends, how to cancel it. */
+export interface LiveJob {
+  jobId: string
+  deadline: number
+  reader: Parameters<typeof jobEvents>[0]
+  summary: (done: DoneEvent) => MoeSummary
+  /** The job finished: settle its token charge, cache its answer. */
+  finished: (done: DoneEvent) => void
+  cancel: (why: 'client disconnected' | 'deadline') => void
+}
+
+const writeChunk = (sse: SSEStreamingApi, f: SseFrame, part: ChunkPart) =>
+  sse.writeSSE({
+    data: JSON.stringify(chunkObject(f.endpoint, f.id, f.created, f.model, part, f.includeUsage)),
+  })
+
+/** The closing chunk, the usage chunk when asked for, and [DONE]. */
+async function writeEnd(sse: SSEStreamingApi, f: SseFrame, answer: Answer, moe: MoeSummary) {
+  await writeChunk(sse, f, { finishReason: answer.finishReason })
+  if (f.includeUsage) {
+    await sse.writeSSE({
+      data: JSON.stringify(usageChunk(f.endpoint, f.id, f.created, f.model, answer.usage, moe)),
+    })
+  }
+  await sse.writeSSE({ data: '[DONE]' })
+}
+
+export function relaySse(c: Ctx, f: SseFrame, job: LiveJob): Response {
+  const { reader } = job
+  return streamSSE(c, async (sse) => {
+    let finished = false
+    let started = false
+    sse.onAbort(() => {
+      if (!finished) job.cancel('client disconnected')
+      closeReader(reader)
+    })
+    // workerd reports a client that went away through request.signal (enable_request_signal).
+    c.req.raw.signal?.addEventListener('abort', () => sse.abort())
+    // Flush the headers now: a comment line, which SSE clients ignore. Keep-alive comments while
+    // the job waits also let a disconnect surface (a write to a closed client cancels the stream).
+    await sse.write(': queued\n\n')
+    const keepAlive = setInterval(() => {
+      if (!started && !sse.aborted) void sse.write(': waiting\n\n')
+    }, 1000)
+    sse.onAbort(() => clearInterval(keepAlive))
+    try {
+      for await (const ev of jobEvents(reader, job.jobId, job.deadline)) {
+        if (sse.aborted) break
+        if (!started) {
+          started = true
+          await writeChunk(sse, f, { role: 'assistant', text: '' })
+        }
+        if (ev.type === 'token') {
+          // The detokeniser may hold text back (a partial UTF-8 sequence): OpenAI sends no empty deltas.
+          if (ev.text === '') continue
+          await writeChunk(sse, f, { text: ev.text })
+        } else if (ev.type === 'done') {
+          finished = true
+          await writeEnd(sse, f, ev, job.summary(ev))
+          job.finished(ev)
+        } else {
+          finished = true
+          await sse.writeSSE({ data: JSON.stringify(new MoeError(ev.code, ev.message).toBody()) })
+        }
+      }
+    } catch (e) {
+      if (!sse.aborted) {
+        finished = true
+        const err = e instanceof MoeError ? e : new MoeError('internal_error', 'The job stream failed')
+        if (err.code === 'deadline_exceeded') job.cancel('deadline')
+        await sse.writeSSE({ data: JSON.stringify(err.toBody()) })
+      }
+    } finally {
+      clearInterval(keepAlive)
+      closeReader(reader)
+    }
+  })
+}
+
+/** Waits for the job's final event (non-streaming); a job that failed throws its error. */
+export async function awaitAnswer(c: Ctx, job: LiveJob): Promise<DoneEvent> {
+  const onAbort = () => {
+    job.cancel('client disconnected')
+    closeReader(job.reader)
+  }
+  c.req.raw.signal?.addEventListener('abort', onAbort)
+  let final: StreamEvent | null = null
+  try {
+    for await (const ev of jobEvents(job.reader, job.jobId, job.deadline)) if (ev.type !== 'token') final = ev
+  } catch (e) {
+    if (e instanceof MoeError && e.code === 'deadline_exceeded') job.cancel('deadline')
+    throw e
+  } finally {
+    c.req.raw.signal?.removeEventListener('abort', onAbort)
+    closeReader(job.reader)
+  }
+  if (!final) throw new MoeError('internal_error', 'The job ended without a result')
+  if (final.type === 'error') throw new MoeError(final.code, final.message)
+  if (final.type !== 'done') throw new MoeError('internal_error', 'Unexpected job event')
+  job.finished(final)
+  return final
+}
+
+/** A cached answer as the SSE stream a live one would have been. */
+export function replaySse(c: Ctx, f: SseFrame, hit: Answer, moe: MoeSummary): Response {
+  return streamSSE(c, async (sse) => {
+    await writeChunk(sse, f, { role: 'assistant', text: '' })
+    if (hit.text !== '') await writeChunk(sse, f, { text: hit.text })
+    await writeEnd(sse, f, hit, moe)
+  })
+}

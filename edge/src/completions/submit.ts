@@ -1,0 +1,126 @@
+import {
+  type ChatCompletionRequest,
+  type CompletionRequest,
+  type ExpertPool,
+  type JobInput,
+  type JobPayload,
+  type Modality,
+  MoeError,
+  seedFromJobId,
+  type TenantConfig,
+} from '@moe/shared'
+import type { EffectiveSampling } from '../cache.ts'
+import { POOLS } from '../pools.ts'
+import { choosePool, decideTask, modalitiesOf, routerFor, type TaskDecision } from '../router/index.ts'
+import { type Endpoint, requestedMaxTokens } from '../validate.ts'
+
+// What a completion request becomes before it is enqueued, the same for a live request and for a
+// line of a batch file: its task and modality, the tenant's pool for them, the sampling with
+// defaults applied, and the job payload.
+
+/** max_tokens when the request sets none (capped by the pool's limit). */
+export const DEFAULT_MAX_TOKENS = 256
+
+export type CompletionBody = ChatCompletionRequest | CompletionRequest
+
+export interface Classified {
+  task: TaskDecision
+  modality: Modality
+  required: Modality[]
+}
+
+export interface Routed {
+  endpoint: Endpoint
+  req: CompletionBody
+  task: TaskDecision
+  modality: Modality
+  pool: ExpertPool
+  via: string
+}
+
+/** The request's task (hint, or the tenant's router) and modality. */
+export function classifyRequest(tenant: TenantConfig, req: CompletionBody, taskHint?: string): Classified {
+  const messages = 'messages' in req ? req.messages : undefined
+  const prompt = 'prompt' in req ? req.prompt : undefined
+  const task = decideTask(routerFor(tenant), {
+    messages,
+    prompt,
+    taskHint: taskHint ?? req.metadata?.task,
+  })
+  const { modality, required } = modalitiesOf({ messages })
+  return { task, modality, required }
+}
+
+/** The tenant's pool for a classified request. */
+export function routeRequest(
+  tenant: TenantConfig,
+  endpoint: Endpoint,
+  req: CompletionBody,
+  { task, modality, required }: Classified,
+): Routed {
+  const { pool, via } = choosePool(tenant, POOLS, req.model, task.task, modality, required)
+  return { endpoint, req, task, modality, pool, via }
+}
+
+export function effectiveSampling(r: Pick<Routed, 'req' | 'pool'>): EffectiveSampling {
+  const requested = requestedMaxTokens(r.req)
+  if (requested !== null && requested > r.pool.maxTokensLimit) {
+    throw new MoeError(
+      'max_tokens_exceeded',
+      `max_tokens is too large: ${requested}. The model '${r.pool.modelId}' supports at most ${r.pool.maxTokensLimit} completion tokens.`,
+      'max_tokens',
+    )
+  }
+  const stop = r.req.stop == null ? [] : typeof r.req.stop === 'string' ? [r.req.stop] : r.req.stop
+  return {
+    maxTokens: requested ?? Math.min(DEFAULT_MAX_TOKENS, r.pool.maxTokensLimit),
+    temperature: r.req.temperature ?? 1,
+    topP: r.req.top_p ?? 1,
+    topK: r.req.top_k ?? 0,
+    seed: r.req.seed ?? null,
+    stop,
+  }
+}
+
+/** Rough prompt size for the tokens-per-minute budget (a byte-level tokenizer's upper bound / 4). */
+export function promptTokenEstimate(req: CompletionBody): number {
+  if ('prompt' in req)
+    return typeof req.prompt === 'string' ? Math.ceil(req.prompt.length / 4) : req.prompt.length
+  let chars = 0
+  for (const m of req.messages) {
+    chars += 16
+    if (typeof m.content === 'string') chars += m.content.length
+    else for (const p of m.content) chars += p.type === 'text' ? p.text.length : 256
+  }
+  return Math.ceil(chars / 4)
+}
+
+export const inputOf = (req: CompletionBody): JobInput =>
+  'messages' in req
+    ? { kind: 'chat', messages: req.messages }
+    : typeof req.prompt === 'string'
+      ? { kind: 'text', prompt: req.prompt }
+      : { kind: 'tokens', inputIds: req.prompt }
+
+/** The job for a routed request; a request without a seed gets one derived from the job id. */
+export function jobPayload(
+  jobId: string,
+  tenantId: string,
+  r: Pick<Routed, 'req' | 'pool'> & { sampling: EffectiveSampling },
+  createdAt: number,
+  deadline: number,
+  priority: 'live' | 'batch',
+): JobPayload {
+  return {
+    version: 1,
+    requestId: jobId,
+    tenantId,
+    pool: r.pool.name,
+    model: r.pool.modelId,
+    input: inputOf(r.req),
+    sampling: { ...r.sampling, seed: r.sampling.seed ?? seedFromJobId(jobId) },
+    deadline,
+    createdAt,
+    priority,
+  }
+}
