@@ -216,7 +216,11 @@ describe('GPU worker service', () => {
     await client.add(streamed)
     const withTokens = await client.events(streamed.requestId!)
     expect(done(withTokens)!.text).toBe(d.text)
-    expect(tokens(withTokens).map((t) => t.text).join('')).toBe(d.text)
+    expect(
+      tokens(withTokens)
+        .map((t) => t.text)
+        .join(''),
+    ).toBe(d.text)
   })
 
   it('exposes /healthz and Prometheus /metrics with expert load', async () => {

@@ -64,7 +64,7 @@ batches.post('/batches', async (c) => {
   const now = Date.now()
   const windowMs = WINDOW_MS[window]!
   const children = lines.map((l, i) =>
-    jobPayload(`${batchId}-${i}`, tenant.id, l, now, now + windowMs, 'batch'),
+    jobPayload(`${batchId}-${i}`, tenant.id, l, now, now + windowMs, 'batch', false),
   )
   const parentLines: BatchLine[] = lines.map((l, i) => ({
     c: l.customId,

@@ -102,7 +102,10 @@ export const inputOf = (req: CompletionBody): JobInput =>
       ? { kind: 'text', prompt: req.prompt }
       : { kind: 'tokens', inputIds: req.prompt }
 
-/** The job for a routed request; a request without a seed gets one derived from the job id. */
+/**
+ * The job for a routed request; a request without a seed gets one derived from the job id.
+ * Batch lines stream no tokens: their result is read from the finished job, never token by token.
+ */
 export function jobPayload(
   jobId: string,
   tenantId: string,
@@ -110,6 +113,7 @@ export function jobPayload(
   createdAt: number,
   deadline: number,
   priority: 'live' | 'batch',
+  streamTokens = true,
 ): JobPayload {
   return {
     version: 1,
@@ -122,5 +126,6 @@ export function jobPayload(
     deadline,
     createdAt,
     priority,
+    streamTokens,
   }
 }
