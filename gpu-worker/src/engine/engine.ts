@@ -323,8 +323,10 @@ export class MoeEngine extends StepEngine {
         const valid = rows[i]!.tokens.length
         for (let j = 0; j < valid; j++) {
           const base = ((l * n + i) * S + j) * k
-          for (let q = 0; q < k; q++)
-            counts[(i * this.layers + l) * this.experts + Number(chosen[base + q])]!++
+          for (let q = 0; q < k; q++) {
+            const e = Number(chosen[base + q])
+            if (e >= 0) counts[(i * this.layers + l) * this.experts + e]!++ // -1: a dense layer
+          }
         }
       }
     }
