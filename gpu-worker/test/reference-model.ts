@@ -130,7 +130,8 @@ export class ReferenceModel {
       k = this.rmsNorm(k, this.t(`${p}.self_attn.k_norm.weight`))
       const clip = c.clip_qkv
       if (clip != null)
-        for (const x of [q, k, v]) x.forEach((val, i) => (x[i] = Math.min(clip, Math.max(-clip, val))))
+        for (const x of [q, k, v])
+          for (let i = 0; i < x.length; i++) x[i] = Math.min(clip, Math.max(-clip, x[i]!))
     }
     return [q, k, v]
   }
@@ -160,7 +161,9 @@ export class ReferenceModel {
     const { H } = this
     const c = this.cfg
     const out = new Float64Array(H)
-    const add = (y: Float64Array, w: number) => y.forEach((v, i) => (out[i]! += w * v))
+    const add = (y: Float64Array, w: number) => {
+      for (let i = 0; i < H; i++) out[i]! += w * y[i]!
+    }
     if (!this.isSparse(l)) {
       const I = c.intermediate_size
       const act = this.swiglu(
