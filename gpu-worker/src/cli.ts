@@ -1,6 +1,13 @@
 import { parseArgs } from 'node:util'
-import { type GenerateRequest, MoeEngine } from './engine/engine.ts'
-import { ModelDirError, openModelDir } from './engine/model-dir.ts'
+import { cudaAvailable, type GenerateRequest, MoeEngine } from './engine/engine.ts'
+import {
+  formatPlan,
+  ModelMemoryError,
+  PLAN_DTYPES,
+  type PlanDtype,
+  planMemory,
+} from './engine/memory-plan.ts'
+import { ModelDirError, openModelDir, readModelConfig } from './engine/model-dir.ts'
 import { ensureExported } from './engine/onnx-export.ts'
 import { BENCH_CONFIG, TINY_CONFIG, writeRandomMixtral } from './engine/random-model.ts'
 import type { ExecutionProviderChoice } from './engine/session.ts'
@@ -14,6 +21,10 @@ commands:
       Generate from a prompt. --chat applies the model's chat template; --json prints one JSON object.
   export --model DIR [--dtype fp32|fp16]
       Export the model to ONNX (cached next to the model) and print where.
+  plan --model DIR [--dtype fp32|fp16|int8|int4] [--max-batch N] [--max-context T] [--memory-gb G] [--json]
+      From config.json alone: weight bytes per component, KV-cache bytes per token and for
+      batch x context, the total, and whether it fits in G GB (default: this machine's memory).
+      The engine refuses to load a model that does not fit.
   make-model --out DIR [--preset tiny|bench] [--seed N]
       Write a deterministic random-weight Mixtral in the Hugging Face layout.
   serve [--pools a,b]
@@ -140,6 +151,34 @@ function exportCommand(argv: string[]): void {
   )
 }
 
+function planCommand(argv: string[]): void {
+  const { values } = parseArgs({
+    args: argv,
+    strict: true,
+    options: {
+      model: { type: 'string' },
+      dtype: { type: 'string' },
+      'max-batch': { type: 'string' },
+      'max-context': { type: 'string' },
+      'memory-gb': { type: 'string' },
+      json: { type: 'boolean' },
+    },
+  })
+  if (!values.model) throw new UsageError('plan needs --model DIR')
+  // Default: the dtype the engine would load at here (fp16 on CUDA, else fp32).
+  const dtype = values.dtype ?? (cudaAvailable() ? 'fp16' : 'fp32')
+  if (!PLAN_DTYPES.includes(dtype as PlanDtype))
+    throw new UsageError(`--dtype must be one of ${PLAN_DTYPES.join(', ')} (got ${JSON.stringify(dtype)})`)
+  const memoryGb = num('memory-gb', values['memory-gb'], { min: Number.MIN_VALUE })
+  const plan = planMemory(readModelConfig(values.model), {
+    dtype: dtype as PlanDtype,
+    maxBatch: num('max-batch', values['max-batch'], { int: true, min: 1 }) ?? 32,
+    maxContext: num('max-context', values['max-context'], { int: true, min: 2 }) ?? 2048,
+    memoryBytes: memoryGb === undefined ? undefined : memoryGb * 1e9,
+  })
+  console.log(values.json ? JSON.stringify(plan) : formatPlan(plan))
+}
+
 function makeModel(argv: string[]): void {
   const { values } = parseArgs({
     args: argv,
@@ -165,6 +204,8 @@ async function main(argv: string[]): Promise<void> {
       return generate(rest)
     case 'export':
       return exportCommand(rest)
+    case 'plan':
+      return planCommand(rest)
     case 'make-model':
       return makeModel(rest)
     case 'serve': {
@@ -191,6 +232,10 @@ try {
   }
   if (e instanceof ModelDirError) {
     console.error(`moe: bad model directory: ${e.message}`)
+    process.exit(1)
+  }
+  if (e instanceof ModelMemoryError) {
+    console.error(`moe: ${e.message}`)
     process.exit(1)
   }
   console.error(`moe: ${(e as Error).stack ?? e}`)

@@ -27,6 +27,14 @@ function readJson(file: string): unknown {
   }
 }
 
+/** Reads and validates a model directory's config.json alone (enough to plan memory). */
+export function readModelConfig(dir: string): ModelConfig {
+  const configFile = join(dir, 'config.json')
+  const parsed = parseModelConfig(readJson(configFile))
+  if (!parsed.success) throw new ModelDirError(`${configFile}: ${parsed.issues.join('; ')}`)
+  return parsed.data
+}
+
 /** Opens and validates a model directory: config, weight files, every tensor's presence and shape. */
 export function openModelDir(dirIn: string): ModelDir {
   const dir = resolve(dirIn)
@@ -34,9 +42,7 @@ export function openModelDir(dirIn: string): ModelDir {
     throw new ModelDirError(`${dir}: model directory not found`)
 
   const configFile = join(dir, 'config.json')
-  const parsed = parseModelConfig(readJson(configFile))
-  if (!parsed.success) throw new ModelDirError(`${configFile}: ${parsed.issues.join('; ')}`)
-  const config = parsed.data
+  const config = readModelConfig(dir)
 
   const indexFile = join(dir, 'model.safetensors.index.json')
   let files: string[]
