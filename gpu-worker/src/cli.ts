@@ -17,10 +17,11 @@ const USAGE = `usage: moe <command> [options]
 commands:
   generate --model DIR (--prompt TEXT | --input-ids 1,2,3) [--max-tokens N] [--temperature T]
            [--top-p P] [--top-k K] [--seed S] [--stop TEXT]... [--experts 0,2,5] [--chat] [--json]
-           [--ep cpu|cuda|auto] [--threads N]
+           [--ep cpu|cuda|auto] [--threads N] [--dtype fp32|fp16|int8|int4]
       Generate from a prompt. --chat applies the model's chat template; --json prints one JSON object.
-  export --model DIR [--dtype fp32|fp16]
-      Export the model to ONNX (cached next to the model) and print where.
+  export --model DIR [--dtype fp32|fp16|int8|int4]
+      Export the model to ONNX (cached next to the model) and print where. int8/int4 store the
+      attention and expert weights in symmetric blocks of 32 (MatMulNBits).
   plan --model DIR [--dtype fp32|fp16|int8|int4] [--max-batch N] [--max-context T] [--memory-gb G] [--json]
       From config.json alone: weight bytes per component, KV-cache bytes per token and for
       batch x context, the total, and whether it fits in G GB (default: this machine's memory).
@@ -67,6 +68,12 @@ function ep(v: string | undefined): ExecutionProviderChoice {
   return e
 }
 
+function exportDtype(v: string): PlanDtype {
+  if (!PLAN_DTYPES.includes(v as PlanDtype))
+    throw new UsageError(`--dtype must be one of ${PLAN_DTYPES.join(', ')} (got ${JSON.stringify(v)})`)
+  return v as PlanDtype
+}
+
 async function generate(argv: string[]): Promise<void> {
   const { values } = parseArgs({
     args: argv,
@@ -86,6 +93,7 @@ async function generate(argv: string[]): Promise<void> {
       json: { type: 'boolean' },
       ep: { type: 'string' },
       threads: { type: 'string' },
+      dtype: { type: 'string' },
     },
   })
   if (!values.model) throw new UsageError('generate needs --model DIR')
@@ -104,6 +112,7 @@ async function generate(argv: string[]): Promise<void> {
   const engine = await MoeEngine.load({
     modelDir: values.model,
     ep: ep(values.ep),
+    dtype: values.dtype === undefined ? undefined : exportDtype(values.dtype),
     intraOpThreads: threads,
     log: () => {},
   })
@@ -141,11 +150,8 @@ function exportCommand(argv: string[]): void {
     options: { model: { type: 'string' }, dtype: { type: 'string' } },
   })
   if (!values.model) throw new UsageError('export needs --model DIR')
-  const dtype = values.dtype ?? 'fp32'
-  if (dtype !== 'fp32' && dtype !== 'fp16')
-    throw new UsageError(`--dtype must be fp32 or fp16 (got ${JSON.stringify(dtype)})`)
   const t0 = performance.now()
-  const out = ensureExported(openModelDir(values.model), dtype)
+  const out = ensureExported(openModelDir(values.model), exportDtype(values.dtype ?? 'fp32'))
   console.log(
     `${out.cached ? 'cached' : 'exported'} ${out.modelPath} (${Math.round(performance.now() - t0)} ms)`,
   )
@@ -167,8 +173,7 @@ function planCommand(argv: string[]): void {
   if (!values.model) throw new UsageError('plan needs --model DIR')
   // Default: the dtype the engine would load at here (fp16 on CUDA, else fp32).
   const dtype = values.dtype ?? (cudaAvailable() ? 'fp16' : 'fp32')
-  if (!PLAN_DTYPES.includes(dtype as PlanDtype))
-    throw new UsageError(`--dtype must be one of ${PLAN_DTYPES.join(', ')} (got ${JSON.stringify(dtype)})`)
+  exportDtype(dtype)
   const memoryGb = num('memory-gb', values['memory-gb'], { min: Number.MIN_VALUE })
   const plan = planMemory(readModelConfig(values.model), {
     dtype: dtype as PlanDtype,

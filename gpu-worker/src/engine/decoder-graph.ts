@@ -7,7 +7,9 @@ import {
   type MlpTensors,
   type SwiGluTensors,
 } from './model-layout.ts'
+import type { ExportDtype } from './onnx-export.ts'
 import type { ElemType, OnnxGraphWriter } from './onnx-graph.ts'
+import { matMulNBits, type QuantBits, quantizable, quantizeMatrix, routedExpertsNBits } from './quantize.ts'
 import { readTensorF32, toF16Bits } from './safetensors.ts'
 
 // The pieces of one decoder layer as ONNX nodes: attention on
@@ -46,14 +48,17 @@ export class DecoderGraph {
   readonly T: ElemType
   readonly g: OnnxGraphWriter
   readonly model: ModelDir
-  readonly dtype: 'fp32' | 'fp16'
+  readonly dtype: ExportDtype
+  /** Weight-only quantization of the attention and MLP matrices (int8/int4 exports). */
+  readonly bits: QuantBits | null
 
-  constructor(g: OnnxGraphWriter, model: ModelDir, dtype: 'fp32' | 'fp16') {
+  constructor(g: OnnxGraphWriter, model: ModelDir, dtype: ExportDtype) {
     this.g = g
     this.model = model
     this.dtype = dtype
     this.c = model.config
     this.T = dtype === 'fp16' ? 'float16' : 'float32'
+    this.bits = dtype === 'int8' ? 8 : dtype === 'int4' ? 4 : null
   }
 
   read(name: string): Float32Array {
@@ -65,8 +70,17 @@ export class DecoderGraph {
     return this.g.initializer(name, this.T, dims, this.dtype === 'fp16' ? toF16Bits(data) : data)
   }
 
-  /** x W^T (+ b) for HF weights [rows, cols] stacked by rows, each times `scale`. */
-  linear(x: string, names: string[], cols: number, opts: { bias?: boolean; scale?: number } = {}): string {
+  /**
+   * x W^T (+ b) for HF weights [rows, cols] stacked by rows, each times
+   * `scale`. Quantized exports use MatMulNBits unless `exact` (the router and
+   * the shared-expert gate: tiny, and routing is sensitive to them).
+   */
+  linear(
+    x: string,
+    names: string[],
+    cols: number,
+    opts: { bias?: boolean; scale?: number; exact?: boolean } = {},
+  ): string {
     const parts = names.map((n) => this.read(n))
     const rows = parts.reduce((a, p) => a + p.length / cols, 0)
     const w = new Float32Array(rows * cols)
@@ -76,10 +90,13 @@ export class DecoderGraph {
       at += p.length
     }
     const scale = opts.scale ?? 1
-    const y = this.g.op('MatMul', [
-      x,
-      this.weight(`${names[0]}_t`, [cols, rows], scaled(transpose(w, rows, cols), scale)),
-    ])
+    const y =
+      this.bits && !opts.exact && quantizable(cols)
+        ? matMulNBits(this.g, x, names[0]!, quantizeMatrix(scaled(w, scale), rows, cols, this.bits))
+        : this.g.op('MatMul', [
+            x,
+            this.weight(`${names[0]}_t`, [cols, rows], scaled(transpose(w, rows, cols), scale)),
+          ])
     if (!opts.bias) return y
     const b = new Float32Array(rows)
     at = 0
@@ -225,13 +242,46 @@ export function mlp(
   }
   // Router logits plus the pool's expert bias (0 or -inf per expert).
   const logits = g.op('Reshape', [
-    g.op('Add', [d.linear(h, [t.router], H), expertBias]),
+    g.op('Add', [d.linear(h, [t.router], H, { exact: true }), expertBias]),
     g.constInt64([-1, E]),
   ])
-  const { fc1, fc2 } = stackExperts(d, t.experts)
-  const I = c.moe_intermediate_size
-  const p = `model.layers.${layer}.experts`
-  const moe = g.op(
+  let out = g.op('Reshape', [
+    routedExperts(d, t.experts, flat, logits, `model.layers.${layer}.experts`),
+    g.op('Shape', [h]),
+  ])
+  if (t.shared) {
+    const shared = d.swiglu(h, t.shared, c.shared_expert_intermediate_size, rs)
+    const gate = g.op('Sigmoid', [d.linear(h, [t.shared.gate_scale], H, { exact: true })])
+    out = g.op('Add', [out, g.op('Mul', [shared, gate])])
+  }
+  // The same top-k the MoE kernel takes, exported for expert-load telemetry.
+  const [, indices] = g.node('TopK', [logits, g.constInt64([k])], 2, { axis: -1 })
+  return { out, chosen: g.op('Unsqueeze', [indices!, g.constInt64([0])]) }
+}
+
+/** Routed experts on flat [N,H] rows: the fused MoE op, or per-expert MatMulNBits when quantizing. */
+function routedExperts(d: DecoderGraph, t: ExpertTensors, flat: string, logits: string, p: string): string {
+  const { c, g } = d
+  const { hidden_size: H, moe_intermediate_size: I, num_local_experts: E } = c
+  const rs = c.residual_multiplier
+  const { fc1, fc2 } = stackExperts(d, t)
+  if (d.bits && quantizable(H) && quantizable(I)) {
+    const bits = d.bits
+    const experts = Array.from({ length: E }, (_, e) => {
+      // Back from interleaved rows to gate rows then up rows: the dispatch splits them in halves.
+      const gateUp = new Float32Array(2 * I * H)
+      const base = e * 2 * I * H
+      for (let i = 0; i < I; i++) {
+        gateUp.set(fc1.subarray(base + 2 * i * H, base + (2 * i + 1) * H), i * H)
+        gateUp.set(fc1.subarray(base + (2 * i + 1) * H, base + (2 * i + 2) * H), (I + i) * H)
+      }
+      const down = scaled(fc2.subarray(e * H * I, (e + 1) * H * I), rs)
+      return { gateUp: quantizeMatrix(gateUp, 2 * I, H, bits), down: quantizeMatrix(down, H, I, bits) }
+    })
+    const opts = { k: c.num_experts_per_tok, normTopK: c.norm_topk_prob, I, prefix: p }
+    return routedExpertsNBits(g, flat, logits, experts, opts)
+  }
+  return g.op(
     'MoE',
     [
       flat,
@@ -241,7 +291,7 @@ export function mlp(
       d.weight(`${p}.fc2`, [E, H, I], scaled(fc2, rs)),
     ],
     {
-      k,
+      k: c.num_experts_per_tok,
       activation_type: 'swiglu',
       swiglu_fusion: 1,
       // 1: softmax over the top-k logits; 0: softmax over all experts, top-k taken unrenormalised
@@ -253,13 +303,4 @@ export function mlp(
     },
     'com.microsoft',
   )
-  let out = g.op('Reshape', [moe, g.op('Shape', [h])])
-  if (t.shared) {
-    const shared = d.swiglu(h, t.shared, c.shared_expert_intermediate_size, rs)
-    const gate = g.op('Sigmoid', [d.linear(h, [t.shared.gate_scale], H)])
-    out = g.op('Add', [out, g.op('Mul', [shared, gate])])
-  }
-  // The same top-k the MoE kernel takes, exported for expert-load telemetry.
-  const [, indices] = g.node('TopK', [logits, g.constInt64([k])], 2, { axis: -1 })
-  return { out, chosen: g.op('Unsqueeze', [indices!, g.constInt64([0])]) }
 }

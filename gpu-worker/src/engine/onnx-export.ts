@@ -19,7 +19,8 @@ import { OnnxGraphWriter } from './onnx-graph.ts'
 //      expert_indices [L, B*S, k] int64: the experts the router picked (-1 in
 //      layers with a dense MLP).
 
-export type ExportDtype = 'fp32' | 'fp16'
+/** fp32/fp16 graphs, or fp32 graphs whose attention and MLP matrices are int8/int4 weight-only. */
+export type ExportDtype = 'fp32' | 'fp16' | 'int8' | 'int4'
 
 export interface ExportedModel {
   modelPath: string

@@ -23,6 +23,8 @@ export interface EngineOptions {
   maxBatch?: number
   /** Most tokens (prompt + completion) per sequence. */
   maxContext?: number
+  /** Graph dtype; default fp16 on CUDA, else fp32. int8/int4 quantize the weights (see quantize.ts). */
+  dtype?: ExportDtype
   /** Memory the model must fit in (weights + full KV cache); default: this machine's. */
   memoryBytes?: number
   log?: (msg: string, fields?: Record<string, unknown>) => void
@@ -105,7 +107,7 @@ export interface LoadPlan {
 /** Decides dtype and limits for a model and refuses (ModelMemoryError) one that does not fit. */
 export function loadPlan(model: ModelDir, opts: EngineOptions): LoadPlan {
   const wantCuda = opts.ep === 'cuda' || ((opts.ep ?? 'auto') === 'auto' && cudaAvailable())
-  const dtype: ExportDtype = wantCuda ? 'fp16' : 'fp32'
+  const dtype: ExportDtype = opts.dtype ?? (wantCuda ? 'fp16' : 'fp32')
   const maxBatch = opts.maxBatch ?? 32
   const maxContext = Math.min(opts.maxContext ?? 2048, model.config.max_position_embeddings)
   const memory = assertFits(model.config, { dtype, maxBatch, maxContext, memoryBytes: opts.memoryBytes })
