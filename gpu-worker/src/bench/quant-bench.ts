@@ -49,10 +49,10 @@ for (const dtype of ['fp32', 'int8', 'int4'] as ExportDtype[]) {
   const opts = { modelDir, ep: 'cpu' as const, dtype, intraOpThreads: threads, maxBatch: 16, maxContext: 256 }
   engines.push([dtype, await MoeEngine.load({ ...opts, log: () => {} })])
 }
-const best: Record<string, { decode_b1_tok_s: number; decode_b16_tok_s: number }> = {}
+const best = Object.fromEntries(engines.map(([d]) => [d, { decode_b1_tok_s: 0, decode_b16_tok_s: 0 }]))
 for (let round = 0; round < 3; round++)
   for (const [dtype, engine] of engines) {
-    const b = (best[dtype] ??= { decode_b1_tok_s: 0, decode_b16_tok_s: 0 })
+    const b = best[dtype]!
     b.decode_b1_tok_s = Math.max(b.decode_b1_tok_s, Number((await decode(engine, 1)).toFixed(1)))
     b.decode_b16_tok_s = Math.max(b.decode_b16_tok_s, Number((await decode(engine, 16)).toFixed(1)))
   }
