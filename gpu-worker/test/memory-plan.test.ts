@@ -1,16 +1,18 @@
 import { execFile } from 'node:child_process'
-import { mkdtempSync, writeFileSync } from 'node:fs'
+import { mkdtempSync, statSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
-import { join } from 'node:path'
+import { dirname, join } from 'node:path'
 import { fileURLToPath } from 'node:url'
 import { promisify } from 'node:util'
 import { describe, expect, it } from 'vitest'
 import { MoeEngine } from '../src/engine/engine.ts'
 import { type MemoryPlan, parameterCounts, planMemory } from '../src/engine/memory-plan.ts'
 import { parseModelConfig } from '../src/engine/model-config.ts'
+import { openModelDir } from '../src/engine/model-dir.ts'
 import { expectedTensors } from '../src/engine/model-layout.ts'
+import { ensureExported } from '../src/engine/onnx-export.ts'
 import { FAMILIES } from './family-configs.ts'
-import { TINY_MODEL_DIR } from './fixtures.ts'
+import { copyTinyModel, TINY_MODEL_DIR } from './fixtures.ts'
 
 const run = promisify(execFile)
 const CLI = fileURLToPath(new URL('../bin/moe.js', import.meta.url))
@@ -77,6 +79,18 @@ describe('memory plan', () => {
         (c.tie_word_embeddings ? c.vocab_size * c.hidden_size : 0) + c.max_position_embeddings * c.head_dim
       const counted = Object.values(parameterCounts(c)).reduce((a, b) => a + b, 0)
       expect(counted, family).toBe(loaded + extra)
+    }
+  })
+
+  it('predicts the size of the exported weights at fp32, int8 and int4', () => {
+    const model = openModelDir(copyTinyModel())
+    for (const dtype of ['fp32', 'int8', 'int4'] as const) {
+      const { modelPath } = ensureExported(model, dtype)
+      const bytes = statSync(modelPath).size + statSync(join(dirname(modelPath), 'model.onnx.data')).size
+      const plan = planMemory(model.config, { dtype, maxBatch: 1, maxContext: 2, memoryBytes: 1e12 })
+      // Within the external-data file's alignment padding (64 B per tensor on a model this small).
+      expect(bytes / plan.weights_bytes, dtype).toBeGreaterThan(0.999)
+      expect(bytes / plan.weights_bytes, dtype).toBeLessThan(1.1)
     }
   })
 

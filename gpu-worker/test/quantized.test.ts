@@ -1,9 +1,9 @@
-import { mkdtempSync } from 'node:fs'
+import { mkdtempSync, readFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
 import { MoeEngine } from '../src/engine/engine.ts'
-import type { ExportDtype } from '../src/engine/onnx-export.ts'
+import { type ExportDtype, ensureExported } from '../src/engine/onnx-export.ts'
 import { dequantizeMatrix, quantizeMatrix } from '../src/engine/quantize.ts'
 import { writeRandomModel } from '../src/engine/random-model.ts'
 import { FAMILIES } from './family-configs.ts'
@@ -79,6 +79,21 @@ describe('weight-only quantization', () => {
 
   const results: Record<string, { agree: number; kl: number }> = {}
   afterAll(() => console.log('quantized vs fp32 (teacher-forced):', JSON.stringify(results)))
+
+  it('exports MatMulNBits in place of the MoE op, and routes only to an allowed subset', async () => {
+    const engine = await load(TINY_MODEL_DIR, 'int8')
+    try {
+      const graph = readFileSync(ensureExported(engine.model, 'int8').modelPath, 'latin1')
+      expect(graph).toContain('MatMulNBits')
+      expect(graph).not.toMatch(/\bMoE\b/)
+      const out = await engine.forward([
+        { slot: 0, tokens: PROMPT, pastLength: 0, allowedExperts: [2, 5, 6] },
+      ])
+      for (const e of out.chosenExperts) expect([2, 5, 6]).toContain(Number(e))
+    } finally {
+      await engine.close()
+    }
+  })
 
   it('int8 picks the fp32 greedy token at >= 95% of steps on the tiny Mixtral, int4 reported', async () => {
     results.int8 = await compare(TINY_MODEL_DIR, 'int8')
