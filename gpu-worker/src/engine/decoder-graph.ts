@@ -189,31 +189,21 @@ export function attention(d: DecoderGraph, t: LayerTensors, h: string, io: Atten
   return d.linear(attn!, [t.o], nH * D, { bias: c.o_bias, scale: c.residual_multiplier })
 }
 
-/** Experts as the MoE op wants them: fc1 [E, 2I, H] with gate and up rows interleaved, fc2 [E, H, I]. */
-function stackExperts(d: DecoderGraph, t: ExpertTensors): { fc1: Float32Array; fc2: Float32Array } {
+/** Each routed expert's gate and up [I,H] and down [H,I], whichever way the checkpoint stores them. */
+function readExperts(
+  d: DecoderGraph,
+  t: ExpertTensors,
+): Array<{ gate: Float32Array; up: Float32Array; down: Float32Array }> {
   const { hidden_size: H, moe_intermediate_size: I, num_local_experts: E } = d.c
-  const fc1 = new Float32Array(E * 2 * I * H)
-  const interleave = (e: number, gate: Float32Array, up: Float32Array) => {
-    const base = e * 2 * I * H
-    for (let i = 0; i < I; i++) {
-      fc1.set(gate.subarray(i * H, (i + 1) * H), base + 2 * i * H)
-      fc1.set(up.subarray(i * H, (i + 1) * H), base + (2 * i + 1) * H)
-    }
-  }
-  if (t.layout === 'stacked') {
-    const gu = d.read(t.gateUp)
-    for (let e = 0; e < E; e++) {
-      const base = e * 2 * I * H
-      interleave(e, gu.subarray(base, base + I * H), gu.subarray(base + I * H, base + 2 * I * H))
-    }
-    return { fc1, fc2: d.read(t.down) }
-  }
-  const fc2 = new Float32Array(E * H * I)
-  t.experts.forEach((x, e) => {
-    interleave(e, d.read(x.gate), d.read(x.up))
-    fc2.set(d.read(x.down), e * H * I)
-  })
-  return { fc1, fc2 }
+  if (t.layout === 'per_expert')
+    return t.experts.map((x) => ({ gate: d.read(x.gate), up: d.read(x.up), down: d.read(x.down) }))
+  const gu = d.read(t.gateUp)
+  const down = d.read(t.down)
+  return Array.from({ length: E }, (_, e) => ({
+    gate: gu.subarray(e * 2 * I * H, (e * 2 + 1) * I * H),
+    up: gu.subarray((e * 2 + 1) * I * H, (e + 1) * 2 * I * H),
+    down: down.subarray(e * H * I, (e + 1) * H * I),
+  }))
 }
 
 /**
@@ -264,32 +254,34 @@ function routedExperts(d: DecoderGraph, t: ExpertTensors, flat: string, logits: 
   const { c, g } = d
   const { hidden_size: H, moe_intermediate_size: I, num_local_experts: E } = c
   const rs = c.residual_multiplier
-  const { fc1, fc2 } = stackExperts(d, t)
+  const experts = readExperts(d, t)
   if (d.bits && quantizable(H) && quantizable(I)) {
     const bits = d.bits
-    const experts = Array.from({ length: E }, (_, e) => {
-      // Back from interleaved rows to gate rows then up rows: the dispatch splits them in halves.
+    const quantized = experts.map((x) => {
       const gateUp = new Float32Array(2 * I * H)
-      const base = e * 2 * I * H
-      for (let i = 0; i < I; i++) {
-        gateUp.set(fc1.subarray(base + 2 * i * H, base + (2 * i + 1) * H), i * H)
-        gateUp.set(fc1.subarray(base + (2 * i + 1) * H, base + (2 * i + 2) * H), (I + i) * H)
+      gateUp.set(x.gate)
+      gateUp.set(x.up, I * H)
+      return {
+        gateUp: quantizeMatrix(gateUp, 2 * I, H, bits),
+        down: quantizeMatrix(scaled(x.down, rs), H, I, bits),
       }
-      const down = scaled(fc2.subarray(e * H * I, (e + 1) * H * I), rs)
-      return { gateUp: quantizeMatrix(gateUp, 2 * I, H, bits), down: quantizeMatrix(down, H, I, bits) }
     })
     const opts = { k: c.num_experts_per_tok, normTopK: c.norm_topk_prob, I, prefix: p }
-    return routedExpertsNBits(g, flat, logits, experts, opts)
+    return routedExpertsNBits(g, flat, logits, quantized, opts)
   }
+  // swiglu_fusion=1 wants gate and up rows interleaved: row 2i = gate[i], row 2i+1 = up[i].
+  const fc1 = new Float32Array(E * 2 * I * H)
+  const fc2 = new Float32Array(E * H * I)
+  experts.forEach((x, e) => {
+    for (let i = 0; i < I; i++) {
+      fc1.set(x.gate.subarray(i * H, (i + 1) * H), (e * 2 * I + 2 * i) * H)
+      fc1.set(x.up.subarray(i * H, (i + 1) * H), (e * 2 * I + 2 * i + 1) * H)
+    }
+    fc2.set(scaled(x.down, rs), e * H * I)
+  })
   return g.op(
     'MoE',
-    [
-      flat,
-      logits,
-      d.weight(`${p}.fc1`, [E, 2 * I, H], fc1),
-      '',
-      d.weight(`${p}.fc2`, [E, H, I], scaled(fc2, rs)),
-    ],
+    [flat, logits, d.weight(`${p}.fc1`, [E, 2 * I, H], fc1), '', d.weight(`${p}.fc2`, [E, H, I], fc2)],
     {
       k: c.num_experts_per_tok,
       activation_type: 'swiglu',

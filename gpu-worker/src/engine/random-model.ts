@@ -138,10 +138,16 @@ export function writeRandomModel(
       `${JSON.stringify({ metadata: {}, weight_map: weightMap }, null, 2)}\n`,
     )
   }
-  const architectures = { mixtral: 'MixtralForCausalLM' } as Record<string, string>
+  const architectures: Record<string, string> = {
+    mixtral: 'MixtralForCausalLM',
+    qwen2_moe: 'Qwen2MoeForCausalLM',
+    qwen3_moe: 'Qwen3MoeForCausalLM',
+    olmoe: 'OlmoeForCausalLM',
+    granitemoe: 'GraniteMoeForCausalLM',
+  }
   writeFileSync(
     join(dir, 'config.json'),
-    `${JSON.stringify({ architectures: [architectures[config.model_type] ?? 'ForCausalLM'], ...config }, null, 2)}\n`,
+    `${JSON.stringify({ architectures: [architectures[config.model_type]], ...config }, null, 2)}\n`,
   )
   const { tokenizerJson, tokenizerConfig } = byteLevelTokenizerFiles()
   writeFileSync(join(dir, 'tokenizer.json'), `${JSON.stringify(tokenizerJson, null, 2)}\n`)
