@@ -11,6 +11,7 @@ import { parseModelConfig } from '../src/engine/model-config.ts'
 import { openModelDir } from '../src/engine/model-dir.ts'
 import { expectedTensors } from '../src/engine/model-layout.ts'
 import { ensureExported } from '../src/engine/onnx-export.ts'
+import { ThreadedEngine } from '../src/engine/threaded-engine.ts'
 import { FAMILIES } from './family-configs.ts'
 import { copyTinyModel, TINY_MODEL_DIR } from './fixtures.ts'
 
@@ -113,6 +114,14 @@ describe('memory plan', () => {
       /does not fit in memory: mixtral at fp32 needs .* more than the 100\.0 KB/,
     )
     await expect(load).rejects.toMatchObject({ code: 'model_too_large' })
+    // The threaded engine checks before it starts its thread.
+    const threaded = ThreadedEngine.load({
+      modelDir: TINY_MODEL_DIR,
+      ep: 'cpu',
+      memoryBytes: 100_000,
+      log: () => {},
+    })
+    await expect(threaded).rejects.toMatchObject({ code: 'model_too_large' })
   })
 })
 
