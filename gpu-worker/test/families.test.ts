@@ -6,7 +6,7 @@ import { MoeEngine, type StepRow } from '../src/engine/engine.ts'
 import { parseModelConfig } from '../src/engine/model-config.ts'
 import { type HfConfig, writeRandomModel } from '../src/engine/random-model.ts'
 import { FAMILIES } from './family-configs.ts'
-import { argmax, maxAbsDiff } from './fixtures.ts'
+import { argmax, maxAbsDiff, TINY_MODEL_DIR } from './fixtures.ts'
 import { ReferenceModel, referenceGreedy } from './reference-model.ts'
 
 // Each supported family, on a small random checkpoint with that family's real
@@ -70,6 +70,41 @@ describe.each(Object.entries(FAMILIES))('%s', (family, spec) => {
     const out = await engine.forward([row(PROMPT, 0, spec.subset)])
     for (const e of out.chosenExperts) if (e >= 0) expect(spec.subset).toContain(Number(e))
     expect(maxAbsDiff(out.logits, ref.forward(PROMPT, spec.subset).logits)).toBeLessThan(1e-4)
+  })
+})
+
+// The fp16 graph is what the engine loads on CUDA; ORT's CPU kernels run it too.
+describe('fp16 graphs, on the CPU', () => {
+  const dirs: Array<[string, string]> = [['mixtral', TINY_MODEL_DIR]]
+  beforeAll(() => {
+    for (const [family, spec] of Object.entries(FAMILIES)) {
+      const dir = join(mkdtempSync(join(tmpdir(), `moe-fp16-${family}-`)), 'model')
+      writeRandomModel(dir, spec.config, 4242, spec.opts)
+      dirs.push([family, dir])
+    }
+  })
+
+  it('stay within 0.05 of the reference logits and keep its greedy sequence', async () => {
+    for (const [family, dir] of dirs) {
+      const engine = await MoeEngine.load({
+        modelDir: dir,
+        ep: 'cpu',
+        dtype: 'fp16',
+        maxBatch: 1,
+        maxContext: 64,
+        log: () => {},
+      })
+      try {
+        expect(engine.kv.dtype).toBe('float16')
+        const ref = new ReferenceModel(dir)
+        const out = await engine.forward([row(PROMPT)])
+        expect(maxAbsDiff(out.logits, ref.forward(PROMPT).logits), family).toBeLessThan(0.05)
+        const got = await engine.generate({ inputIds: PROMPT, maxTokens: 12, seed: 1, ignoreEos: true })
+        expect(got.outputIds, family).toEqual(referenceGreedy(ref, PROMPT, 12, () => false))
+      } finally {
+        await engine.close()
+      }
+    }
   })
 })
 

@@ -21,6 +21,22 @@ export {
 } from './step-engine.ts'
 
 /**
+ * A float32 tensor, or a float16 one over IEEE-half bits in a Uint16Array.
+ * Where the runtime has Float16Array (Node 24), ort.Tensor rewraps the bits
+ * as one, which onnxruntime-node 1.30's native binding reads as 0 bytes ("not
+ * enough space: expected 16, got 0"); handing it back the Uint16Array works.
+ */
+function floatTensor(
+  type: 'float32' | 'float16',
+  data: Float32Array | Uint16Array,
+  dims: number[],
+): ort.Tensor {
+  const t = new ort.Tensor(type, data, dims)
+  if (type === 'float16') (t as unknown as { cpuData: Uint16Array }).cpuData = data as Uint16Array
+  return t
+}
+
+/**
  * The MoE engine: one exported graph, one ORT session, one KV cache. It knows
  * nothing of queues or HTTP. forward() runs one pass over a batch of rows;
  * generate() decodes one sequence on top of it.
@@ -132,8 +148,8 @@ export class MoeEngine extends StepEngine {
     for (let l = 0; l < this.layers; l++) {
       const { key, value } = this.kv.view(l, first, n)
       // The same buffer as past input and present output: GQA appends in place.
-      const k = new ort.Tensor(kvType, key, kvDims)
-      const v = new ort.Tensor(kvType, value, kvDims)
+      const k = floatTensor(kvType, key, kvDims)
+      const v = floatTensor(kvType, value, kvDims)
       feeds[graphNames.pastKey(l)] = k
       feeds[graphNames.pastValue(l)] = v
       fetches[graphNames.presentKey(l)] = k
@@ -174,7 +190,7 @@ export class MoeEngine extends StepEngine {
     const E = this.experts
     if (rows.every((r) => r.allowedExperts === null))
       return this.dtype === 'fp16'
-        ? new ort.Tensor('float16', new Uint16Array(E), [1, E])
+        ? floatTensor('float16', new Uint16Array(E), [1, E])
         : new ort.Tensor('float32', new Float32Array(E), [1, E])
     const bias = new Float32Array(rows.length * E)
     rows.forEach((r, i) => {
@@ -187,7 +203,7 @@ export class MoeEngine extends StepEngine {
       bias.forEach((v, i) => {
         half[i] = v === 0 ? 0 : 0xfc00 // -inf in IEEE half
       })
-      return new ort.Tensor('float16', half, [rows.length, E])
+      return floatTensor('float16', half, [rows.length, E])
     }
     return new ort.Tensor('float32', bias, [rows.length, E])
   }
