@@ -1,8 +1,15 @@
 import { readFileSync } from 'node:fs'
 import { parseArgs } from 'node:util'
-import { type GenerateRequest, MoeEngine } from './engine/engine.ts'
+import { cudaAvailable, type GenerateRequest, MoeEngine } from './engine/engine.ts'
 import { evaluateText } from './engine/evaluate.ts'
-import { ModelDirError, openModelDir } from './engine/model-dir.ts'
+import {
+  formatPlan,
+  ModelMemoryError,
+  PLAN_DTYPES,
+  type PlanDtype,
+  planMemory,
+} from './engine/memory-plan.ts'
+import { ModelDirError, openModelDir, readModelConfig } from './engine/model-dir.ts'
 import { ensureExported } from './engine/onnx-export.ts'
 import { BENCH_CONFIG, TINY_CONFIG, writeRandomMixtral } from './engine/random-model.ts'
 import type { ExecutionProviderChoice } from './engine/session.ts'
@@ -12,10 +19,15 @@ const USAGE = `usage: moe <command> [options]
 commands:
   generate --model DIR (--prompt TEXT | --input-ids 1,2,3) [--max-tokens N] [--temperature T]
            [--top-p P] [--top-k K] [--seed S] [--stop TEXT]... [--experts 0,2,5] [--chat] [--json]
-           [--ep cpu|cuda|auto] [--threads N]
+           [--ep cpu|cuda|auto] [--threads N] [--dtype fp32|fp16|int8|int4]
       Generate from a prompt. --chat applies the model's chat template; --json prints one JSON object.
-  export --model DIR [--dtype fp32|fp16]
-      Export the model to ONNX (cached next to the model) and print where.
+  export --model DIR [--dtype fp32|fp16|int8|int4]
+      Export the model to ONNX (cached next to the model) and print where. int8/int4 store the
+      attention and expert weights in symmetric blocks of 32 (MatMulNBits).
+  plan --model DIR [--dtype fp32|fp16|int8|int4] [--max-batch N] [--max-context T] [--memory-gb G] [--json]
+      From config.json alone: weight bytes per component, KV-cache bytes per token and for
+      batch x context, the total, and whether it fits in G GB (default: this machine's memory).
+      The engine refuses to load a model that does not fit.
   make-model --out DIR [--preset tiny|bench] [--seed N]
       Write a deterministic random-weight Mixtral in the Hugging Face layout.
   eval --model DIR --text-file F [--window N] [--experts 0,2,5] [--json] [--ep cpu|cuda|auto] [--threads N]
@@ -63,6 +75,12 @@ function ep(v: string | undefined): ExecutionProviderChoice {
   return e
 }
 
+function exportDtype(v: string): PlanDtype {
+  if (!PLAN_DTYPES.includes(v as PlanDtype))
+    throw new UsageError(`--dtype must be one of ${PLAN_DTYPES.join(', ')} (got ${JSON.stringify(v)})`)
+  return v as PlanDtype
+}
+
 async function generate(argv: string[]): Promise<void> {
   const { values } = parseArgs({
     args: argv,
@@ -82,6 +100,7 @@ async function generate(argv: string[]): Promise<void> {
       json: { type: 'boolean' },
       ep: { type: 'string' },
       threads: { type: 'string' },
+      dtype: { type: 'string' },
     },
   })
   if (!values.model) throw new UsageError('generate needs --model DIR')
@@ -100,6 +119,7 @@ async function generate(argv: string[]): Promise<void> {
   const engine = await MoeEngine.load({
     modelDir: values.model,
     ep: ep(values.ep),
+    dtype: values.dtype === undefined ? undefined : exportDtype(values.dtype),
     intraOpThreads: threads,
     log: () => {},
   })
@@ -137,14 +157,38 @@ function exportCommand(argv: string[]): void {
     options: { model: { type: 'string' }, dtype: { type: 'string' } },
   })
   if (!values.model) throw new UsageError('export needs --model DIR')
-  const dtype = values.dtype ?? 'fp32'
-  if (dtype !== 'fp32' && dtype !== 'fp16')
-    throw new UsageError(`--dtype must be fp32 or fp16 (got ${JSON.stringify(dtype)})`)
   const t0 = performance.now()
-  const out = ensureExported(openModelDir(values.model), dtype)
+  const out = ensureExported(openModelDir(values.model), exportDtype(values.dtype ?? 'fp32'))
   console.log(
     `${out.cached ? 'cached' : 'exported'} ${out.modelPath} (${Math.round(performance.now() - t0)} ms)`,
   )
+}
+
+function planCommand(argv: string[]): void {
+  const { values } = parseArgs({
+    args: argv,
+    strict: true,
+    options: {
+      model: { type: 'string' },
+      dtype: { type: 'string' },
+      'max-batch': { type: 'string' },
+      'max-context': { type: 'string' },
+      'memory-gb': { type: 'string' },
+      json: { type: 'boolean' },
+    },
+  })
+  if (!values.model) throw new UsageError('plan needs --model DIR')
+  // Default: the dtype the engine would load at here (fp16 on CUDA, else fp32).
+  const dtype = values.dtype ?? (cudaAvailable() ? 'fp16' : 'fp32')
+  exportDtype(dtype)
+  const memoryGb = num('memory-gb', values['memory-gb'], { min: Number.MIN_VALUE })
+  const plan = planMemory(readModelConfig(values.model), {
+    dtype: dtype as PlanDtype,
+    maxBatch: num('max-batch', values['max-batch'], { int: true, min: 1 }) ?? 32,
+    maxContext: num('max-context', values['max-context'], { int: true, min: 2 }) ?? 2048,
+    memoryBytes: memoryGb === undefined ? undefined : memoryGb * 1e9,
+  })
+  console.log(values.json ? JSON.stringify(plan) : formatPlan(plan))
 }
 
 function makeModel(argv: string[]): void {
@@ -245,6 +289,8 @@ async function main(argv: string[]): Promise<void> {
       return generate(rest)
     case 'export':
       return exportCommand(rest)
+    case 'plan':
+      return planCommand(rest)
     case 'make-model':
       return makeModel(rest)
     case 'eval':
@@ -275,6 +321,10 @@ try {
   }
   if (e instanceof ModelDirError) {
     console.error(`moe: bad model directory: ${e.message}`)
+    process.exit(1)
+  }
+  if (e instanceof ModelMemoryError) {
+    console.error(`moe: ${e.message}`)
     process.exit(1)
   }
   console.error(`moe: ${(e as Error).stack ?? e}`)

@@ -7,7 +7,7 @@ import { evaluateText } from '../src/engine/evaluate.ts'
 import { openModelDir, tensorEntry } from '../src/engine/model-dir.ts'
 import { readTensorF32, writeSafetensors } from '../src/engine/safetensors.ts'
 import { copyTinyModel, loadTinyEngine, TINY_MODEL_DIR } from './fixtures.ts'
-import { ReferenceMixtral } from './reference-mixtral.ts'
+import { ReferenceModel } from './reference-model.ts'
 
 const MOE_BIN = join(import.meta.dirname, '..', 'bin', 'moe.js')
 const TEXT = 'Bits per byte: 3 + 4 = 7. Grüße, naïve café! {"k": [1, 2]}\n'
@@ -63,7 +63,7 @@ describe('moe eval: bits per byte with the engine forward pass', () => {
   })
 
   it('equals the sum of -log2 p over every window, from the reference forward pass', async () => {
-    const ref = new ReferenceMixtral(openModelDir(TINY_MODEL_DIR))
+    const ref = new ReferenceModel(TINY_MODEL_DIR)
     const ids = engine.tokenizer.encode(TEXT)
     const bos = engine.tokenizer.bosTokenId!
     const window = 20

@@ -115,7 +115,9 @@ describe('model directory', () => {
     const dir2 = copyTinyModel()
     const cfg = JSON.parse(readFileSync(join(dir2, 'config.json'), 'utf8'))
     writeFileSync(join(dir2, 'config.json'), JSON.stringify({ ...cfg, model_type: 'llama' }))
-    expect(() => openModelDir(dir2)).toThrow(/config\.json: model_type: model_type must be "mixtral"/)
+    expect(() => openModelDir(dir2)).toThrow(
+      /config\.json: model_type: "llama" is not supported; supported are mixtral, qwen2_moe, qwen3_moe, olmoe, granitemoe/,
+    )
   })
 
   it('caches the export and rebuilds it when the config changes', () => {

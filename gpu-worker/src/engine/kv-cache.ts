@@ -1,4 +1,4 @@
-import type { MixtralConfig } from './model-config.ts'
+import type { ModelConfig } from './model-config.ts'
 
 type KvBuffer = Float32Array | Uint16Array
 
@@ -31,7 +31,7 @@ export class KvCache {
   values: KvBuffer[]
 
   constructor(
-    config: MixtralConfig,
+    config: ModelConfig,
     maxSlots: number,
     maxContext: number,
     dtype: 'float32' | 'float16' = 'float32',

@@ -1,13 +1,14 @@
 import { createHash } from 'node:crypto'
 import { existsSync, readFileSync, statSync } from 'node:fs'
 import { join, resolve } from 'node:path'
-import { MixtralConfig } from './model-config.ts'
+import { type ModelConfig, parseModelConfig } from './model-config.ts'
+import { expectedTensors } from './model-layout.ts'
 import { readSafetensorsHeader, SafetensorsError, type TensorEntry } from './safetensors.ts'
 
 /** A model directory in the Hugging Face layout, validated against its config. */
 export interface ModelDir {
   dir: string
-  config: MixtralConfig
+  config: ModelConfig
   tensors: Map<string, TensorEntry>
   /** Changes when config.json or any weight file's header or size changes: keys the export cache. */
   fingerprint: string
@@ -15,39 +16,6 @@ export interface ModelDir {
 
 export class ModelDirError extends Error {
   override name = 'ModelDirError'
-}
-
-/** Every tensor the engine reads, with the shape config.json implies. */
-export function expectedTensors(c: MixtralConfig): Array<{ name: string; shape: number[] }> {
-  const H = c.hidden_size
-  const I = c.intermediate_size
-  const D = c.head_dim
-  const out = [
-    { name: 'model.embed_tokens.weight', shape: [c.vocab_size, H] },
-    { name: 'model.norm.weight', shape: [H] },
-  ]
-  if (!c.tie_word_embeddings) out.push({ name: 'lm_head.weight', shape: [c.vocab_size, H] })
-  for (let l = 0; l < c.num_hidden_layers; l++) {
-    const p = `model.layers.${l}`
-    out.push(
-      { name: `${p}.input_layernorm.weight`, shape: [H] },
-      { name: `${p}.post_attention_layernorm.weight`, shape: [H] },
-      { name: `${p}.self_attn.q_proj.weight`, shape: [c.num_attention_heads * D, H] },
-      { name: `${p}.self_attn.k_proj.weight`, shape: [c.num_key_value_heads * D, H] },
-      { name: `${p}.self_attn.v_proj.weight`, shape: [c.num_key_value_heads * D, H] },
-      { name: `${p}.self_attn.o_proj.weight`, shape: [H, c.num_attention_heads * D] },
-      { name: `${p}.block_sparse_moe.gate.weight`, shape: [c.num_local_experts, H] },
-    )
-    for (let e = 0; e < c.num_local_experts; e++) {
-      const q = `${p}.block_sparse_moe.experts.${e}`
-      out.push(
-        { name: `${q}.w1.weight`, shape: [I, H] },
-        { name: `${q}.w3.weight`, shape: [I, H] },
-        { name: `${q}.w2.weight`, shape: [H, I] },
-      )
-    }
-  }
-  return out
 }
 
 function readJson(file: string): unknown {
@@ -59,6 +27,14 @@ function readJson(file: string): unknown {
   }
 }
 
+/** Reads and validates a model directory's config.json alone (enough to plan memory). */
+export function readModelConfig(dir: string): ModelConfig {
+  const configFile = join(dir, 'config.json')
+  const parsed = parseModelConfig(readJson(configFile))
+  if (!parsed.success) throw new ModelDirError(`${configFile}: ${parsed.issues.join('; ')}`)
+  return parsed.data
+}
+
 /** Opens and validates a model directory: config, weight files, every tensor's presence and shape. */
 export function openModelDir(dirIn: string): ModelDir {
   const dir = resolve(dirIn)
@@ -66,12 +42,7 @@ export function openModelDir(dirIn: string): ModelDir {
     throw new ModelDirError(`${dir}: model directory not found`)
 
   const configFile = join(dir, 'config.json')
-  const parsed = MixtralConfig.safeParse(readJson(configFile))
-  if (!parsed.success) {
-    const issues = parsed.error.issues.map((i) => `${i.path.join('.') || '(root)'}: ${i.message}`).join('; ')
-    throw new ModelDirError(`${configFile}: ${issues}`)
-  }
-  const config = parsed.data
+  const config = readModelConfig(dir)
 
   const indexFile = join(dir, 'model.safetensors.index.json')
   let files: string[]

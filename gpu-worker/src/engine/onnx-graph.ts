@@ -8,13 +8,14 @@ import onnxProto from 'onnx-proto'
 
 const { onnx } = onnxProto
 export const DataType = onnx.TensorProto.DataType
-export type ElemType = 'float32' | 'float16' | 'int64' | 'int32'
+export type ElemType = 'float32' | 'float16' | 'int64' | 'int32' | 'uint8'
 
 const ELEM: Record<ElemType, number> = {
   float32: DataType.FLOAT,
   float16: DataType.FLOAT16,
   int64: DataType.INT64,
   int32: DataType.INT32,
+  uint8: DataType.UINT8,
 }
 
 export type Dim = number | string

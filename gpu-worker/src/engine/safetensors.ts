@@ -156,20 +156,33 @@ export function toF16Bits(src: Float32Array): Uint16Array {
   return out
 }
 
+/** fp32 -> bfloat16 bits, round to nearest even. */
+export function toBf16Bits(src: Float32Array): Uint16Array {
+  const bits = new Uint32Array(src.buffer, src.byteOffset, src.length)
+  const out = new Uint16Array(src.length)
+  for (let i = 0; i < src.length; i++) {
+    const b = bits[i]!
+    out[i] = (b + 0x7fff + ((b >>> 16) & 1)) >>> 16
+  }
+  return out
+}
+
 /**
- * Writes fp32 tensors as one safetensors file, asking for each tensor's data
- * only when it is written (used by the model generators).
+ * Writes tensors given as fp32 to one safetensors file in F32 or BF16, asking
+ * for each tensor's data only when it is written (used by the model generators).
  */
 export function writeSafetensors(
   file: string,
   specs: Array<{ name: string; shape: number[] }>,
   data: (name: string, shape: number[]) => Float32Array,
+  dtype: 'F32' | 'BF16' = 'F32',
 ) {
+  const elem = BYTES[dtype]
   const header: Record<string, unknown> = {}
   let offset = 0
   for (const t of specs) {
-    const bytes = t.shape.reduce((a, b) => a * b, 1) * 4
-    header[t.name] = { dtype: 'F32', shape: t.shape, data_offsets: [offset, offset + bytes] }
+    const bytes = t.shape.reduce((a, b) => a * b, 1) * elem
+    header[t.name] = { dtype, shape: t.shape, data_offsets: [offset, offset + bytes] }
     offset += bytes
   }
   let json = JSON.stringify(header)
@@ -184,7 +197,8 @@ export function writeSafetensors(
       const d = data(t.name, t.shape)
       if (d.length !== t.shape.reduce((a, b) => a * b, 1))
         throw new Error(`${t.name}: data length disagrees with shape`)
-      writeSync(fd, new Uint8Array(d.buffer, d.byteOffset, d.byteLength))
+      const out = dtype === 'BF16' ? toBf16Bits(d) : d
+      writeSync(fd, new Uint8Array(out.buffer, out.byteOffset, out.byteLength))
     }
   } finally {
     closeSync(fd)

@@ -1,7 +1,7 @@
 import { Worker } from 'node:worker_threads'
-import { type EngineOptions, StepEngine, type StepOutput, type StepRow } from './engine.ts'
 import type { EngineReply, EngineRequest } from './engine-thread.ts'
 import { openModelDir } from './model-dir.ts'
+import { type EngineOptions, loadPlan, StepEngine, type StepOutput, type StepRow } from './step-engine.ts'
 import { ChatTokenizer } from './tokenizer.ts'
 
 /**
@@ -32,11 +32,11 @@ export class ThreadedEngine extends StepEngine {
   static async load(opts: EngineOptions): Promise<ThreadedEngine> {
     const log = opts.log ?? ((msg: string) => console.error(msg))
     const model = openModelDir(opts.modelDir) // validated here too, so errors surface in this thread
+    const { maxBatch, maxContext } = loadPlan(model, opts) // and a model too large for memory
     const tokenizer = await ChatTokenizer.fromFiles(model.dir)
     const { log: _log, ...workerOpts } = opts
     const worker = new Worker(new URL('./engine-thread.ts', import.meta.url), { workerData: workerOpts })
-    const maxContext = Math.min(opts.maxContext ?? 2048, model.config.max_position_embeddings)
-    const engine = new ThreadedEngine({ model, tokenizer, maxBatch: opts.maxBatch ?? 32, maxContext, worker })
+    const engine = new ThreadedEngine({ model, tokenizer, maxBatch, maxContext, worker })
     await new Promise<void>((resolve, reject) => {
       worker.on('message', (r: EngineReply) => {
         switch (r.type) {
