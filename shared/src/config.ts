@@ -15,6 +15,11 @@ export const ExpertPool = z.object({
   modelId: z.string().min(1),
   /** Experts this pool may route tokens to; null means all. */
   experts: z.array(z.number().int().min(0)).min(1).nullable().default(null),
+  /**
+   * Weight dtype the worker loads the model at: int8/int4 are weight-only quantized at export;
+   * absent, the engine's default (fp16 on CUDA, fp32 on the CPU).
+   */
+  dtype: z.enum(['fp32', 'fp16', 'int8', 'int4']).optional(),
   modalities: z.array(Modality).min(1).default(['text']),
   /** Deeper than this, the edge answers 503 with Retry-After instead of queueing. */
   maxQueueDepth: z.number().int().positive().default(1000),

@@ -44,21 +44,29 @@ export const graphNames = {
 /** Bump when the graph this file builds changes, so cached exports are rebuilt. */
 export const EXPORT_FORMAT = 3
 
-/** Where the export of this model lives: next to the model, else in the temp dir if that is read-only. */
-export function exportDir(model: ModelDir, dtype: ExportDtype): string {
+/**
+ * Where the export of this model lives: under `cacheDir` when one is given (MOE_EXPORT_CACHE,
+ * e.g. a volume beside a read-only model mount), else next to the model, else in the temp dir
+ * if the model directory is read-only.
+ */
+export function exportDir(model: ModelDir, dtype: ExportDtype, cacheDir?: string): string {
   const key = `${model.fingerprint}-${dtype}-v${EXPORT_FORMAT}`
-  let base = join(model.dir, '.onnx-cache')
+  if (cacheDir) return join(cacheDir, model.fingerprint, key)
   try {
     accessSync(model.dir, constants.W_OK)
+    return join(model.dir, '.onnx-cache', key)
   } catch {
-    base = join(process.env.MOE_EXPORT_CACHE ?? join(tmpdir(), 'moe-edge-onnx-cache'), model.fingerprint)
+    return join(tmpdir(), 'moe-edge-onnx-cache', model.fingerprint, key)
   }
-  return join(base, key)
 }
 
 /** Returns the cached export, building it first if needed. */
-export function ensureExported(model: ModelDir, dtype: ExportDtype = 'fp32'): ExportedModel {
-  const dir = exportDir(model, dtype)
+export function ensureExported(
+  model: ModelDir,
+  dtype: ExportDtype = 'fp32',
+  cacheDir?: string,
+): ExportedModel {
+  const dir = exportDir(model, dtype, cacheDir)
   const modelPath = join(dir, 'model.onnx')
   if (existsSync(modelPath)) return { modelPath, dtype, cached: true }
   const staging = `${dir}.tmp-${process.pid}-${Date.now()}`

@@ -27,6 +27,8 @@ export interface EngineOptions {
   dtype?: ExportDtype
   /** Memory the model must fit in (weights + full KV cache); default: this machine's. */
   memoryBytes?: number
+  /** Root of the ONNX export cache (default: beside the model, or the temp dir). */
+  exportCacheDir?: string
   log?: (msg: string, fields?: Record<string, unknown>) => void
 }
 

@@ -15,91 +15,91 @@ const flag = (byDefault: '0' | '1') =>
 const issuesText = (error: z.ZodError, sep: string) =>
   error.issues.map((i) => `${i.path.join('.') || '(root)'}: ${i.message}`).join(sep)
 
+/** Every `MOE_*` setting of a worker process (and REDIS_URL), as the environment spells them. */
+export const WorkerVariables = z.object({
+  REDIS_URL: z
+    .string()
+    .regex(/^rediss?:\/\//, 'must be a redis:// or rediss:// URL')
+    .default('redis://127.0.0.1:6379'),
+  MOE_POOLS_FILE: z.string().default(join(REPO_ROOT, 'infra/config/pools.json')),
+  /** Comma-separated pool names to serve (default: every pool in the file). */
+  MOE_POOLS: z.string().optional(),
+  /** Serve every pool from this model directory instead of the one pools.json names. */
+  MOE_MODEL_DIR: z.string().min(1).optional(),
+  MOE_EP: z.enum(['cpu', 'cuda', 'auto']).default('auto'),
+  /** Where exported ONNX graphs are cached (default: beside the model, else the temp dir). */
+  MOE_EXPORT_CACHE: z.string().min(1).optional(),
+  MOE_MAX_BATCH: int(1, 1024).default(32),
+  MOE_MAX_CONTEXT: int(16, 1 << 20).default(2048),
+  MOE_MAX_PREFILL_TOKENS: int(1, 1 << 20).default(4096),
+  MOE_THREADS: int(1, 1024).optional(),
+  // Off by default: the worker shares its cores with Redis and the edge, and spinning threads starve them.
+  MOE_ORT_SPIN: flag('0'),
+  MOE_ENGINE_THREAD: flag('1'),
+  MOE_METRICS_HOST: z.string().default('127.0.0.1'),
+  MOE_METRICS_PORT: int(0, 65535).default(9464),
+  MOE_QUEUE_PREFIX: z
+    .string()
+    .regex(/^[\w.-]+$/, 'may hold letters, digits, _, . and - only')
+    .default(QUEUE_PREFIX),
+  MOE_LOCK_MS: int(1000, 600_000).default(30_000),
+  MOE_STALLED_INTERVAL_MS: int(500, 600_000).default(15_000),
+  /** Times a job may lose its worker (lock expired) and go back to the queue before it fails. */
+  MOE_MAX_STALLED_COUNT: int(0, 100).default(2),
+  MOE_DRAIN_TIMEOUT_MS: int(0, 3_600_000).default(30_000),
+  MOE_CANCEL_POLL_MS: int(10, 600_000).default(1000),
+  MOE_LOG_LEVEL: z.enum(['trace', 'debug', 'info', 'warn', 'error', 'fatal', 'silent']).default('info'),
+  /** The batch coordinator and webhook delivery run beside the pool consumers unless 0. */
+  MOE_BATCH_SERVICES: flag('1'),
+  MOE_WEBHOOK_ATTEMPTS: int(1, 50).default(10),
+  /** First retry delay; doubles per attempt, with jitter (10 attempts at 30 s span about 2-4 hours). */
+  MOE_WEBHOOK_BACKOFF_MS: int(1, 86_400_000).default(30_000),
+  MOE_WEBHOOK_MAX_BACKOFF_MS: int(1, 7 * 86_400_000).default(3 * 3_600_000),
+  MOE_WEBHOOK_TIMEOUT_MS: int(100, 600_000).default(10_000),
+  /** Dev/test only: allow http and loopback receivers (127.0.0.1, ::1, localhost). */
+  MOE_WEBHOOK_ALLOW_LOOPBACK: flag('0'),
+})
+
 /**
- * Every `MOE_*` setting of a worker process (and REDIS_URL), validated once at start. The
- * output is the worker's configuration: the pools file is read and resolved here too, so a
- * bad setting of any kind is one message naming the variable.
+ * The worker's configuration from its environment, validated once at start: the pools file is
+ * read and resolved here too, so a bad setting of any kind is one message naming the variable.
  */
-export const WorkerEnv = z
-  .object({
-    REDIS_URL: z
-      .string()
-      .regex(/^rediss?:\/\//, 'must be a redis:// or rediss:// URL')
-      .default('redis://127.0.0.1:6379'),
-    MOE_POOLS_FILE: z.string().default(join(REPO_ROOT, 'infra/config/pools.json')),
-    /** Comma-separated pool names to serve (default: every pool in the file). */
-    MOE_POOLS: z.string().optional(),
-    /** Serve every pool from this model directory instead of the one pools.json names. */
-    MOE_MODEL_DIR: z.string().min(1).optional(),
-    MOE_EP: z.enum(['cpu', 'cuda', 'auto']).default('auto'),
-    /** Where exported ONNX graphs are cached (default: beside the model, else the temp dir). */
-    MOE_EXPORT_CACHE: z.string().min(1).optional(),
-    MOE_MAX_BATCH: int(1, 1024).default(32),
-    MOE_MAX_CONTEXT: int(16, 1 << 20).default(2048),
-    MOE_MAX_PREFILL_TOKENS: int(1, 1 << 20).default(4096),
-    MOE_THREADS: int(1, 1024).optional(),
-    // Off by default: the worker shares its cores with Redis and the edge, and spinning threads starve them.
-    MOE_ORT_SPIN: flag('0'),
-    MOE_ENGINE_THREAD: flag('1'),
-    MOE_METRICS_HOST: z.string().default('127.0.0.1'),
-    MOE_METRICS_PORT: int(0, 65535).default(9464),
-    MOE_QUEUE_PREFIX: z
-      .string()
-      .regex(/^[\w.-]+$/, 'may hold letters, digits, _, . and - only')
-      .default(QUEUE_PREFIX),
-    MOE_LOCK_MS: int(1000, 600_000).default(30_000),
-    MOE_STALLED_INTERVAL_MS: int(500, 600_000).default(15_000),
-    /** Times a job may lose its worker (lock expired) and go back to the queue before it fails. */
-    MOE_MAX_STALLED_COUNT: int(0, 100).default(2),
-    MOE_DRAIN_TIMEOUT_MS: int(0, 3_600_000).default(30_000),
-    MOE_CANCEL_POLL_MS: int(10, 600_000).default(1000),
-    MOE_LOG_LEVEL: z.enum(['trace', 'debug', 'info', 'warn', 'error', 'fatal', 'silent']).default('info'),
-    /** The batch coordinator and webhook delivery run beside the pool consumers unless 0. */
-    MOE_BATCH_SERVICES: flag('1'),
-    MOE_WEBHOOK_ATTEMPTS: int(1, 50).default(10),
-    /** First retry delay; doubles per attempt, with jitter (10 attempts at 30 s span about 2-4 hours). */
-    MOE_WEBHOOK_BACKOFF_MS: int(1, 86_400_000).default(30_000),
-    MOE_WEBHOOK_MAX_BACKOFF_MS: int(1, 7 * 86_400_000).default(3 * 3_600_000),
-    MOE_WEBHOOK_TIMEOUT_MS: int(100, 600_000).default(10_000),
-    /** Dev/test only: allow http and loopback receivers (127.0.0.1, ::1, localhost). */
-    MOE_WEBHOOK_ALLOW_LOOPBACK: flag('0'),
-  })
-  .transform((e, ctx) => {
-    const pools = resolvePools(e.MOE_POOLS_FILE, e.MOE_POOLS, e.MOE_MODEL_DIR)
-    if (typeof pools === 'string') {
-      ctx.addIssue({ code: 'custom', message: pools, path: ['MOE_POOLS'] })
-      return z.NEVER
-    }
-    return {
-      redisUrl: e.REDIS_URL,
-      pools,
-      ep: e.MOE_EP,
-      exportCacheDir: e.MOE_EXPORT_CACHE,
-      maxBatch: e.MOE_MAX_BATCH,
-      maxContext: e.MOE_MAX_CONTEXT,
-      maxPrefillTokens: e.MOE_MAX_PREFILL_TOKENS,
-      threads: e.MOE_THREADS,
-      spin: e.MOE_ORT_SPIN,
-      engineThread: e.MOE_ENGINE_THREAD,
-      metricsHost: e.MOE_METRICS_HOST,
-      metricsPort: e.MOE_METRICS_PORT,
-      queuePrefix: e.MOE_QUEUE_PREFIX,
-      lockMs: e.MOE_LOCK_MS,
-      stalledIntervalMs: e.MOE_STALLED_INTERVAL_MS,
-      maxStalledCount: e.MOE_MAX_STALLED_COUNT,
-      drainTimeoutMs: e.MOE_DRAIN_TIMEOUT_MS,
-      cancelPollMs: e.MOE_CANCEL_POLL_MS,
-      logLevel: e.MOE_LOG_LEVEL,
-      batchServices: e.MOE_BATCH_SERVICES,
-      webhooks: {
-        attempts: e.MOE_WEBHOOK_ATTEMPTS,
-        backoffMs: e.MOE_WEBHOOK_BACKOFF_MS,
-        maxBackoffMs: e.MOE_WEBHOOK_MAX_BACKOFF_MS,
-        timeoutMs: e.MOE_WEBHOOK_TIMEOUT_MS,
-        allowLoopback: e.MOE_WEBHOOK_ALLOW_LOOPBACK,
-      },
-    }
-  })
+export const WorkerEnv = WorkerVariables.transform((e, ctx) => {
+  const pools = resolvePools(e.MOE_POOLS_FILE, e.MOE_POOLS, e.MOE_MODEL_DIR)
+  if (typeof pools === 'string') {
+    ctx.addIssue({ code: 'custom', message: pools, path: ['MOE_POOLS'] })
+    return z.NEVER
+  }
+  return {
+    redisUrl: e.REDIS_URL,
+    pools,
+    ep: e.MOE_EP,
+    exportCacheDir: e.MOE_EXPORT_CACHE,
+    maxBatch: e.MOE_MAX_BATCH,
+    maxContext: e.MOE_MAX_CONTEXT,
+    maxPrefillTokens: e.MOE_MAX_PREFILL_TOKENS,
+    threads: e.MOE_THREADS,
+    spin: e.MOE_ORT_SPIN,
+    engineThread: e.MOE_ENGINE_THREAD,
+    metricsHost: e.MOE_METRICS_HOST,
+    metricsPort: e.MOE_METRICS_PORT,
+    queuePrefix: e.MOE_QUEUE_PREFIX,
+    lockMs: e.MOE_LOCK_MS,
+    stalledIntervalMs: e.MOE_STALLED_INTERVAL_MS,
+    maxStalledCount: e.MOE_MAX_STALLED_COUNT,
+    drainTimeoutMs: e.MOE_DRAIN_TIMEOUT_MS,
+    cancelPollMs: e.MOE_CANCEL_POLL_MS,
+    logLevel: e.MOE_LOG_LEVEL,
+    batchServices: e.MOE_BATCH_SERVICES,
+    webhooks: {
+      attempts: e.MOE_WEBHOOK_ATTEMPTS,
+      backoffMs: e.MOE_WEBHOOK_BACKOFF_MS,
+      maxBackoffMs: e.MOE_WEBHOOK_MAX_BACKOFF_MS,
+      timeoutMs: e.MOE_WEBHOOK_TIMEOUT_MS,
+      allowLoopback: e.MOE_WEBHOOK_ALLOW_LOOPBACK,
+    },
+  }
+})
 
 export type WorkerConfig = z.output<typeof WorkerEnv>
 export type WebhookConfig = WorkerConfig['webhooks']

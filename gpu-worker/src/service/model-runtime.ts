@@ -1,3 +1,4 @@
+import type { ExpertPool } from '@moe/shared'
 import type { Logger } from 'pino'
 import { MoeEngine, type StepEngine } from '../engine/engine.ts'
 import { ThreadedEngine } from '../engine/threaded-engine.ts'
@@ -26,24 +27,24 @@ export async function loadModelRuntimes(
 ): Promise<Map<string, ModelRuntime>> {
   const runtimes = new Map<string, ModelRuntime>()
   for (const pool of config.pools) {
-    if (runtimes.has(pool.modelDir)) continue
-    runtimes.set(
-      pool.modelDir,
-      await loadModelRuntime(config, pool.modelDir, pool.modelId, streams, metrics, log),
-    )
+    const key = runtimeKey(pool)
+    if (!runtimes.has(key)) runtimes.set(key, await loadModelRuntime(config, pool, streams, metrics, log))
   }
-  for (const pool of config.pools) runtimes.get(pool.modelDir)!.engine.validateExperts(pool.experts)
+  for (const pool of config.pools) runtimes.get(runtimeKey(pool))!.engine.validateExperts(pool.experts)
   return runtimes
 }
 
+/** Pools share a runtime when they serve the same model directory at the same dtype. */
+export const runtimeKey = (pool: ExpertPool): string => `${pool.modelDir}|${pool.dtype ?? 'default'}`
+
 async function loadModelRuntime(
   c: WorkerConfig,
-  modelDir: string,
-  model: string,
+  pool: ExpertPool,
   streams: TokenStreamWriter,
   metrics: WorkerMetrics,
   log: Logger,
 ): Promise<ModelRuntime> {
+  const { modelDir, modelId: model } = pool
   // Forward passes on a worker thread by default, so queue and stream I/O run during them.
   const engine = await (c.engineThread ? ThreadedEngine : MoeEngine).load({
     modelDir,
@@ -52,6 +53,8 @@ async function loadModelRuntime(
     spin: c.spin,
     maxBatch: c.maxBatch,
     maxContext: c.maxContext,
+    dtype: pool.dtype,
+    exportCacheDir: c.exportCacheDir,
     log: (msg, fields) => log.info({ model: modelDir, ...fields }, msg),
   })
   let lastPoll = 0

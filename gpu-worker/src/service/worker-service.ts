@@ -6,7 +6,7 @@ import { ThreadedEngine } from '../engine/threaded-engine.ts'
 import type { WorkerConfig } from './config.ts'
 import { startHealthServer } from './health-server.ts'
 import { WorkerMetrics } from './metrics.ts'
-import { loadModelRuntimes, type ModelRuntime } from './model-runtime.ts'
+import { loadModelRuntimes, type ModelRuntime, runtimeKey } from './model-runtime.ts'
 import { PoolConsumer } from './pool-consumer.ts'
 import { TokenStreamWriter } from './token-stream.ts'
 
@@ -53,7 +53,7 @@ export class WorkerService {
     })
     await this.subscriber.subscribe(JOB_CANCEL_CHANNEL)
     for (const pool of c.pools) {
-      const runtime = this.runtimes.get(pool.modelDir)!
+      const runtime = this.runtimes.get(runtimeKey(pool))!
       this.consumers.push(
         new PoolConsumer(pool, runtime, { config: c, streams, metrics: this.metrics, log: this.log }),
       )
@@ -84,7 +84,7 @@ export class WorkerService {
   /** The runtime serving a pool (for health reports and tests). */
   runtimeFor(pool: string): ModelRuntime | undefined {
     const p = this.config.pools.find((x) => x.name === pool)
-    return p && this.runtimes.get(p.modelDir)
+    return p && this.runtimes.get(runtimeKey(p))
   }
 
   health() {
