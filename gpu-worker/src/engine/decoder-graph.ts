@@ -9,8 +9,15 @@ import {
 } from './model-layout.ts'
 import type { ExportDtype } from './onnx-export.ts'
 import type { ElemType, OnnxGraphWriter } from './onnx-graph.ts'
-import { matMulNBits, type QuantBits, quantizable, quantizeMatrix, routedExpertsNBits } from './quantize.ts'
-import { readTensorF32, toF16Bits } from './safetensors.ts'
+import {
+  matMulNBits,
+  type QuantBits,
+  quantizable,
+  quantizeMatrix,
+  quantizeRows,
+  routedExpertsNBits,
+} from './quantize.ts'
+import { readTensorF32, readTensorRowsF32, toF16Bits } from './safetensors.ts'
 
 // The pieces of one decoder layer as ONNX nodes: attention on
 // com.microsoft.GroupQueryAttention, routed experts on com.microsoft.MoE, and
@@ -189,21 +196,25 @@ export function attention(d: DecoderGraph, t: LayerTensors, h: string, io: Atten
   return d.linear(attn!, [t.o], nH * D, { bias: c.o_bias, scale: c.residual_multiplier })
 }
 
-/** Each routed expert's gate and up [I,H] and down [H,I], whichever way the checkpoint stores them. */
-function readExperts(
+/**
+ * Readers of each routed expert's gate and up [I,H] and down [H,I], whichever
+ * way the checkpoint stores them. Each reads its expert when called, so one
+ * expert at a time need be in memory (a layer's experts are GBs at full size).
+ */
+function expertReaders(
   d: DecoderGraph,
   t: ExpertTensors,
-): Array<{ gate: Float32Array; up: Float32Array; down: Float32Array }> {
+): Array<() => { gate: Float32Array; up: Float32Array; down: Float32Array }> {
   const { hidden_size: H, moe_intermediate_size: I, num_local_experts: E } = d.c
   if (t.layout === 'per_expert')
-    return t.experts.map((x) => ({ gate: d.read(x.gate), up: d.read(x.up), down: d.read(x.down) }))
-  const gu = d.read(t.gateUp)
-  const down = d.read(t.down)
-  return Array.from({ length: E }, (_, e) => ({
-    gate: gu.subarray(e * 2 * I * H, (e * 2 + 1) * I * H),
-    up: gu.subarray((e * 2 + 1) * I * H, (e + 1) * 2 * I * H),
-    down: down.subarray(e * H * I, (e + 1) * H * I),
-  }))
+    return t.experts.map((x) => () => ({ gate: d.read(x.gate), up: d.read(x.up), down: d.read(x.down) }))
+  // Stacked [E, 2I, H] (gate rows first) and [E, H, I]: expert e is row e of the first axis.
+  const gu = tensorEntry(d.model, t.gateUp)
+  const down = tensorEntry(d.model, t.down)
+  return Array.from({ length: E }, (_, e) => () => {
+    const both = readTensorRowsF32(gu, e, 1)
+    return { gate: both.subarray(0, I * H), up: both.subarray(I * H), down: readTensorRowsF32(down, e, 1) }
+  })
 }
 
 /**
@@ -254,25 +265,22 @@ function routedExperts(d: DecoderGraph, t: ExpertTensors, flat: string, logits: 
   const { c, g } = d
   const { hidden_size: H, moe_intermediate_size: I, num_local_experts: E } = c
   const rs = c.residual_multiplier
-  const experts = readExperts(d, t)
+  const experts = expertReaders(d, t)
   if (d.bits && quantizable(H) && quantizable(I)) {
     const bits = d.bits
-    const quantized = experts.map((x) => {
-      const gateUp = new Float32Array(2 * I * H)
-      gateUp.set(x.gate)
-      gateUp.set(x.up, I * H)
-      return {
-        gateUp: quantizeMatrix(gateUp, 2 * I, H, bits),
-        down: quantizeMatrix(scaled(x.down, rs), H, I, bits),
-      }
+    // Read, quantized and written one expert at a time (routedExpertsNBits calls each in turn).
+    const sources = experts.map((read) => () => {
+      const x = read()
+      return { gateUp: quantizeRows([x.gate, x.up], H, bits), down: quantizeRows([x.down], I, bits, rs) }
     })
     const opts = { k: c.num_experts_per_tok, normTopK: c.norm_topk_prob, I, prefix: p }
-    return routedExpertsNBits(g, flat, logits, quantized, opts)
+    return routedExpertsNBits(g, flat, logits, sources, opts)
   }
   // swiglu_fusion=1 wants gate and up rows interleaved: row 2i = gate[i], row 2i+1 = up[i].
   const fc1 = new Float32Array(E * 2 * I * H)
   const fc2 = new Float32Array(E * H * I)
-  experts.forEach((x, e) => {
+  experts.forEach((read, e) => {
+    const x = read()
     for (let i = 0; i < I; i++) {
       fc1.set(x.gate.subarray(i * H, (i + 1) * H), (e * 2 * I + 2 * i) * H)
       fc1.set(x.up.subarray(i * H, (i + 1) * H), (e * 2 * I + 2 * i + 1) * H)

@@ -1,10 +1,11 @@
 import { accessSync, constants, existsSync, mkdirSync, renameSync, rmSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
-import { attention, DecoderGraph, mlp, ropeCaches, transpose } from './decoder-graph.ts'
-import type { ModelDir } from './model-dir.ts'
+import { attention, DecoderGraph, mlp, ropeCaches } from './decoder-graph.ts'
+import { type ModelDir, tensorEntry } from './model-dir.ts'
 import { layerTensors } from './model-layout.ts'
 import { OnnxGraphWriter } from './onnx-graph.ts'
+import { readTensorRowsF32, type TensorEntry } from './safetensors.ts'
 
 // Exports a MoE checkpoint (any family in model-config.ts) to one ONNX graph
 // that ONNX Runtime runs with its fused kernels: GroupQueryAttention (rotary +
@@ -115,12 +116,16 @@ function buildGraph(model: ModelDir, dtype: ExportDtype, dataFile: string): Uint
   const cos = d.weight('rope.cos', [c.max_position_embeddings, D / 2], rope.cos)
   const sin = d.weight('rope.sin', [c.max_position_embeddings, D / 2], rope.sin)
 
-  // Scalar multipliers (granitemoe) are folded into the weights they follow.
-  const embed = d.read('model.embed_tokens.weight')
-  const embedScaled = c.embedding_multiplier === 1 ? embed : embed.map((v) => v * c.embedding_multiplier)
-  let x = g.op('Gather', [d.weight('model.embed_tokens.weight', [c.vocab_size, H], embedScaled), inputIds], {
-    axis: 0,
-  })
+  // Scalar multipliers (granitemoe) are folded into the weights they follow. The
+  // embedding is written and let go before the layers (a tied head reads it again).
+  let x: string
+  {
+    const embed = d.read('model.embed_tokens.weight')
+    if (c.embedding_multiplier !== 1)
+      for (let i = 0; i < embed.length; i++) embed[i]! *= c.embedding_multiplier
+    const table = d.weight('model.embed_tokens.weight', [c.vocab_size, H], embed)
+    x = g.op('Gather', [table, inputIds], { axis: 0 })
+  }
   const biasRows = g.op('Reshape', [expertBias, g.constInt64([-1, 1, E])])
   const chosen: string[] = []
 
@@ -147,8 +152,8 @@ function buildGraph(model: ModelDir, dtype: ExportDtype, dataFile: string): Uint
   const seqLen = g.op('Gather', [g.op('Shape', [inputIds]), g.constInt64([1], [])], { axis: 0 })
   const lastIndex = g.op('Min', [lastPos, g.op('Sub', [seqLen, one])])
   const last = g.op('GatherND', [xn, g.op('Unsqueeze', [lastIndex, axis1])], { batch_dims: 1 })
-  const lmSrc = c.tie_word_embeddings ? embed : d.read('lm_head.weight')
-  const lmW = transpose(lmSrc, c.vocab_size, H).map((v) => v / c.logits_scaling)
+  const lmSrc = tensorEntry(model, c.tie_word_embeddings ? 'model.embed_tokens.weight' : 'lm_head.weight')
+  const lmW = transposeHead(lmSrc, c.vocab_size, H, c.logits_scaling)
   let logits = g.op('MatMul', [last, d.weight('lm_head.weight_t', [H, c.vocab_size], lmW)])
   if (dtype === 'fp16') logits = g.op('Cast', [logits], { to: 1 })
   g.node('Unsqueeze', [logits, axis1], [graphNames.logits])
@@ -156,4 +161,22 @@ function buildGraph(model: ModelDir, dtype: ExportDtype, dataFile: string): Uint
   g.node('Concat', chosen, [graphNames.expertIndices], { axis: 0 })
   g.output(graphNames.expertIndices, 'int64', [L, 'tokens', c.num_experts_per_tok])
   return g.finish(c.model_type)
+}
+
+/**
+ * The head [V, H] transposed to [H, V] and divided by `divisor`, read a block
+ * of rows at a time: only the output is held whole, not the fp32 source too.
+ */
+function transposeHead(entry: TensorEntry, rows: number, cols: number, divisor: number): Float32Array {
+  const out = new Float32Array(rows * cols)
+  const step = 1024
+  for (let r0 = 0; r0 < rows; r0 += step) {
+    const n = Math.min(step, rows - r0)
+    const part = readTensorRowsF32(entry, r0, n)
+    for (let r = 0; r < n; r++) {
+      const base = r * cols
+      for (let col = 0; col < cols; col++) out[col * rows + r0 + r] = part[base + col]! / divisor
+    }
+  }
+  return out
 }

@@ -24,25 +24,43 @@ export const quantizable = (K: number) => K % BLOCK === 0
 
 /** Quantizes W [N, K] (HF's [out, in] layout, row-major). */
 export function quantizeMatrix(w: Float32Array, N: number, K: number, bits: QuantBits): QuantizedMatrix {
+  return quantizeRows([w.length === N * K ? w : w.subarray(0, N * K)], K, bits)
+}
+
+/**
+ * Quantizes the row-wise stack of `parts` (each [rows_i, K], row-major) times
+ * `scale`, as quantizeMatrix would quantize their concatenation, without
+ * building the concatenated or scaled fp32 copy (an expert's gate and up
+ * projections of a large model are hundreds of MB each).
+ */
+export function quantizeRows(parts: Float32Array[], K: number, bits: QuantBits, scale = 1): QuantizedMatrix {
   if (!quantizable(K)) throw new Error(`cannot quantize a matrix with ${K} inputs in blocks of ${BLOCK}`)
+  for (const w of parts)
+    if (w.length % K !== 0) throw new Error(`a part of ${w.length} values is not a whole number of ${K}-rows`)
+  const N = parts.reduce((a, w) => a + w.length / K, 0)
   const blocks = K / BLOCK
   const blob = (BLOCK * bits) / 8
   const qmax = (1 << (bits - 1)) - 1
   const zero = 1 << (bits - 1)
   const packed = new Uint8Array(N * blocks * blob)
   const scales = new Float32Array(N * blocks)
-  for (let n = 0; n < N; n++) {
-    for (let b = 0; b < blocks; b++) {
-      const src = n * K + b * BLOCK
-      let max = 0
-      for (let i = 0; i < BLOCK; i++) max = Math.max(max, Math.abs(w[src + i]!))
-      const scale = max / qmax || 1
-      scales[n * blocks + b] = scale
-      const dst = (n * blocks + b) * blob
-      for (let i = 0; i < BLOCK; i++) {
-        const q = Math.max(-qmax, Math.min(qmax, Math.round(w[src + i]! / scale))) + zero
-        if (bits === 8) packed[dst + i] = q
-        else packed[dst + (i >> 1)]! |= i & 1 ? q << 4 : q // even element in the low nibble
+  let row = 0
+  for (const w of parts) {
+    const rows = w.length / K
+    for (let r = 0; r < rows; r++, row++) {
+      for (let b = 0; b < blocks; b++) {
+        const src = r * K + b * BLOCK
+        let max = 0
+        // fround: the same fp32 products a scaled copy would hold, so scale != 1 quantizes as before.
+        for (let i = 0; i < BLOCK; i++) max = Math.max(max, Math.abs(Math.fround(w[src + i]! * scale)))
+        const s = max / qmax || 1
+        scales[row * blocks + b] = s
+        const dst = (row * blocks + b) * blob
+        for (let i = 0; i < BLOCK; i++) {
+          const q = Math.max(-qmax, Math.min(qmax, Math.round(Math.fround(w[src + i]! * scale) / s))) + zero
+          if (bits === 8) packed[dst + i] = q
+          else packed[dst + (i >> 1)]! |= i & 1 ? q << 4 : q // even element in the low nibble
+        }
       }
     }
   }
@@ -85,6 +103,14 @@ export interface QuantizedExpert {
 }
 
 /**
+ * An expert, or a function that reads and quantizes it when called. The
+ * routed-experts builder calls each function once, in order, and writes its
+ * weights before calling the next, so a layer's experts need never be in
+ * memory together (at Mixtral-8x7B's size one layer's experts are 5.6 GB in fp32).
+ */
+export type ExpertSource = QuantizedExpert | (() => QuantizedExpert)
+
+/**
  * Routed experts on MatMulNBits. No fused op takes per-expert MatMulNBits
  * weights (QMoE's CPU kernel was several times slower), so the routing is
  * spelled out: top-k per token, then for each expert gather the tokens that
@@ -95,7 +121,7 @@ export function routedExpertsNBits(
   g: OnnxGraphWriter,
   flat: string,
   logits: string,
-  experts: QuantizedExpert[],
+  experts: readonly ExpertSource[],
   opts: { k: number; normTopK: boolean; I: number; prefix: string },
 ): string {
   const { k, I } = opts
@@ -115,7 +141,8 @@ export function routedExpertsNBits(
   }
   let out = g.op('Mul', [flat, g.initializer(g.fresh('zero'), 'float32', [], Float32Array.of(0))])
   const splits = g.constInt64([I, I])
-  experts.forEach((e, j) => {
+  experts.forEach((source, j) => {
+    const e = typeof source === 'function' ? source() : source
     // (token, slot) pairs that chose expert j; each token chooses an expert at most once.
     const pairs = g.op('Transpose', [g.op('NonZero', [g.op('Equal', [indices, g.constInt64([j], [])])])])
     const rows = g.op('Gather', [pairs, g.constInt64([0], [])], { axis: 1 })

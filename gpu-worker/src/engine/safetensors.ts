@@ -79,12 +79,28 @@ export function readSafetensorsHeader(file: string): { tensors: TensorEntry[]; h
 
 /** Reads one tensor's data and converts it to fp32. */
 export function readTensorF32(entry: TensorEntry): Float32Array {
-  const raw = Buffer.allocUnsafe(entry.byteLength)
+  return readBytesF32(entry, 0, entry.byteLength)
+}
+
+/**
+ * Reads rows [row0, row0 + rows) of a tensor (along its first axis) as fp32,
+ * so a large matrix can be processed a block of rows at a time.
+ */
+export function readTensorRowsF32(entry: TensorEntry, row0: number, rows: number): Float32Array {
+  const first = entry.shape[0] ?? 1
+  if (row0 < 0 || rows < 0 || row0 + rows > first)
+    throw new SafetensorsError(`${entry.name}: rows ${row0}..${row0 + rows} outside its ${first}`)
+  const rowBytes = first === 0 ? 0 : entry.byteLength / first
+  return readBytesF32(entry, row0 * rowBytes, rows * rowBytes)
+}
+
+function readBytesF32(entry: TensorEntry, start: number, byteLength: number): Float32Array {
+  const raw = Buffer.allocUnsafe(byteLength)
   const fd = openSync(entry.file, 'r')
   try {
     let done = 0
-    while (done < entry.byteLength) {
-      const n = readSync(fd, raw, done, entry.byteLength - done, entry.offset + done)
+    while (done < byteLength) {
+      const n = readSync(fd, raw, done, byteLength - done, entry.offset + start + done)
       if (n <= 0) throw new SafetensorsError(`${entry.file}: short read of tensor ${entry.name}`)
       done += n
     }
