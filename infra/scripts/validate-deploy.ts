@@ -388,6 +388,7 @@ const KINDS: Record<string, { module: string; export: string; type: string }> = 
     export: 'PersistentVolumeClaim',
     type: 'IPersistentVolumeClaim',
   },
+  'batch/v1/Job': { module: 'kubernetes-models/batch/v1/Job', export: 'Job', type: 'IJob' },
   'apps/v1/Deployment': {
     module: 'kubernetes-models/apps/v1/Deployment',
     export: 'Deployment',
@@ -495,7 +496,11 @@ function applyJsonPatch(doc: Doc, ops: Doc[]): void {
       parent = parent?.[Array.isArray(parent) ? Number(key) : key]
       if (parent === undefined) throw new Error(`patch path ${op.path} does not exist`)
     }
-    if (op.op === 'remove') Array.isArray(parent) ? parent.splice(Number(last), 1) : delete parent[last]
+    if (op.op === 'test') {
+      if (JSON.stringify(parent?.[last]) !== JSON.stringify(op.value))
+        throw new Error(`patch test ${op.path} failed`)
+    } else if (op.op === 'remove')
+      Array.isArray(parent) ? parent.splice(Number(last), 1) : delete parent[last]
     else if (op.op === 'add' && Array.isArray(parent))
       last === '-' ? parent.push(op.value) : parent.splice(Number(last), 0, op.value)
     else if (op.op === 'add' || op.op === 'replace') {
@@ -687,10 +692,10 @@ function policyProblems(overlay: string, docs: Doc[]): string[] {
 }
 
 const k8sDir = join(root, 'infra/k8s')
-const k8sFiles = tracked
-  .concat(readdirSync(join(k8sDir, 'base'), { recursive: true }).map((f) => `infra/k8s/base/${f}`))
-  .filter((f, i, a) => a.indexOf(f) === i && f.startsWith('infra/k8s/') && /\.ya?ml$/.test(f))
-  .filter((f) => existsSync(join(root, f)))
+const k8sFiles = readdirSync(k8sDir, { recursive: true })
+  .map((f) => `infra/k8s/${f}`)
+  .filter((f) => /\.ya?ml$/.test(f))
+  .sort()
 const manifestFiles = k8sFiles.filter((f) => !f.endsWith('kustomization.yaml') && !f.endsWith('.patch.yaml'))
 const overlays = readdirSync(join(k8sDir, 'overlays')).map((o) => join(k8sDir, 'overlays', o))
 
@@ -741,6 +746,26 @@ for (const { overlay, docs } of rendered)
     `k8s: ${overlay} meets the deployment rules (probes, drain, volumes, GPU, PDB, KEDA, scraping)`,
     () => policyProblems(overlay, docs),
   )
+
+attempt('k8s: the optional shared export-cache patch applies to every worker Deployment', () => {
+  const problems: string[] = []
+  const ops = YAML.parse(read('infra/k8s/optional/export-cache-pvc.patch.yaml')) as Doc[]
+  for (const { source, doc } of sourceManifests.filter((m) => m.doc.kind === 'Deployment')) {
+    const d = structuredClone(doc)
+    try {
+      applyJsonPatch(d, ops)
+    } catch (e) {
+      problems.push(`${source}: ${(e as Error).message}`)
+      continue
+    }
+    const c = d.spec.template.spec.containers[0]
+    const mount = c.volumeMounts.find((m: Doc) => m.name === 'export-cache')
+    const vol = d.spec.template.spec.volumes.find((v: Doc) => v.name === 'export-cache')
+    if (mount?.mountPath !== '/var/cache/moe' || vol?.persistentVolumeClaim?.claimName !== 'moe-export-cache')
+      problems.push(`${source}: the patched pod does not mount moe-export-cache at /var/cache/moe`)
+  }
+  return problems
+})
 
 // ---------------------------------------------------------------------------------------------
 // Grafana, Prometheus, Redis
