@@ -38,6 +38,7 @@ if ! "${podman_cmd[@]}" image exists "$base"; then
   changes=(--change 'CMD ["node"]')
   # A TLS-inspecting proxy's CA, where the host trusts one, so npm inside the build trusts it too.
   if [ -n "${NODE_EXTRA_CA_CERTS:-}" ] && [ -f "$NODE_EXTRA_CA_CERTS" ]; then
+    mkdir -p "$rootfs/etc/ssl/certs"
     cp "$NODE_EXTRA_CA_CERTS" "$rootfs/etc/ssl/certs/host-extra-ca.crt"
     changes+=(--change 'ENV NODE_EXTRA_CA_CERTS=/etc/ssl/certs/host-extra-ca.crt'
       --change 'ENV npm_config_cafile=/etc/ssl/certs/host-extra-ca.crt')

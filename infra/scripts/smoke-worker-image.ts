@@ -179,7 +179,7 @@ try {
   check(false, 'smoke run', (e as Error).message)
 } finally {
   if (failures > 0) console.log(sh(['logs', '--tail', '40', name], true))
-  sh(['rm', '-f', name], true)
+  sh(['rm', '-f', '-v', name], true)
   await queue.obliterate({ force: true }).catch(() => {})
   await queue.close()
   if (jobIds.length > 0) await redis.del(...jobIds.map(jobEventsKey))

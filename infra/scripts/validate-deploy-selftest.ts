@@ -111,6 +111,14 @@ const CASES: Case[] = [
     expect: 'MOE_MODEL_DIR is set to an empty string',
   },
   {
+    what: 'an environment variable defaulting to an empty string in compose',
+    file: 'compose.yaml',
+    from: /HF_ENDPOINT:\n/,
+    // biome-ignore lint/suspicious/noTemplateCurlyInString: compose's variable syntax
+    to: 'HF_ENDPOINT: ${HF_ENDPOINT:-}\n',
+    expect: 'HF_ENDPOINT is set to an empty string',
+  },
+  {
     what: 'a dashboard query on a label the metric lacks',
     file: 'infra/grafana/moe-workers.json',
     from: 'sum(moe_requests_running{worker_pool=~\\"$pool\\"})',

@@ -357,11 +357,15 @@ attempt('compose: workers, Redis and the edge as the deployment expects', () => 
     const grace = seconds(s.stop_grace_period)
     if (!(grace >= DRAIN_TIMEOUT_MS / 1000 + 5))
       problems.push(`${name}: stop_grace_period ${s.stop_grace_period} is shorter than the drain plus margin`)
-    for (const [k, v] of Object.entries(s.environment ?? {}))
-      if (k.startsWith('MOE_') && v === '') problems.push(`${name}: ${k} is set to an empty string`)
     if (!String(s.environment?.REDIS_URL ?? '').startsWith('redis://redis:'))
       problems.push(`${name}: REDIS_URL should point at the redis service`)
   }
+  // The worker refuses an empty MOE_MODEL_DIR, an empty HF_ENDPOINT is not a URL: pass a variable
+  // through with no value (`KEY:`) rather than defaulting it to nothing.
+  for (const [name, s] of Object.entries(services))
+    for (const [k, v] of Object.entries((s.environment ?? {}) as Record<string, unknown>))
+      if (v === '' || /^\$\{\w+:?-\}$/.test(String(v)))
+        problems.push(`${name}: ${k} is set to an empty string (or defaults to one)`)
   const redis = services.redis
   if (!redis?.volumes?.some((v: string) => v.startsWith('./infra/redis.conf:')))
     problems.push('redis: should mount infra/redis.conf')
