@@ -38,7 +38,7 @@ RUN ONNXRUNTIME_NODE_INSTALL=cuda12 node node_modules/onnxruntime-node/script/in
  && test -f node_modules/onnxruntime-node/bin/napi-v6/linux/x64/libonnxruntime_providers_cuda.so
 
 FROM ${CUDA_IMAGE} AS runtime
-# Node from the official image (a static-enough glibc build; the CUDA base has no Node of its own).
+# Node from the official image: the binary needs glibc >= 2.28 and libstdc++, both in the Ubuntu base.
 COPY --from=node /usr/local/bin/node /usr/local/bin/node
 RUN groupadd --gid 10001 moe \
  && useradd --uid 10001 --gid moe --home-dir /app --no-create-home --shell /usr/sbin/nologin moe \
