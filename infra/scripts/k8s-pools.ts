@@ -121,23 +121,13 @@ spec:
             timeoutSeconds: 5
             failureThreshold: 6
           lifecycle:
-            # Start the drain at once and hold the pod until the worker has finished or handed back
-            # its jobs (its health server closes last); the kubelet's own SIGTERM then finds it done.
+            # SIGTERM is what drains the worker (it stops taking jobs, lets those in flight finish for
+            # MOE_DRAIN_TIMEOUT_MS, hands the rest back, exits 0); the grace period above covers it.
+            # The hook sends it at the first moment of termination and returns at once: a hook that
+            # waited would be killed with the container when the worker exits (FailedPreStopHook).
             preStop:
               exec:
-                command:
-                  - node
-                  - -e
-                  - |
-                    process.kill(1, 'SIGTERM')
-                    const url = 'http://127.0.0.1:' + (process.env.MOE_METRICS_PORT || 9464) + '/healthz'
-                    const until = Date.now() + Number(process.env.MOE_DRAIN_TIMEOUT_MS || 30000) + 10000
-                    const poll = () =>
-                      fetch(url).then(
-                        () => (Date.now() < until ? setTimeout(poll, 500) : process.exit(0)),
-                        () => process.exit(0),
-                      )
-                    poll()
+                command: [node, -e, "process.kill(1, 'SIGTERM')"]
           volumeMounts:
             - name: models
               mountPath: /models
