@@ -126,6 +126,13 @@ const CASES: Case[] = [
     expect: 'moe_requests_running has no label pool',
   },
   {
+    what: 'a misspelt heatmap option in the dashboard',
+    file: 'infra/grafana/moe-workers.json',
+    from: '"rowsFrame"',
+    to: '"rowFrame"',
+    expect: "'rowFrame' does not exist",
+  },
+  {
     what: 'a dashboard query on a metric that does not exist',
     file: 'infra/grafana/moe-workers.json',
     from: 'moe_prompt_tokens_total',

@@ -9,8 +9,10 @@
 // schema it bundles), kubernetes-models, @kubernetes-models/keda and
 // @kubernetes-models/prometheus-operator (validators generated from the Kubernetes OpenAPI
 // document and the KEDA / Prometheus Operator CRD schemas; their TypeScript interfaces are also
-// used, through the compiler, to reject fields the schemas do not know). `kubectl kustomize`
-// renders the overlays when kubectl is installed; otherwise a small renderer here does.
+// used, through the compiler, to reject fields the schemas do not know), @grafana/schema (the
+// dashboard and panel-options types Grafana generates from its schemas, checked the same way).
+// `kubectl kustomize` renders the overlays when kubectl is installed; otherwise a small renderer
+// here does.
 import { spawnSync } from 'node:child_process'
 import { existsSync, readdirSync, readFileSync, statSync } from 'node:fs'
 import { createRequire } from 'node:module'
@@ -28,6 +30,7 @@ const DEV_DEPENDENCIES = [
   'kubernetes-models',
   '@kubernetes-models/keda',
   '@kubernetes-models/prometheus-operator',
+  '@grafana/schema',
   'typescript',
 ]
 const missing = DEV_DEPENDENCIES.filter((m) => {
@@ -540,19 +543,41 @@ async function schemaProblems(manifests: Manifest[]): Promise<string[]> {
  * interface, and the compiler's excess-property and type checks run over it.
  */
 function strictFieldProblems(manifests: Manifest[]): string[] {
+  const entries: TypedValue[] = []
+  for (const { source, doc } of manifests) {
+    const kind = KINDS[`${doc.apiVersion}/${doc.kind}`]
+    if (kind)
+      entries.push({
+        source,
+        value: doc,
+        type: kind.type,
+        imports: [`import type { ${kind.type} } from '${kind.module}'`],
+      })
+  }
+  return typeProblems(entries)
+}
+
+interface TypedValue {
+  source: string
+  value: unknown
+  /** A TypeScript type the value must satisfy as an object literal (excess properties are errors). */
+  type: string
+  imports: string[]
+}
+
+/** Type-checks JSON values against TypeScript types with the compiler; messages name each value's source. */
+function typeProblems(entries: TypedValue[], prelude: string[] = []): string[] {
   const lines: string[] = []
   const owners: Array<{ from: number; source: string }> = []
   const imports = new Set<string>()
-  manifests.forEach(({ source, doc }, i) => {
-    const kind = KINDS[`${doc.apiVersion}/${doc.kind}`]
-    if (!kind) return
-    imports.add(`import type { ${kind.type} } from '${kind.module}'`)
+  entries.forEach(({ source, value, type, imports: need }, i) => {
+    for (const im of need) imports.add(im)
     owners.push({ from: lines.length, source })
-    lines.push(...`export const m${i}: ${kind.type} = ${JSON.stringify(doc, null, 2)}`.split('\n'))
+    lines.push(...`export const v${i}: ${type} = ${JSON.stringify(value, null, 2)}`.split('\n'))
   })
-  const header = [...imports]
+  const header = [...imports, ...prelude]
   const text = [...header, ...lines].join('\n')
-  const file = join(root, 'infra/scripts/.validate-deploy-manifests.ts')
+  const file = join(root, 'infra/scripts/.validate-deploy-typecheck.ts')
   const options: import('typescript').CompilerOptions = {
     strict: true,
     noEmit: true,
@@ -580,7 +605,9 @@ function strictFieldProblems(manifests: Manifest[]): string[] {
     const at = line - header.length
     const owner = owners.filter((o) => o.from <= at).at(-1)
     const context = text.split('\n')[line]!.trim()
-    problems.push(`${owner?.source ?? '?'}: ${msg} (at ${context})`)
+    problems.push(
+      `${owner?.source ?? '?'}: ${msg.length > 400 ? `${msg.slice(0, 400)}...` : msg} (at ${context})`,
+    )
   }
   return problems
 }
@@ -810,6 +837,59 @@ attempt('grafana: dashboards use only metrics and labels the worker exports, and
   }
   for (const m of METRICS.keys()) if (!used.has(m)) problems.push(`no panel shows ${m}`)
   return problems
+})
+
+/** @grafana/schema's types of each panel type's options (the plugin's panelcfg). */
+const PANEL_OPTIONS: Record<string, string> = {
+  timeseries: 'TimeSeries',
+  stat: 'Stat',
+  bargauge: 'BarGauge',
+  heatmap: 'Heatmap',
+}
+attempt("grafana: dashboards match Grafana's dashboard and panel schemas (@grafana/schema)", () => {
+  const dir = join(root, 'infra/grafana')
+  const base = '@grafana/schema/dist/esm/raw/composable'
+  const entries: TypedValue[] = []
+  const problems: string[] = []
+  for (const f of readdirSync(dir).filter((x) => x.endsWith('.json'))) {
+    const { panels, ...dashboard } = JSON.parse(readFileSync(join(dir, f), 'utf8')) as Doc
+    // `definition` (the query text Grafana shows for a query variable) is written by Grafana's own
+    // exports but is not in the schema's VariableModel.
+    for (const v of (dashboard.templating?.list ?? []) as Doc[]) delete v.definition
+    const schema = "import type { Dashboard, Panel, RowPanel } from '@grafana/schema'"
+    entries.push({
+      source: `${f} (dashboard)`,
+      value: { ...dashboard, panels: [] },
+      type: 'Json<Dashboard>',
+      imports: [schema],
+    })
+    for (const p of (panels as Doc[]).flatMap((x) => [x, ...((x.panels as Doc[]) ?? [])])) {
+      if (p.type === 'row') {
+        entries.push({ source: `${f} row "${p.title}"`, value: p, type: 'Json<RowPanel>', imports: [schema] })
+        continue
+      }
+      const name = PANEL_OPTIONS[p.type]
+      if (!name) {
+        problems.push(`${f}: panel type ${p.type} has no options schema here; add it to PANEL_OPTIONS`)
+        continue
+      }
+      const dir = name.toLowerCase()
+      entries.push({
+        source: `${f} panel "${p.title}"`,
+        value: p,
+        type: `Json<Omit<Panel, 'options'> & { options?: ${name}Options }>`,
+        imports: [
+          schema,
+          `import type { Options as ${name}Options } from '${base}/${dir}/panelcfg/x/${name}PanelCfg_types.gen'`,
+        ],
+      })
+    }
+  }
+  // The schema's enums as the strings JSON holds.
+  const json =
+    // biome-ignore lint/suspicious/noTemplateCurlyInString: a TypeScript template literal type
+    'type Json<T> = T extends string ? `${T}` : T extends (infer U)[] ? Json<U>[] : T extends object ? { [K in keyof T]: Json<T[K]> } : T'
+  return [...problems, ...typeProblems(entries, [json])]
 })
 
 attempt('grafana + prometheus: provisioning and compose scrape config parse, relabel worker_pool', () => {
