@@ -248,6 +248,10 @@ function checkDockerfile(rel: string, variant: 'cpu' | 'cuda'): string[] {
       problems.push(`the npm ci stage should install npm@${npmVersion} (packageManager in package.json)`)
     if (!runs.some((i) => i.keyword === 'COPY' && i.args.includes('package-lock.json')))
       problems.push('npm ci needs package-lock.json copied in')
+    // npm ci checks every workspace of the lock file, so each manifest must be there.
+    for (const ws of rootPkg.workspaces as string[])
+      if (!runs.some((i) => i.keyword === 'COPY' && i.args.split(/\s+/).includes(`${ws}/package.json`)))
+        problems.push(`the npm ci stage should COPY ${ws}/package.json (a workspace in package.json)`)
   }
 
   const user = all(last, 'USER').at(-1)?.args
