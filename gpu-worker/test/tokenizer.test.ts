@@ -6,6 +6,7 @@ import { afterAll, describe, expect, it } from 'vitest'
 import { IncrementalDetokenizer } from '../src/engine/detokenizer.ts'
 import { BYTE_TOKEN_OFFSET, byteLevelTokenizerFiles, CHAT_TEMPLATE } from '../src/engine/tiny-tokenizer.ts'
 import { type ChatMessage, ChatTokenizer } from '../src/engine/tokenizer.ts'
+import { TINY_MODEL_DIR } from './fixtures.ts'
 
 const files = byteLevelTokenizerFiles()
 const tokenizer = new ChatTokenizer(files.tokenizerJson, files.tokenizerConfig)
@@ -248,5 +249,16 @@ describe('IncrementalDetokenizer', () => {
     const { deltas, tail } = stream(ids)
     expect(deltas).toEqual(['', '\uFFFDx'])
     expect(tail).toBe('')
+  })
+})
+
+describe('chat encoding at scale', () => {
+  it('encodes 20,000 messages and a 600,000-character message in linear time, without overflowing the stack', async () => {
+    const tokenizer = await ChatTokenizer.fromFiles(TINY_MODEL_DIR)
+    const many = Array.from({ length: 20_000 }, (_, i) => ({ role: 'user' as const, content: `w${i % 10}` }))
+    const ids = tokenizer.encodeChat(many)
+    expect(ids.filter((id) => id === tokenizer.bosTokenId)).toHaveLength(1)
+    const long = tokenizer.encodeChat([{ role: 'user', content: 'ab'.repeat(300_000) }])
+    expect(long.length).toBeGreaterThan(600_000)
   })
 })

@@ -211,8 +211,9 @@ export class ChatTokenizer {
     const ids: number[] = []
     let piece = ''
     const flush = () => {
-      for (const [sentinel, content] of untrusted) piece = piece.replaceAll(sentinel, content)
-      ids.push(...this.encode(piece))
+      // One pass over the piece whatever the number of messages, and no spread of a long id list.
+      const plain = piece.replace(SENTINEL, (m) => untrusted.get(m) ?? m)
+      for (const id of this.encode(plain)) ids.push(id)
       piece = ''
     }
     for (let i = 0; i < text.length; ) {
@@ -276,7 +277,11 @@ export class ChatTokenizer {
    * merges across the template's and the message's text are as the model was trained.
    */
   encodeChat(messages: readonly ChatMessage[], options: { addGenerationPrompt?: boolean } = {}): number[] {
-    const nonce = Math.random().toString(36).slice(2, 12)
+    const nonce =
+      Math.random()
+        .toString(36)
+        .slice(2, 12)
+        .replace(/[^a-z0-9]/g, '') || 'n'
     const untrusted = new Map<string, string>()
     const stood = messages.map((m, i) => {
       const sentinel = `\u{F0000}${nonce}:${i}\u{F0001}`
@@ -298,6 +303,9 @@ export class ChatTokenizer {
     return this.eosTokenIds.includes(id)
   }
 }
+
+/** What encodeChat stands in for a message's text (the nonce makes user text unable to forge one). */
+const SENTINEL = /\u{F0000}[a-z0-9]+:\d+\u{F0001}/gu
 
 function pickTemplate(value: TokenizerConfigFile['chat_template']): string | null {
   if (value == null) return null
