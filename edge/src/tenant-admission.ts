@@ -7,6 +7,7 @@ import {
   type JobFailure,
   type JobPayload,
   jobCancelKey,
+  jobEventsKey,
   lastJobEvent,
   poolQueueName,
   type StreamEvent,
@@ -40,6 +41,8 @@ export interface JobMeta {
   endpoint: 'chat' | 'completion'
   createdAt: number
   async: boolean
+  /** SHA-256 of the canonical request: an Idempotency-Key is bound to the body it first came with. */
+  bodyHash?: string
 }
 
 export interface AdmitRequest {
@@ -51,6 +54,11 @@ export interface AdmitRequest {
   maxQueueDepth: number
   /** Set when the job id came from an Idempotency-Key: an existing job is returned, not re-run. */
   idempotent: boolean
+  /**
+   * A live request holds a stream (and a Redis connection) until its job ends: at most this many
+   * at once per tenant. Null for asynchronous jobs, which hold none.
+   */
+  maxLiveStreams: number | null
 }
 
 export type AdmitResult =
@@ -61,8 +69,15 @@ export type AdmitResult =
       meta: JobMeta
       /** The rate-limit window the tokens were charged to (absent when nothing was charged). */
       window?: number
+      /** The live-stream slot this request holds; give it back with releaseStream. */
+      lease?: string
     }
-  | { ok: false; code: 'rate_limited' | 'overloaded'; message: string; retryAfterSeconds: number }
+  | {
+      ok: false
+      code: 'rate_limited' | 'overloaded' | 'idempotency_conflict'
+      message: string
+      retryAfterSeconds: number
+    }
 
 export type JobState = 'queued' | 'running' | 'completed' | 'failed' | 'cancelled'
 
@@ -116,10 +131,27 @@ type RateLimited = Redis & {
     tokLimit: number,
     cost: number,
   ): Promise<[number, string, number, number]>
+  moeLease(key: string, cap: number, ttlMs: number, lease: string): Promise<number>
 }
 
-/** Priorities below the batch one: the jobs that count against a pool's queue depth. */
-const LIVE_PRIORITIES = Array.from({ length: JOB_PRIORITY.batch - 1 }, (_, i) => i + 1)
+/** The BullMQ priorities that run no later than a job of this kind: they count against its depth. */
+const priorityUpTo = (p: JobPayload['priority']): number[] =>
+  Array.from({ length: JOB_PRIORITY[p] }, (_, i) => i + 1)
+
+// A tenant's live-stream slots: a sorted set of lease ids scored by when they lapse (so a lease
+// whose release was lost frees itself). Returns 1 and takes a slot, or 0 when all are held.
+const LEASE_LUA = `
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[1]) then return 0 end
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[3])
+redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[2]))
+return 1
+`
+
+/** Job states after which an Idempotency-Key is free again (IETF idempotency-key draft). */
+const RETRYABLE_STATES: ReadonlySet<JobState> = new Set(['failed', 'cancelled'])
 
 export const jobMetaKey = (prefix: string, jobId: string): string => `${prefix}:jobmeta:${jobId}`
 
@@ -155,6 +187,7 @@ export class TenantAdmission extends DurableObject<Env> {
       console.error(JSON.stringify({ level: 'error', msg: 'redis', error: e.message })),
     )
     redis.defineCommand('moeRateLimit', { numberOfKeys: 1, lua: RATE_LIMIT_LUA })
+    redis.defineCommand('moeLease', { numberOfKeys: 1, lua: LEASE_LUA })
     this.redis = redis
     return redis
   }
@@ -218,22 +251,47 @@ export class TenantAdmission extends DurableObject<Env> {
     const redis = this.conn()
     const jobId = req.payload.requestId
     const metaKey = jobMetaKey(this.prefix, jobId)
+    const rlBase = `${this.prefix}:rl:${req.meta.tenantId}`
+    const priority = req.payload.priority ?? 'live'
+    let replay: JobMeta | null = null
     if (req.idempotent) {
-      const prior = await redis.get(metaKey)
-      if (prior !== null) {
-        const meta = JSON.parse(prior) as JobMeta
-        if (meta.tenantId === req.meta.tenantId) return { ok: true, jobId, existing: true, meta }
+      const prior = await this.jobStatus(jobId, req.meta.tenantId)
+      if (prior && RETRYABLE_STATES.has(prior.state)) {
+        // A failed or cancelled request may be retried with its key, and runs again.
+        if (!(await this.forgetJob(jobId, prior.meta.pool))) {
+          return {
+            ok: false,
+            code: 'idempotency_conflict',
+            message: 'The earlier request with this Idempotency-Key is still being cancelled; retry shortly.',
+            retryAfterSeconds: 1,
+          }
+        }
+      } else if (prior) {
+        if (prior.meta.bodyHash !== req.meta.bodyHash) {
+          return {
+            ok: false,
+            code: 'idempotency_conflict',
+            message:
+              'This Idempotency-Key was already used with a different request body; use a new key for a new request.',
+            retryAfterSeconds: 0,
+          }
+        }
+        replay = prior.meta
       }
     }
     const q = this.queue(req.payload.pool)
-    const rlBase = `${this.prefix}:rl:${req.meta.tenantId}`
+    // A replay is a request like any other (it counts against the request rate and holds a
+    // stream), but its tokens were charged when the job was admitted.
+    const cost = replay ? 0 : req.tokenCost
     const [rl, depth] = await Promise.all([
-      redis.moeRateLimit(rlBase, req.limits.requestsPerMinute, req.limits.tokensPerMinute, req.tokenCost),
-      // Batch children queue behind live traffic and do not count against its depth.
-      Promise.all([
-        q.getJobCountByTypes('waiting', 'delayed', 'waiting-children'),
-        q.getCountsPerPriority(LIVE_PRIORITIES),
-      ]).then(([n, perPriority]) => n + Object.values(perPriority).reduce((a, b) => a + b, 0)),
+      redis.moeRateLimit(rlBase, req.limits.requestsPerMinute, req.limits.tokensPerMinute, cost),
+      replay
+        ? Promise.resolve(0)
+        : // Only the jobs that run no later than this one count against its depth.
+          Promise.all([
+            q.getJobCountByTypes('waiting', 'delayed', 'waiting-children'),
+            q.getCountsPerPriority(priorityUpTo(priority)),
+          ]).then(([n, perPriority]) => n + Object.values(perPriority).reduce((a, b) => a + b, 0)),
     ])
     const [allowed, reason, retryMs, window] = rl
     if (allowed !== 1) {
@@ -246,9 +304,12 @@ export class TenantAdmission extends DurableObject<Env> {
             : `Rate limit reached: ${req.limits.tokensPerMinute} tokens per minute. Try again in ${retryAfterSeconds} s.`
       return { ok: false, code: 'rate_limited', message, retryAfterSeconds }
     }
+    const giveBack = () => {
+      if (cost > 0) void redis.decrby(`${rlBase}:t:${window}`, cost).catch(() => {})
+    }
     if (depth >= req.maxQueueDepth) {
       // Not run, so give the tokens back (the request still counts).
-      void redis.decrby(`${rlBase}:t:${window}`, req.tokenCost).catch(() => {})
+      giveBack()
       return {
         ok: false,
         code: 'overloaded',
@@ -256,12 +317,68 @@ export class TenantAdmission extends DurableObject<Env> {
         retryAfterSeconds: Math.min(30, 1 + Math.ceil(depth / 100)),
       }
     }
-    const priority = req.payload.priority ?? 'live'
+    let lease: string | undefined
+    if (req.maxLiveStreams !== null) {
+      lease = `${jobId}:${crypto.randomUUID()}`
+      const ttlMs = Math.max(1000, req.payload.deadline - Date.now() + 5000)
+      if ((await redis.moeLease(this.liveKey(req.meta.tenantId), req.maxLiveStreams, ttlMs, lease)) !== 1) {
+        giveBack()
+        return {
+          ok: false,
+          code: 'rate_limited',
+          message: `Too many open requests: this tenant may wait on at most ${req.maxLiveStreams} live responses at once. Wait for one to finish, or submit with 'Prefer: respond-async'.`,
+          retryAfterSeconds: 1,
+        }
+      }
+    }
+    if (replay) return { ok: true, jobId, existing: true, meta: replay, ...(lease ? { lease } : {}) }
     await Promise.all([
       q.add('generate', req.payload, generateJobOptions(jobId, priority)),
       redis.set(metaKey, JSON.stringify(req.meta), 'EX', JOB_META_TTL_SECONDS),
     ])
-    return { ok: true, jobId, existing: false, meta: req.meta, window }
+    return { ok: true, jobId, existing: false, meta: req.meta, window, ...(lease ? { lease } : {}) }
+  }
+
+  private liveKey(tenantId: string): string {
+    return `${this.prefix}:live:${tenantId}`
+  }
+
+  /** Gives back a live-stream slot taken by admit. */
+  async releaseStream(tenantId: string, lease: string): Promise<void> {
+    await this.conn().zrem(this.liveKey(tenantId), lease)
+  }
+
+  /** Counts a request answered without a job (a cache hit) against the request rate. */
+  async chargeRequest(
+    tenantId: string,
+    limits: AdmitRequest['limits'],
+  ): Promise<{ ok: true } | { ok: false; message: string; retryAfterSeconds: number }> {
+    const [allowed, , retryMs] = await this.conn().moeRateLimit(
+      `${this.prefix}:rl:${tenantId}`,
+      limits.requestsPerMinute,
+      limits.tokensPerMinute,
+      0,
+    )
+    if (allowed === 1) return { ok: true }
+    const retryAfterSeconds = Math.max(1, Math.ceil(retryMs / 1000))
+    return {
+      ok: false,
+      message: `Rate limit reached: ${limits.requestsPerMinute} requests per minute. Try again in ${retryAfterSeconds} s.`,
+      retryAfterSeconds,
+    }
+  }
+
+  /**
+   * Drops a finished job's record, stream and cancel flag, so its id can run again. False when
+   * a worker still holds the job (BullMQ will not remove a locked job).
+   */
+  private async forgetJob(jobId: string, pool: string): Promise<boolean> {
+    const redis = this.conn()
+    const q = this.queue(pool)
+    const job = await q.getJob(jobId)
+    if (job && (await q.remove(jobId)) !== 1) return false
+    await redis.del(jobMetaKey(this.prefix, jobId), jobEventsKey(jobId), jobCancelKey(jobId))
+    return true
   }
 
   /**

@@ -59,6 +59,11 @@ export const TenantConfig = z.object({
     })
     .default({ requestsPerMinute: 600, tokensPerMinute: 200_000 }),
   cacheTtlSeconds: z.number().int().min(0).default(300),
+  /**
+   * Live responses (streamed or not) this tenant may wait on at once: each holds a Redis
+   * connection until its job ends. Beyond it, 429; asynchronous jobs hold none.
+   */
+  maxLiveStreams: z.number().int().positive().default(128),
   webhooks: z.array(WebhookEndpoint).default([]),
 })
 export type TenantConfig = z.infer<typeof TenantConfig>

@@ -27,6 +27,16 @@ export interface LiveJob {
   /** The job finished: settle its token charge, cache its answer. */
   finished: (done: DoneEvent) => void
   cancel: (why: 'client disconnected' | 'deadline') => void
+  /** The reader is closed: give back the request's live-stream slot. Called once. */
+  released: () => void
+}
+
+/** Closes the job's reader and gives back its slot, once however many paths end it. */
+function release(job: LiveJob): void {
+  closeReader(job.reader)
+  const released = job.released
+  job.released = () => {}
+  released()
 }
 
 const writeChunk = (sse: SSEStreamingApi, f: SseFrame, part: ChunkPart) =>
@@ -52,7 +62,7 @@ export function relaySse(c: Ctx, f: SseFrame, job: LiveJob): Response {
     let started = false
     sse.onAbort(() => {
       if (!finished) job.cancel('client disconnected')
-      closeReader(reader)
+      release(job)
     })
     // workerd reports a client that went away through request.signal (enable_request_signal).
     c.req.raw.signal?.addEventListener('abort', () => sse.abort())
@@ -92,7 +102,7 @@ export function relaySse(c: Ctx, f: SseFrame, job: LiveJob): Response {
       }
     } finally {
       clearInterval(keepAlive)
-      closeReader(reader)
+      release(job)
     }
   })
 }
@@ -101,7 +111,7 @@ export function relaySse(c: Ctx, f: SseFrame, job: LiveJob): Response {
 export async function awaitAnswer(c: Ctx, job: LiveJob): Promise<DoneEvent> {
   const onAbort = () => {
     job.cancel('client disconnected')
-    closeReader(job.reader)
+    release(job)
   }
   c.req.raw.signal?.addEventListener('abort', onAbort)
   let final: StreamEvent | null = null
@@ -112,7 +122,7 @@ export async function awaitAnswer(c: Ctx, job: LiveJob): Promise<DoneEvent> {
     throw e
   } finally {
     c.req.raw.signal?.removeEventListener('abort', onAbort)
-    closeReader(job.reader)
+    release(job)
   }
   if (!final) throw new MoeError('internal_error', 'The job ended without a result')
   if (final.type === 'error') throw new MoeError(final.code, final.message)

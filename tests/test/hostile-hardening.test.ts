@@ -1,0 +1,214 @@
+import { poolQueueName } from '@moe/shared'
+import { Queue } from 'bullmq'
+import { Redis } from 'ioredis'
+import { afterAll, beforeAll, describe, expect, inject, it } from 'vitest'
+import { isOpenAiError } from '../src/sse.ts'
+import { devTenant, type TestTenant } from '../src/stack.ts'
+
+// Hardening (issue 13): idempotency keys, limits that every path goes through, images, leaks.
+// Everything is sent to the stack on loopback, bounded in count and time.
+
+const stack = inject('stack')
+let redis: Redis
+
+beforeAll(() => {
+  redis = new Redis(stack.redisUrl, { maxRetriesPerRequest: 2 })
+})
+afterAll(() => redis.disconnect())
+
+interface Answer {
+  status: number
+  headers: Headers
+  body: Record<string, unknown> & { error?: { code: string; message: string } }
+}
+
+async function post(
+  t: TestTenant,
+  path: string,
+  body: unknown,
+  headers: Record<string, string> = {},
+  timeoutMs = 120_000,
+): Promise<Answer> {
+  const res = await fetch(`${stack.url}${path}`, {
+    method: 'POST',
+    headers: { authorization: `Bearer ${t.key}`, 'content-type': 'application/json', ...headers },
+    body: JSON.stringify(body),
+    signal: AbortSignal.timeout(timeoutMs),
+  })
+  const text = await res.text()
+  let parsed: Answer['body'] = {}
+  try {
+    parsed = JSON.parse(text)
+  } catch {
+    parsed = { raw: text }
+  }
+  return { status: res.status, headers: res.headers, body: parsed }
+}
+
+const completion = (prompt: string | number[], extra: Record<string, unknown> = {}) => ({
+  model: 'general',
+  prompt,
+  max_tokens: 4,
+  temperature: 0,
+  ...extra,
+})
+const textOf = (a: Answer) => (a.body.choices as Array<{ text: string }>)[0]!.text
+const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms))
+
+/** Runs `fn` while no worker takes jobs from the pool's queue; fillers it added are removed. */
+async function withPausedPool(pool: string, fn: (q: Queue) => Promise<void>): Promise<void> {
+  const q = new Queue(poolQueueName(pool), { connection: redis.duplicate(), prefix: stack.prefix })
+  await q.pause()
+  try {
+    await fn(q)
+  } finally {
+    const queued = await q.getJobs(['prioritized', 'paused', 'waiting'], 0, 5000)
+    await Promise.all(queued.filter((j) => j.name === 'filler').map((j) => j.remove().catch(() => {})))
+    await q.resume()
+    await q.close()
+  }
+}
+
+describe('Idempotency-Key', () => {
+  it('is bound to its body: another body with the same key is 409, and nothing is cached under it', async () => {
+    const t = await devTenant(stack)
+    const key = { 'idempotency-key': `p1-${Date.now()}` }
+    const a = await post(t, '/v1/completions', completion('The letter A'), key)
+    expect(a.status).toBe(200)
+    const b = await post(t, '/v1/completions', completion('Another prompt, B'), key)
+    expect(b.status, JSON.stringify(b.body)).toBe(409)
+    expect(isOpenAiError(b.body)).toBe(true)
+    expect(b.body.error!.code).toBe('idempotency_conflict')
+    // The same body with the same key is still a replay of the first answer.
+    const again = await post(t, '/v1/completions', completion('The letter A'), key)
+    expect(again.status).toBe(200)
+    expect(textOf(again)).toBe(textOf(a))
+    // B was never cached with A's answer (the cache write runs after the response).
+    await sleep(1000)
+    const fresh = await post(t, '/v1/completions', completion('Another prompt, B'))
+    expect(fresh.status).toBe(200)
+    expect(fresh.headers.get('x-moe-cache')).toBe('MISS')
+  })
+
+  it('a request that failed may be retried with its key, and runs again', async () => {
+    const t = await devTenant(stack)
+    const key = { 'idempotency-key': `retry-${Date.now()}` }
+    // Longer than the tiny model's context: the worker refuses it.
+    const tooLong = Array.from({ length: 1100 }, (_, i) => 5 + (i % 50))
+    const failed = await post(t, '/v1/completions', completion(tooLong), key)
+    expect(failed.status, JSON.stringify(failed.body)).toBe(400)
+    expect(failed.body.error!.code).toBe('context_length_exceeded')
+    const fixed = await post(t, '/v1/completions', completion('a short prompt'), key)
+    expect(fixed.status, JSON.stringify(fixed.body)).toBe(200)
+    expect(fixed.body.object).toBe('text_completion')
+  })
+
+  it('a cancelled job may be retried with its key, and runs again', async () => {
+    const t = await devTenant(stack)
+    const key = { 'idempotency-key': `cancel-${Date.now()}`, prefer: 'respond-async' }
+    const body = completion('cancel me', { max_tokens: 8 })
+    const status = async (id: string) =>
+      (
+        (await (
+          await fetch(`${stack.url}/v1/jobs/${id}`, { headers: { authorization: `Bearer ${t.key}` } })
+        ).json()) as { status: string }
+      ).status
+    // Held in a paused queue, so it is cancelled before any worker takes it.
+    await withPausedPool('general', async () => {
+      const first = await post(t, '/v1/completions', body, key)
+      expect(first.status).toBe(202)
+      const del = await fetch(`${stack.url}/v1/jobs/${first.body.id}`, {
+        method: 'DELETE',
+        headers: { authorization: `Bearer ${t.key}` },
+      })
+      expect(del.status).toBe(200)
+      expect(await status(first.body.id as string)).toBe('cancelled')
+      const again = await post(t, '/v1/completions', body, key)
+      expect(again.status).toBe(202)
+      expect(again.body.id).toBe(first.body.id)
+      expect(await status(again.body.id as string)).toBe('queued')
+    })
+    const id = (await post(t, '/v1/completions', body, key)).body.id as string
+    let s = await status(id)
+    for (let i = 0; i < 300 && ['queued', 'running'].includes(s); i++, s = await status(id)) await sleep(200)
+    expect(s).toBe('completed')
+  })
+
+  it('replays count against the request rate', async () => {
+    const t = await devTenant(stack, { rateLimits: { requestsPerMinute: 5, tokensPerMinute: 1_000_000 } })
+    const key = { 'idempotency-key': `rate-${Date.now()}`, prefer: 'respond-async' }
+    const statuses: number[] = []
+    for (let i = 0; i < 8; i++)
+      statuses.push((await post(t, '/v1/completions', completion('again'), key)).status)
+    expect(statuses.slice(0, 5)).toEqual([202, 202, 202, 202, 202])
+    expect(statuses.slice(5)).toEqual([429, 429, 429])
+  })
+
+  it('300 parallel live replays: the live-stream cap holds Redis connections bounded', async () => {
+    const cap = 10
+    const t = await devTenant(stack, { maxLiveStreams: cap })
+    const clients = async () => (await redis.client('LIST')).toString().split('\n').filter(Boolean).length
+    const base = await clients()
+    const key = { 'idempotency-key': `replays-${Date.now()}` }
+    const body = completion('Tell a long story about queues', { max_tokens: 256, temperature: 0.7 })
+    let peak = base
+    let sampling = true
+    const sampler = (async () => {
+      while (sampling) {
+        peak = Math.max(peak, await clients())
+        await sleep(10)
+      }
+    })()
+    const statuses = await Promise.all(
+      Array.from({ length: 300 }, () =>
+        post(t, '/v1/completions', body, key).then(
+          (a) => a.status,
+          (e: Error) => e.name,
+        ),
+      ),
+    )
+    sampling = false
+    await sampler
+    const counts: Record<string, number> = {}
+    for (const s of statuses) counts[s] = (counts[s] ?? 0) + 1
+    console.log(`300 replays: statuses ${JSON.stringify(counts)}, Redis clients ${base} -> peak ${peak}`)
+    expect(Object.keys(counts).sort()).toEqual(Object.keys(counts).includes('429') ? ['200', '429'] : ['200'])
+    // The cap, plus the connections other work on this stack may open meanwhile.
+    expect(peak - base).toBeLessThanOrEqual(cap + 15)
+  })
+})
+
+describe('limits hold on every path', () => {
+  it('cache hits count against the request rate', async () => {
+    const t = await devTenant(stack, { rateLimits: { requestsPerMinute: 3, tokensPerMinute: 1_000_000 } })
+    const body = completion(`cache me ${Date.now()}`)
+    expect((await post(t, '/v1/completions', body)).status).toBe(200)
+    await sleep(1000)
+    const statuses: Array<string | number> = []
+    for (let i = 0; i < 4; i++) {
+      const a = await post(t, '/v1/completions', body)
+      statuses.push(a.status === 200 ? (a.headers.get('x-moe-cache') ?? '') : a.status)
+    }
+    expect(statuses).toEqual(['HIT', 'HIT', 429, 429])
+  })
+
+  it("async jobs are refused (503) once the pool's queue is at its depth", async () => {
+    const t = await devTenant(stack)
+    await withPausedPool('general', async (q) => {
+      // The general pool takes 1000 queued jobs: 999 fillers, then one real async job fits.
+      await q.addBulk(
+        Array.from({ length: 999 }, (_, i) => ({
+          name: 'filler',
+          data: {},
+          opts: { jobId: `filler-${Date.now()}-${i}`, priority: 1 },
+        })),
+      )
+      const fits = await post(t, '/v1/completions', completion('fits'), { prefer: 'respond-async' })
+      expect(fits.status, JSON.stringify(fits.body)).toBe(202)
+      const over = await post(t, '/v1/completions', completion('one more'), { prefer: 'respond-async' })
+      expect(over.status, JSON.stringify(over.body)).toBe(503)
+      expect(over.body.error!.code).toBe('overloaded')
+      expect(over.headers.get('retry-after')).not.toBeNull()
+    })
+  })
+})
