@@ -15,6 +15,10 @@ export const ExpertPool = z.object({
   modelId: z.string().min(1),
   /** Experts this pool may route tokens to; null means all. */
   experts: z.array(z.number().int().min(0)).min(1).nullable().default(null),
+  /**
+   * What the pool's model can read. List 'image' only for a model that reads images: a request
+   * with images is refused (400) unless a pool says so, never run with its images dropped.
+   */
   modalities: z.array(Modality).min(1).default(['text']),
   /** Deeper than this, the edge answers 503 with Retry-After instead of queueing. */
   maxQueueDepth: z.number().int().positive().default(1000),
