@@ -12,6 +12,7 @@ const tenant: TenantConfig = {
   routes: [],
   rateLimits: { requestsPerMinute: 10, tokensPerMinute: 1000 },
   cacheTtlSeconds: 60,
+  maxLiveStreams: 16,
   webhooks: [],
 }
 const config = edgeConfigOf({

@@ -22,6 +22,7 @@ const tenant: TenantConfig = {
   routes: [],
   rateLimits: { requestsPerMinute: 10, tokensPerMinute: 1000 },
   cacheTtlSeconds: 60,
+  maxLiveStreams: 16,
   webhooks: [],
 }
 const user = (content: string) => [{ role: 'user' as const, content }]
