@@ -122,9 +122,19 @@ export class BatchStore {
         removeOnFail: true,
       })
     } catch (e) {
+      console.error(
+        JSON.stringify({ level: 'error', msg: 'batch enqueue failed', batch: s.id, error: String(e) }),
+      )
       const errors = {
         object: 'list',
-        data: [{ code: 'enqueue_failed', message: String((e as Error).message), param: null, line: null }],
+        data: [
+          {
+            code: 'enqueue_failed',
+            message: `The batch's requests could not be queued (batch ${s.id}); please create the batch again.`,
+            param: null,
+            line: null,
+          },
+        ],
       }
       await this.redis.moeBatchTransition(
         key,

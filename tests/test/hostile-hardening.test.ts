@@ -215,3 +215,28 @@ describe('limits hold on every path', () => {
     })
   })
 })
+
+describe('errors', () => {
+  it('internal error text never reaches the client (live and async), a request id does', async () => {
+    const t = await devTenant(stack)
+    const auth = { authorization: `Bearer ${t.key}` }
+    // A single message of 600,000 characters: today the worker fails on it inside the tokenizer.
+    const body = { model: 'auto', messages: [{ role: 'user', content: 'a'.repeat(600_000) }], max_tokens: 2 }
+    const leaks = /Maximum call stack|RangeError|TypeError|ECONN|\.ts:\d+|node_modules/
+    const live = await post(t, '/v1/chat/completions', body)
+    expect(JSON.stringify(live.body)).not.toMatch(leaks)
+    if (live.body.error?.code === 'internal_error') expect(live.body.error.message).toMatch(/request id/)
+    const queued = await post(t, '/v1/chat/completions', body, { prefer: 'respond-async' })
+    expect(queued.status).toBe(202)
+    let job: Record<string, unknown> & { status?: string; error?: { code: string; message: string } } = {}
+    for (let i = 0; i < 150; i++) {
+      job = (await (
+        await fetch(`${stack.url}/v1/jobs/${queued.body.id}`, { headers: auth })
+      ).json()) as typeof job
+      if (!['queued', 'running'].includes(job.status ?? '')) break
+      await sleep(200)
+    }
+    expect(JSON.stringify(job)).not.toMatch(leaks)
+    if (job.error?.code === 'internal_error') expect(job.error.message).toContain(String(queued.body.id))
+  })
+})

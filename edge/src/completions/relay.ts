@@ -1,6 +1,6 @@
-import { type DoneEvent, MoeError, type StreamEvent } from '@moe/shared'
+import { type DoneEvent, type ErrorEvent, MoeError, publicErrorMessage, type StreamEvent } from '@moe/shared'
 import { type SSEStreamingApi, streamSSE } from 'hono/streaming'
-import type { Ctx } from '../http.ts'
+import { type Ctx, log } from '../http.ts'
 import { closeReader, jobEvents } from '../job-events.ts'
 import { type Answer, type ChunkPart, chunkObject, type MoeSummary, usageChunk } from '../openai-format.ts'
 import type { Endpoint } from '../validate.ts'
@@ -29,6 +29,13 @@ export interface LiveJob {
   cancel: (why: 'client disconnected' | 'deadline') => void
   /** The reader is closed: give back the request's live-stream slot. Called once. */
   released: () => void
+}
+
+/** A job's error event as the client sees it: an internal error's detail goes to the log only. */
+export function jobError(jobId: string, ev: Pick<ErrorEvent, 'code' | 'message'>): MoeError {
+  if (ev.code === 'internal_error')
+    log('error', 'job failed', { job: jobId, code: ev.code, error: ev.message })
+  return new MoeError(ev.code, publicErrorMessage(ev.code, ev.message, jobId))
 }
 
 /** Closes the job's reader and gives back its slot, once however many paths end it. */
@@ -90,7 +97,7 @@ export function relaySse(c: Ctx, f: SseFrame, job: LiveJob): Response {
           job.finished(ev)
         } else {
           finished = true
-          await sse.writeSSE({ data: JSON.stringify(new MoeError(ev.code, ev.message).toBody()) })
+          await sse.writeSSE({ data: JSON.stringify(jobError(job.jobId, ev).toBody()) })
         }
       }
     } catch (e) {
@@ -125,7 +132,7 @@ export async function awaitAnswer(c: Ctx, job: LiveJob): Promise<DoneEvent> {
     release(job)
   }
   if (!final) throw new MoeError('internal_error', 'The job ended without a result')
-  if (final.type === 'error') throw new MoeError(final.code, final.message)
+  if (final.type === 'error') throw jobError(job.jobId, final)
   if (final.type !== 'done') throw new MoeError('internal_error', 'Unexpected job event')
   job.finished(final)
   return final
