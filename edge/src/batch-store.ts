@@ -97,6 +97,14 @@ export class BatchStore {
       .hset(key, { obj: JSON.stringify(s), status: 'validating', tenant: s.tenantId })
       .expire(key, BATCH_RECORD_TTL_SECONDS)
       .zadd(tenantBatchesKey(this.prefix, s.tenantId), s.created_at * 1000 + (Date.now() % 1000), s.id)
+      // Entries older than a batch record's TTL name records that are gone: trim them, and let
+      // the list itself lapse with its newest batch.
+      .zremrangebyscore(
+        tenantBatchesKey(this.prefix, s.tenantId),
+        '-inf',
+        Date.now() - BATCH_RECORD_TTL_SECONDS * 1000,
+      )
+      .expire(tenantBatchesKey(this.prefix, s.tenantId), BATCH_RECORD_TTL_SECONDS)
       .exec()
     try {
       this.flow ??= new FlowProducer({ connection: this.redis, prefix: this.prefix })

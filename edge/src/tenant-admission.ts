@@ -34,6 +34,9 @@ import { type EdgeConfig, edgeConfigOf } from './config.ts'
 /** How long the edge remembers who owns a job (for GET /v1/jobs/{id}). */
 export const JOB_META_TTL_SECONDS = 86_400
 
+/** How long a delivered live answer that no Idempotency-Key can replay stays in Redis. */
+export const DELIVERED_GRACE_SECONDS = 300
+
 export interface JobMeta {
   tenantId: string
   pool: string
@@ -132,6 +135,7 @@ type RateLimited = Redis & {
     cost: number,
   ): Promise<[number, string, number, number]>
   moeLease(key: string, cap: number, ttlMs: number, lease: string): Promise<number>
+  moeKeepLast(key: string): Promise<number>
 }
 
 /** The BullMQ priorities that run no later than a job of this kind: they count against its depth. */
@@ -147,6 +151,19 @@ redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[1]) then return 0 end
 redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[3])
 redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[2]))
+return 1
+`
+
+// Replaces a stream by one holding only its newest entry, under the same id and TTL. XTRIM
+// would only flag the entries deleted: their listpack node stays allocated until every entry
+// in it is gone, the final event's included.
+const KEEP_LAST_LUA = `
+local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
+if #last == 0 then return 0 end
+local ttl = redis.call('PTTL', KEYS[1])
+redis.call('DEL', KEYS[1])
+redis.call('XADD', KEYS[1], last[1][1], unpack(last[1][2]))
+if ttl > 0 then redis.call('PEXPIRE', KEYS[1], ttl) end
 return 1
 `
 
@@ -188,6 +205,7 @@ export class TenantAdmission extends DurableObject<Env> {
     )
     redis.defineCommand('moeRateLimit', { numberOfKeys: 1, lua: RATE_LIMIT_LUA })
     redis.defineCommand('moeLease', { numberOfKeys: 1, lua: LEASE_LUA })
+    redis.defineCommand('moeKeepLast', { numberOfKeys: 1, lua: KEEP_LAST_LUA })
     this.redis = redis
     return redis
   }
@@ -332,8 +350,21 @@ export class TenantAdmission extends DurableObject<Env> {
       }
     }
     if (replay) return { ok: true, jobId, existing: true, meta: replay, ...(lease ? { lease } : {}) }
+    // A live job no key can replay is not read once delivered: its BullMQ record goes soon too.
+    const shortLived = priority === 'live' && !req.idempotent
+    const opts = generateJobOptions(jobId, priority)
     await Promise.all([
-      q.add('generate', req.payload, generateJobOptions(jobId, priority)),
+      q.add(
+        'generate',
+        req.payload,
+        shortLived
+          ? {
+              ...opts,
+              removeOnComplete: { age: DELIVERED_GRACE_SECONDS },
+              removeOnFail: { age: DELIVERED_GRACE_SECONDS },
+            }
+          : opts,
+      ),
       redis.set(metaKey, JSON.stringify(req.meta), 'EX', JOB_META_TTL_SECONDS),
     ])
     return { ok: true, jobId, existing: false, meta: req.meta, window, ...(lease ? { lease } : {}) }
@@ -394,6 +425,25 @@ export class TenantAdmission extends DurableObject<Env> {
       `${this.prefix}:rl:${tenantId}:t:${window}`,
       delta,
     )
+  }
+
+  /**
+   * Retention once a live answer is delivered. A job that an Idempotency-Key may replay keeps
+   * only its final event (replays and GET /v1/jobs rebuild the answer from the `done` event's
+   * text); any other live job can never be read again, so its stream and record go after a
+   * short grace.
+   */
+  async retainDelivered(jobId: string, replayable: boolean): Promise<void> {
+    const redis = this.conn()
+    const last = await lastJobEvent(redis, jobId)
+    if (!last || last.type === 'token') return
+    if (replayable) await redis.moeKeepLast(jobEventsKey(jobId))
+    else
+      await redis
+        .multi()
+        .expire(jobEventsKey(jobId), DELIVERED_GRACE_SECONDS)
+        .expire(jobMetaKey(this.prefix, jobId), DELIVERED_GRACE_SECONDS)
+        .exec()
   }
 
   /** Asks the worker to drop the job (at its next step, or before it starts). */

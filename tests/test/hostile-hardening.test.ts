@@ -1,4 +1,5 @@
-import { poolQueueName } from '@moe/shared'
+import { createHash } from 'node:crypto'
+import { jobEventsKey, poolQueueName, tenantBatchesKey } from '@moe/shared'
 import { Queue } from 'bullmq'
 import { Redis } from 'ioredis'
 import { afterAll, beforeAll, describe, expect, inject, it } from 'vitest'
@@ -238,5 +239,96 @@ describe('errors', () => {
     }
     expect(JSON.stringify(job)).not.toMatch(leaks)
     if (job.error?.code === 'internal_error') expect(job.error.message).toContain(String(queued.body.id))
+  })
+})
+
+describe('Redis retention', () => {
+  it("a delivered live answer's stream is cut to its final event; a streamed replay still gets all of its text", async () => {
+    const t = await devTenant(stack)
+    const idem = `trim-${Date.now()}`
+    const jobId = `idem_${createHash('sha256').update(`${t.id}\u0000${idem}`).digest('hex').slice(0, 40)}`
+    const body = completion('Tell me about retention', { max_tokens: 24, temperature: 0.9, stream: true })
+    const read = async () => {
+      const res = await fetch(`${stack.url}/v1/completions`, {
+        method: 'POST',
+        headers: {
+          authorization: `Bearer ${t.key}`,
+          'content-type': 'application/json',
+          'idempotency-key': idem,
+        },
+        body: JSON.stringify(body),
+        signal: AbortSignal.timeout(120_000),
+      })
+      expect(res.status).toBe(200)
+      let text = ''
+      for (const line of (await res.text()).split('\n')) {
+        if (!line.startsWith('data: ') || line === 'data: [DONE]') continue
+        text += (JSON.parse(line.slice(6)) as { choices: Array<{ text?: string }> }).choices[0]?.text ?? ''
+      }
+      return text
+    }
+    const first = await read()
+    expect(first.length).toBeGreaterThan(0)
+    let len = await redis.xlen(jobEventsKey(jobId))
+    for (let i = 0; i < 50 && len > 1; i++, len = await redis.xlen(jobEventsKey(jobId))) await sleep(100)
+    expect(len).toBe(1)
+    expect(await read()).toBe(first)
+  })
+
+  it('a delivered live answer that no key can replay leaves Redis within 5 minutes', async () => {
+    const t = await devTenant(stack)
+    const a = await post(t, '/v1/completions', completion('plain live', { max_tokens: 8, temperature: 0.9 }))
+    expect(a.status).toBe(200)
+    const id = a.headers.get('x-request-id')!
+    let ttl = await redis.ttl(jobEventsKey(id))
+    for (let i = 0; i < 50 && ttl > 300; i++, ttl = await redis.ttl(jobEventsKey(id))) await sleep(100)
+    expect(ttl).toBeGreaterThan(0)
+    expect(ttl).toBeLessThanOrEqual(300)
+    expect(await redis.ttl(`${stack.prefix}:jobmeta:${id}`)).toBeLessThanOrEqual(300)
+  })
+
+  it('an async job streams no tokens: its stream holds only its final event', async () => {
+    const t = await devTenant(stack)
+    const a = await post(t, '/v1/completions', completion('async, no tokens', { max_tokens: 16 }), {
+      prefer: 'respond-async',
+    })
+    expect(a.status).toBe(202)
+    const id = a.body.id as string
+    let status = ''
+    for (let i = 0; i < 150 && !['completed', 'failed'].includes(status); i++) {
+      status = (
+        (await (
+          await fetch(`${stack.url}/v1/jobs/${id}`, { headers: { authorization: `Bearer ${t.key}` } })
+        ).json()) as { status: string }
+      ).status
+      if (status !== 'completed') await sleep(200)
+    }
+    expect(status).toBe('completed')
+    expect(await redis.xlen(jobEventsKey(id))).toBe(1)
+  })
+
+  it("a tenant's batch list drops entries older than a batch record lives, and expires", async () => {
+    const t = await devTenant(stack)
+    const zkey = tenantBatchesKey(stack.prefix, t.id)
+    await redis.zadd(zkey, Date.now() - 31 * 86_400_000, 'batch_long_gone')
+    const line = { custom_id: 'x', method: 'POST', url: '/v1/completions', body: completion('hi') }
+    const form = new FormData()
+    form.append('purpose', 'batch')
+    form.append('file', new Blob([`${JSON.stringify(line)}\n`]), 'in.jsonl')
+    const auth = { authorization: `Bearer ${t.key}` }
+    const file = (await (
+      await fetch(`${stack.url}/v1/files`, { method: 'POST', headers: auth, body: form })
+    ).json()) as {
+      id: string
+    }
+    const b = await post(t, '/v1/batches', {
+      input_file_id: file.id,
+      endpoint: '/v1/completions',
+      completion_window: '24h',
+    })
+    expect(b.status, JSON.stringify(b.body)).toBe(200)
+    expect(await redis.zscore(zkey, 'batch_long_gone')).toBeNull()
+    expect(await redis.zscore(zkey, b.body.id as string)).not.toBeNull()
+    expect(await redis.ttl(zkey)).toBeGreaterThan(0)
   })
 })

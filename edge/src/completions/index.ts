@@ -141,6 +141,8 @@ export async function handleCompletion(
     now,
     deadline,
     asyncMode ? 'async' : 'live',
+    // An async job's result is read from its final event: nobody reads its tokens.
+    !asyncMode,
   )
   const meta: JobMeta = {
     tenantId: tenant.id,
@@ -201,6 +203,8 @@ export async function handleCompletion(
     },
     summary: (done) => moeSummary(requestId, r, cacheState, done),
     finished: (done: DoneEvent) => {
+      // The answer is delivered: what Redis keeps of the job shrinks (tenant-admission.ts).
+      c.executionCtx.waitUntil(admission.retainDelivered(jobId, idem !== undefined).catch(() => {}))
       if (charged !== undefined) {
         const used = done.usage.promptTokens + done.usage.completionTokens
         c.executionCtx.waitUntil(

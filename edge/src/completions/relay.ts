@@ -80,6 +80,9 @@ export function relaySse(c: Ctx, f: SseFrame, job: LiveJob): Response {
       if (!started && !sse.aborted) void sse.write(': waiting\n\n')
     }, 1000)
     sse.onAbort(() => clearInterval(keepAlive))
+    // What the client has been sent: a stream trimmed to its final event (retention) holds no
+    // tokens, and the `done` event's text supplies the rest.
+    let sent = ''
     try {
       for await (const ev of jobEvents(reader, job.jobId, job.deadline)) {
         if (sse.aborted) break
@@ -90,9 +93,12 @@ export function relaySse(c: Ctx, f: SseFrame, job: LiveJob): Response {
         if (ev.type === 'token') {
           // The detokeniser may hold text back (a partial UTF-8 sequence): OpenAI sends no empty deltas.
           if (ev.text === '') continue
+          sent += ev.text
           await writeChunk(sse, f, { text: ev.text })
         } else if (ev.type === 'done') {
           finished = true
+          if (ev.text.length > sent.length && ev.text.startsWith(sent))
+            await writeChunk(sse, f, { text: ev.text.slice(sent.length) })
           await writeEnd(sse, f, ev, job.summary(ev))
           job.finished(ev)
         } else {
