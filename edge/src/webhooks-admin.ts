@@ -98,9 +98,11 @@ async function tenantOr404(env: Env, id: string): Promise<TenantConfig> {
 }
 
 async function saveTenant(env: Env, cfg: TenantConfig): Promise<void> {
+  // Redis (what the delivery worker reads) first: with Redis down nothing changes, rather than
+  // the config forgetting an endpoint the worker still signs events for.
+  await mirrorWebhooks(env, cfg)
   await env.AUTH.put(kvTenant(cfg.id), JSON.stringify(cfg))
   forgetAuthCache()
-  await mirrorWebhooks(env, cfg)
 }
 
 /** Register an endpoint: `{url, events?, secret?}`; the answer holds the secret (generated when absent). */

@@ -1,10 +1,10 @@
 import { createHash } from 'node:crypto'
-import { jobEventsKey, poolQueueName, tenantBatchesKey } from '@moe/shared'
+import { jobEventsKey, poolQueueName, tenantBatchesKey, tenantWebhooksKey } from '@moe/shared'
 import { Queue } from 'bullmq'
 import { Redis } from 'ioredis'
 import { afterAll, beforeAll, describe, expect, inject, it } from 'vitest'
 import { isOpenAiError } from '../src/sse.ts'
-import { devTenant, type TestTenant } from '../src/stack.ts'
+import { adminCall, devTenant, type TestTenant } from '../src/stack.ts'
 
 // Hardening (issue 13): idempotency keys, limits that every path goes through, images, leaks.
 // Everything is sent to the stack on loopback, bounded in count and time.
@@ -384,5 +384,49 @@ describe('uploads', () => {
     // Read up to the limit and what the pipes on the way buffer beyond it (the local proxy and
     // fetch hold some 17 MiB here), never the whole upload.
     expect(sent).toBeLessThan(total * 0.6)
+  })
+})
+
+describe('webhook endpoints (admin API)', () => {
+  // An IP literal is checked without DNS; nothing here sends to it.
+  const url = 'https://93.184.216.34/hooks/moe'
+  async function tenantWithHook() {
+    const t = await devTenant(stack)
+    const res = await adminCall(stack, 'POST', `/tenants/${t.id}/webhooks`, { url })
+    expect(res.status).toBe(201)
+    const hook = (await res.json()) as { id: string; secret: string }
+    return { t, hook }
+  }
+  const live = async (tenantId: string) =>
+    Object.values(await redis.hgetall(tenantWebhooksKey(stack.prefix, tenantId))).map(
+      (v) => JSON.parse(v) as { id: string; secret: string; disabled: boolean },
+    )
+
+  it('GET /admin/tenants/:id shows no secret, and PUTting back what it shows keeps the secret', async () => {
+    const { t, hook } = await tenantWithHook()
+    const shown = (await (await adminCall(stack, 'GET', `/tenants/${t.id}`)).json()) as {
+      webhooks: Array<Record<string, unknown>>
+    }
+    expect(JSON.stringify(shown)).not.toContain(hook.secret)
+    expect(shown.webhooks[0]).not.toHaveProperty('secret')
+    expect((await adminCall(stack, 'PUT', `/tenants/${t.id}`, shown)).status).toBe(200)
+    expect((await live(t.id))[0]?.secret).toBe(hook.secret)
+  })
+
+  it('a tenant PUT does not re-enable an endpoint that a 410 disabled', async () => {
+    const { t, hook } = await tenantWithHook()
+    // What the delivery worker does on a 410: mark its copy disabled.
+    const [ep] = await live(t.id)
+    await redis.hset(
+      tenantWebhooksKey(stack.prefix, t.id),
+      hook.id,
+      JSON.stringify({ ...ep, disabled: true }),
+    )
+    const shown = (await (await adminCall(stack, 'GET', `/tenants/${t.id}`)).json()) as Record<
+      string,
+      unknown
+    >
+    expect((await adminCall(stack, 'PUT', `/tenants/${t.id}`, shown)).status).toBe(200)
+    expect((await live(t.id))[0]?.disabled).toBe(true)
   })
 })
