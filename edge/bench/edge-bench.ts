@@ -55,6 +55,7 @@ function routerCpu() {
     rateLimits: { requestsPerMinute: 1e9, tokensPerMinute: 1e12 },
     cacheTtlSeconds: 3600,
     maxLiveStreams: 1_000_000,
+    batchQueueTokens: 1_000_000_000,
     webhooks: [],
   }
   const body = { model: 'auto', messages: [{ role: 'user', content: prompt }] }
@@ -96,6 +97,7 @@ async function seed(persistDir: string): Promise<string> {
       rateLimits: { requestsPerMinute: 100_000_000, tokensPerMinute: 1_000_000_000 },
       cacheTtlSeconds: 3600,
       maxLiveStreams: 1_000_000,
+      batchQueueTokens: 1_000_000_000,
     }),
   )
   const { key } = await createApiKey(kv, TENANT, 'bench', null)

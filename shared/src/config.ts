@@ -68,6 +68,11 @@ export const TenantConfig = z.object({
    * connection until its job ends. Beyond it, 429; asynchronous jobs hold none.
    */
   maxLiveStreams: z.number().int().positive().default(128),
+  /**
+   * Tokens (prompt estimate + max_tokens) this tenant may have in batches not yet finished, as
+   * OpenAI's enqueued-token limit: a batch that would go over it fails at once.
+   */
+  batchQueueTokens: z.number().int().positive().default(2_000_000),
   webhooks: z.array(WebhookEndpoint).default([]),
 })
 export type TenantConfig = z.infer<typeof TenantConfig>

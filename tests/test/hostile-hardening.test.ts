@@ -430,3 +430,103 @@ describe('webhook endpoints (admin API)', () => {
     expect((await live(t.id))[0]?.disabled).toBe(true)
   })
 })
+
+describe('batches go through limits', () => {
+  async function upload(t: TestTenant, lines: unknown[]): Promise<string> {
+    const form = new FormData()
+    form.append('purpose', 'batch')
+    form.append('file', new Blob([lines.map((l) => `${JSON.stringify(l)}\n`).join('')]), 'in.jsonl')
+    const res = await fetch(`${stack.url}/v1/files`, {
+      method: 'POST',
+      headers: { authorization: `Bearer ${t.key}` },
+      body: form,
+    })
+    expect(res.status).toBe(200)
+    return ((await res.json()) as { id: string }).id
+  }
+  const batchLines = (n: number, maxTokens: number) =>
+    Array.from({ length: n }, (_, i) => ({
+      custom_id: `l${i}`,
+      method: 'POST',
+      url: '/v1/completions',
+      body: { model: 'general', prompt: `batch line ${i}`, max_tokens: maxTokens },
+    }))
+  const createBatch = (t: TestTenant, fileId: string) =>
+    post(t, '/v1/batches', { input_file_id: fileId, endpoint: '/v1/completions', completion_window: '24h' })
+
+  it("a batch over the tenant's enqueued-token limit fails with token_limit_exceeded; reusing a file does not get round it", async () => {
+    const t = await devTenant(stack, { batchQueueTokens: 1500 })
+    const fileId = await upload(t, batchLines(10, 100))
+    await withPausedPool('general', async () => {
+      const first = await createBatch(t, fileId)
+      expect(first.status).toBe(200)
+      expect(first.body.status).toBe('in_progress')
+      const second = await createBatch(t, fileId)
+      expect(second.status).toBe(200)
+      expect(second.body.status, JSON.stringify(second.body)).toBe('failed')
+      const errors = second.body.errors as { data: Array<{ code: string; message: string }> }
+      expect(errors.data[0]!.code).toBe('token_limit_exceeded')
+      await post(t, `/v1/batches/${first.body.id}/cancel`, {})
+    })
+  })
+
+  it("tenants' batches interleave line by line: one tenant's batch does not starve another's", async () => {
+    const a = await devTenant(stack)
+    const b = await devTenant(stack)
+    const [fa, fb] = await Promise.all([upload(a, batchLines(50, 4)), upload(b, batchLines(2, 4))])
+    const ids: string[] = []
+    try {
+      await withPausedPool('general', async (q) => {
+        const ba = await createBatch(a, fa)
+        const bb = await createBatch(b, fb)
+        ids.push(ba.body.id as string, bb.body.id as string)
+        const order = (await q.getPrioritized(0, 3)).map((j) => j.id)
+        expect(order).toEqual([`${ids[0]}-0`, `${ids[1]}-0`, `${ids[0]}-1`, `${ids[1]}-1`])
+      })
+    } finally {
+      await post(a, `/v1/batches/${ids[0]}/cancel`, {})
+      await post(b, `/v1/batches/${ids[1]}/cancel`, {})
+    }
+  })
+
+  it("another tenant's 2,000-line batch does not hold back an async job", async () => {
+    const a = await devTenant(stack)
+    const b = await devTenant(stack)
+    const fileId = await upload(a, batchLines(2000, 16))
+    let batchId = ''
+    let jobId = ''
+    try {
+      await withPausedPool('general', async (q) => {
+        const batch = await createBatch(a, fileId)
+        expect(batch.status).toBe(200)
+        batchId = batch.body.id as string
+        const job = await post(b, '/v1/completions', completion('not behind their batch'), {
+          prefer: 'respond-async',
+        })
+        expect(job.status).toBe(202)
+        jobId = job.body.id as string
+        // With all 2,000 lines queued, B's job is the next to run.
+        const [next] = await q.getPrioritized(0, 0)
+        expect(next?.id).toBe(jobId)
+      })
+      const started = Date.now()
+      let status = ''
+      while (Date.now() - started < 30_000) {
+        status = (
+          (await (
+            await fetch(`${stack.url}/v1/jobs/${jobId}`, { headers: { authorization: `Bearer ${b.key}` } })
+          ).json()) as { status: string }
+        ).status
+        if (!['queued', 'running'].includes(status)) break
+        await sleep(200)
+      }
+      console.log(
+        `async job behind a 2,000-line batch: ${status} ${Date.now() - started} ms after the queue resumed`,
+      )
+      expect(status).toBe('completed')
+      expect(Date.now() - started).toBeLessThan(10_000)
+    } finally {
+      if (batchId) await post(a, `/v1/batches/${batchId}/cancel`, {})
+    }
+  })
+})

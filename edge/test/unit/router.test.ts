@@ -23,6 +23,7 @@ const tenant: TenantConfig = {
   rateLimits: { requestsPerMinute: 10, tokensPerMinute: 1000 },
   cacheTtlSeconds: 60,
   maxLiveStreams: 16,
+  batchQueueTokens: 100_000,
   webhooks: [],
 }
 const user = (content: string) => [{ role: 'user' as const, content }]
