@@ -56,6 +56,7 @@ function routerCpu() {
     cacheTtlSeconds: 3600,
     maxLiveStreams: 1_000_000,
     batchQueueTokens: 1_000_000_000,
+    queueShare: 1,
     webhooks: [],
   }
   const body = { model: 'auto', messages: [{ role: 'user', content: prompt }] }
@@ -98,6 +99,7 @@ async function seed(persistDir: string): Promise<string> {
       cacheTtlSeconds: 3600,
       maxLiveStreams: 1_000_000,
       batchQueueTokens: 1_000_000_000,
+      queueShare: 1,
     }),
   )
   const { key } = await createApiKey(kv, TENANT, 'bench', null)

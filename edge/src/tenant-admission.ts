@@ -10,7 +10,10 @@ import {
   jobEventsKey,
   lastJobEvent,
   poolQueueName,
+  SETTLE_TOKENS_LUA,
   type StreamEvent,
+  tenantQueuedKey,
+  tenantTokensKey,
   type WebhookEndpoint,
 } from '@moe/shared'
 import { Queue } from 'bullmq'
@@ -55,6 +58,8 @@ export interface AdmitRequest {
   /** Tokens charged against tokens-per-minute now: prompt estimate plus max_tokens. */
   tokenCost: number
   maxQueueDepth: number
+  /** The most jobs this tenant may have queued on the pool (its share of maxQueueDepth). */
+  tenantQueueDepth: number
   /** Set when the job id came from an Idempotency-Key: an existing job is returned, not re-run. */
   idempotent: boolean
   /**
@@ -301,8 +306,17 @@ export class TenantAdmission extends DurableObject<Env> {
     // A replay is a request like any other (it counts against the request rate and holds a
     // stream), but its tokens were charged when the job was admitted.
     const cost = replay ? 0 : req.tokenCost
-    const [rl, depth] = await Promise.all([
+    const queuedKey = tenantQueuedKey(this.prefix, req.payload.pool, req.meta.tenantId)
+    const [rl, mine, depth] = await Promise.all([
       redis.moeRateLimit(rlBase, req.limits.requestsPerMinute, req.limits.tokensPerMinute, cost),
+      replay
+        ? Promise.resolve(0)
+        : redis
+            .multi()
+            .zremrangebyscore(queuedKey, '-inf', Date.now())
+            .zcard(queuedKey)
+            .exec()
+            .then((r) => Number(r?.[1]?.[1] ?? 0)),
       replay
         ? Promise.resolve(0)
         : // Only the jobs that run no later than this one count against its depth.
@@ -335,6 +349,15 @@ export class TenantAdmission extends DurableObject<Env> {
         retryAfterSeconds: Math.min(30, 1 + Math.ceil(depth / 100)),
       }
     }
+    if (mine >= req.tenantQueueDepth) {
+      giveBack()
+      return {
+        ok: false,
+        code: 'overloaded',
+        message: `This tenant has ${mine} requests queued on the '${req.payload.pool}' pool, its share of the pool's queue (${req.tenantQueueDepth}); please retry later.`,
+        retryAfterSeconds: Math.min(30, 1 + Math.ceil(mine / 100)),
+      }
+    }
     let lease: string | undefined
     if (req.maxLiveStreams !== null) {
       lease = `${jobId}:${crypto.randomUUID()}`
@@ -353,10 +376,19 @@ export class TenantAdmission extends DurableObject<Env> {
     // A live job no key can replay is not read once delivered: its BullMQ record goes soon too.
     const shortLived = priority === 'live' && !req.idempotent
     const opts = generateJobOptions(jobId, priority)
+    // Nobody at the edge waits on an async job: the worker settles its charge.
+    const payload =
+      priority === 'async' && cost > 0 ? { ...req.payload, charge: { window, tokens: cost } } : req.payload
     await Promise.all([
+      redis
+        .multi()
+        .zadd(queuedKey, req.payload.deadline, jobId)
+        // Entries leave by deadline (ZREMRANGEBYSCORE above); the set itself outlives the longest.
+        .expire(queuedKey, 2 * 3600)
+        .exec(),
       q.add(
         'generate',
-        req.payload,
+        payload,
         shortLived
           ? {
               ...opts,
@@ -419,12 +451,7 @@ export class TenantAdmission extends DurableObject<Env> {
    */
   async settleTokens(tenantId: string, window: number, delta: number): Promise<void> {
     if (delta === 0) return
-    await this.conn().eval(
-      "if redis.call('EXISTS', KEYS[1]) == 1 then return redis.call('INCRBY', KEYS[1], ARGV[1]) end return 0",
-      1,
-      `${this.prefix}:rl:${tenantId}:t:${window}`,
-      delta,
-    )
+    await this.conn().eval(SETTLE_TOKENS_LUA, 1, tenantTokensKey(this.prefix, tenantId, window), delta)
   }
 
   /**

@@ -73,6 +73,11 @@ export const TenantConfig = z.object({
    * OpenAI's enqueued-token limit: a batch that would go over it fails at once.
    */
   batchQueueTokens: z.number().int().positive().default(2_000_000),
+  /**
+   * The share of each pool's queue depth (maxQueueDepth) this tenant may fill with its own queued
+   * requests: one tenant cannot fill a pool and have everyone else answered 503.
+   */
+  queueShare: z.number().gt(0).max(1).default(0.5),
   webhooks: z.array(WebhookEndpoint).default([]),
 })
 export type TenantConfig = z.infer<typeof TenantConfig>

@@ -51,6 +51,12 @@ export const JobPayload = z.object({
    * 50,000-line batch is Redis memory for nothing. The final event is written either way.
    */
   streamTokens: z.boolean().default(true),
+  /**
+   * What admission charged this job against tokens-per-minute (the minute window and the
+   * estimate), when nobody at the edge waits to settle it (async jobs): the worker settles it
+   * to the real usage when the job is done.
+   */
+  charge: z.object({ window: z.number().int().min(0), tokens: z.number().int().min(0) }).optional(),
 })
 export type JobPayload = z.infer<typeof JobPayload>
 export type JobPayloadInput = z.input<typeof JobPayload>

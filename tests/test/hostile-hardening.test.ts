@@ -530,3 +530,52 @@ describe('batches go through limits', () => {
     }
   })
 })
+
+describe("a tenant's share of a pool", () => {
+  it('one tenant cannot fill a pool: past its share it gets 503, and another tenant still gets in', async () => {
+    // general: maxQueueDepth 1000, so a share of 0.01 is 10 queued requests.
+    const a = await devTenant(stack, { queueShare: 0.01 })
+    const b = await devTenant(stack)
+    await withPausedPool('general', async () => {
+      const statuses: number[] = []
+      for (let i = 0; i < 12; i++)
+        statuses.push(
+          (await post(a, '/v1/completions', completion(`fill ${i}`), { prefer: 'respond-async' })).status,
+        )
+      expect(statuses).toEqual([...Array(10).fill(202), 503, 503])
+      expect(
+        (await post(b, '/v1/completions', completion('me too'), { prefer: 'respond-async' })).status,
+      ).toBe(202)
+    })
+  })
+})
+
+describe('settlement', () => {
+  it("an async job's token charge is settled to its real usage", async () => {
+    const t = await devTenant(stack)
+    const charged = async () => {
+      const keys = await redis.keys(`${stack.prefix}:rl:${t.id}:t:*`)
+      let sum = 0
+      for (const k of keys) sum += Number((await redis.get(k)) ?? 0)
+      return sum
+    }
+    const a = await post(t, '/v1/completions', completion('settle me', { max_tokens: 400 }), {
+      prefer: 'respond-async',
+    })
+    expect(a.status).toBe(202)
+    const estimate = await charged()
+    expect(estimate).toBeGreaterThanOrEqual(400)
+    let job: { status: string; result?: { usage: { total_tokens: number } } } = { status: 'queued' }
+    for (let i = 0; i < 150 && ['queued', 'running'].includes(job.status); i++) {
+      await sleep(200)
+      job = (await (
+        await fetch(`${stack.url}/v1/jobs/${a.body.id}`, { headers: { authorization: `Bearer ${t.key}` } })
+      ).json()) as typeof job
+    }
+    expect(job.status).toBe('completed')
+    const used = job.result!.usage.total_tokens
+    let now = await charged()
+    for (let i = 0; i < 30 && now !== used; i++, now = await charged()) await sleep(100)
+    expect(now).toBe(used)
+  })
+})

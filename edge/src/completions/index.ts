@@ -160,6 +160,7 @@ export async function handleCompletion(
     limits: tenant.rateLimits,
     tokenCost: promptTokenEstimate(r.req) + sampling.maxTokens,
     maxQueueDepth: r.pool.maxQueueDepth,
+    tenantQueueDepth: Math.max(1, Math.floor(r.pool.maxQueueDepth * tenant.queueShare)),
     idempotent: idem !== undefined,
     maxLiveStreams: asyncMode ? null : tenant.maxLiveStreams,
   }

@@ -24,6 +24,7 @@ const tenant: TenantConfig = {
   cacheTtlSeconds: 60,
   maxLiveStreams: 16,
   batchQueueTokens: 100_000,
+  queueShare: 0.5,
   webhooks: [],
 }
 const user = (content: string) => [{ role: 'user' as const, content }]
