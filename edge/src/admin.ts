@@ -61,7 +61,7 @@ function withStoredSecrets(body: unknown, stored: TenantConfig): unknown {
     webhooks: hooks.map((w: unknown) => {
       if (typeof w !== 'object' || w === null || 'secret' in w) return w
       const old = stored.webhooks.find((s) => s.id === (w as { id?: unknown }).id)
-      return old ? { ...w, secret: old.secret } : w
+      return old ? { ...w, secret: old.secret, previousSecret: old.previousSecret } : w
     }),
   }
 }
@@ -79,7 +79,10 @@ async function keepDisabled(env: Env, cfg: TenantConfig): Promise<TenantConfig> 
 }
 
 /** A tenant's config as the admin API shows it: webhook secrets are never read back. */
-const shownTenant = (t: TenantConfig) => ({ ...t, webhooks: t.webhooks.map(({ secret: _s, ...w }) => w) })
+const shownTenant = (t: TenantConfig) => ({
+  ...t,
+  webhooks: t.webhooks.map(({ secret: _s, previousSecret: _p, ...w }) => w),
+})
 
 /** Create a tenant (409 if it exists). */
 admin.post('/tenants', async (c) => {

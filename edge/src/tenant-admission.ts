@@ -12,12 +12,14 @@ import {
   poolQueueName,
   SETTLE_TOKENS_LUA,
   type StreamEvent,
+  signingEndpoint,
   tenantQueuedKey,
   tenantTokensKey,
   type WebhookEndpoint,
 } from '@moe/shared'
 import { Queue } from 'bullmq'
 import { Redis } from 'ioredis'
+import { getTenant } from './auth.ts'
 import {
   type BatchList,
   type BatchObject,
@@ -255,8 +257,32 @@ export class TenantAdmission extends DurableObject<Env> {
   deleteStoredFile(fileId: string, tenantId: string): Promise<boolean> {
     return this.batches().deleteStoredFile(fileId, tenantId)
   }
-  putWebhooks(tenantId: string, endpoints: WebhookEndpoint[]): Promise<void> {
-    return this.batches().putWebhooks(tenantId, endpoints)
+  /**
+   * Mirrors a tenant's endpoints for the delivery worker, each with the secrets to sign with
+   * now; while a rotated-out secret is still honoured, an alarm mirrors again when it lapses.
+   */
+  async putWebhooks(tenantId: string, endpoints: WebhookEndpoint[]): Promise<void> {
+    const now = Date.now()
+    await this.batches().putWebhooks(
+      tenantId,
+      endpoints.map((e) => signingEndpoint(e, now)),
+    )
+    const lapses = endpoints
+      .map((e) => e.previousSecret?.expiresAt ?? 0)
+      .filter((t) => t > now)
+      .sort((a, b) => a - b)
+    if (lapses.length > 0) {
+      await this.ctx.storage.put('tenantId', tenantId)
+      await this.ctx.storage.setAlarm(lapses[0]!)
+    }
+  }
+
+  /** A rotated-out webhook secret's grace is over: mirror the endpoints again without it. */
+  override async alarm(): Promise<void> {
+    const tenantId = await this.ctx.storage.get<string>('tenantId')
+    if (!tenantId) return
+    const tenant = await getTenant(this.env.AUTH, tenantId)
+    if (tenant) await this.putWebhooks(tenantId, tenant.webhooks)
   }
   getWebhooks(tenantId: string): Promise<WebhookEndpoint[]> {
     return this.batches().getWebhooks(tenantId)

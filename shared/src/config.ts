@@ -43,6 +43,10 @@ export const WebhookEndpoint = z.object({
   secret: z.string().startsWith('whsec_'),
   events: z.array(z.string()).min(1),
   disabled: z.boolean().default(false),
+  /** The secret before the last rotation: events are signed with it too until expiresAt (epoch ms). */
+  previousSecret: z
+    .object({ secret: z.string().startsWith('whsec_'), expiresAt: z.number().int() })
+    .optional(),
 })
 export type WebhookEndpoint = z.infer<typeof WebhookEndpoint>
 

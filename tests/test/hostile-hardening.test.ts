@@ -413,6 +413,28 @@ describe('webhook endpoints (admin API)', () => {
     expect((await live(t.id))[0]?.secret).toBe(hook.secret)
   })
 
+  it('a secret rotates in place: both sign during the grace, then only the new one', async () => {
+    const { t, hook } = await tenantWithHook()
+    const res = await adminCall(stack, 'POST', `/tenants/${t.id}/webhooks/${hook.id}/rotate`, {
+      grace_seconds: 3,
+    })
+    expect(res.status).toBe(200)
+    const rotated = (await res.json()) as { secret: string; previous_secret_expires_at: number }
+    expect(rotated.secret).toMatch(/^whsec_/)
+    expect(rotated.secret).not.toBe(hook.secret)
+    // The delivery worker's copy signs with both (Standard Webhooks: space-separated signatures).
+    expect((await live(t.id))[0]?.secret).toBe(`${rotated.secret} ${hook.secret}`)
+    const shown = JSON.stringify(await (await adminCall(stack, 'GET', `/tenants/${t.id}`)).json())
+    expect(shown).not.toContain(hook.secret)
+    expect(shown).not.toContain(rotated.secret)
+    let secret = ''
+    for (let i = 0; i < 100 && secret !== rotated.secret; i++) {
+      await sleep(200)
+      secret = (await live(t.id))[0]?.secret ?? ''
+    }
+    expect(secret).toBe(rotated.secret)
+  })
+
   it('a tenant PUT does not re-enable an endpoint that a 410 disabled', async () => {
     const { t, hook } = await tenantWithHook()
     // What the delivery worker does on a 410: mark its copy disabled.
