@@ -179,7 +179,18 @@ const RETRYABLE_STATES: ReadonlySet<JobState> = new Set(['failed', 'cancelled'])
 
 export const jobMetaKey = (prefix: string, jobId: string): string => `${prefix}:jobmeta:${jobId}`
 
+/** The part of the object's storage it uses: one value and the alarm. */
+interface AlarmStorage {
+  get<T>(key: string): Promise<T | undefined>
+  put(key: string, value: unknown): Promise<void>
+  setAlarm(scheduledTime: number): Promise<void>
+}
+
 export class TenantAdmission extends DurableObject<Env> {
+  private get storage(): AlarmStorage {
+    return (this.ctx as { storage: AlarmStorage }).storage
+  }
+
   private redis: RateLimited | null = null
   private readonly queues = new Map<string, Queue>()
 
@@ -272,14 +283,14 @@ export class TenantAdmission extends DurableObject<Env> {
       .filter((t) => t > now)
       .sort((a, b) => a - b)
     if (lapses.length > 0) {
-      await this.ctx.storage.put('tenantId', tenantId)
-      await this.ctx.storage.setAlarm(lapses[0]!)
+      await this.storage.put('tenantId', tenantId)
+      await this.storage.setAlarm(lapses[0]!)
     }
   }
 
   /** A rotated-out webhook secret's grace is over: mirror the endpoints again without it. */
   override async alarm(): Promise<void> {
-    const tenantId = await this.ctx.storage.get<string>('tenantId')
+    const tenantId = await this.storage.get<string>('tenantId')
     if (!tenantId) return
     const tenant = await getTenant(this.env.AUTH, tenantId)
     if (tenant) await this.putWebhooks(tenantId, tenant.webhooks)

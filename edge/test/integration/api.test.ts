@@ -364,9 +364,9 @@ describe('async jobs', () => {
       requestId: json.id,
       tenantId: full.id,
       pool: 'code',
-      priority: 'batch',
+      priority: 'async',
     })
-    expect(job?.opts.priority).toBe(JOB_PRIORITY.batch)
+    expect(job?.opts.priority).toBe(JOB_PRIORITY.async)
     expect(Number.isInteger(job?.data.sampling.seed)).toBe(true)
     expect(job?.data.deadline).toBeGreaterThan(Date.now())
     const status = await call(full, 'GET', `/v1/jobs/${json.id}`)
@@ -450,11 +450,7 @@ describe('rate limits and backpressure', () => {
         opts: { jobId: `fill_${i}` },
       })),
     )
-    const img = [
-      { type: 'text', text: 'describe this' },
-      { type: 'image_url', image_url: { url: 'data:image/png;base64,iVBORw0KGgo=' } },
-    ]
-    const { res, json } = await submit(full, chatBody(img))
+    const { res, json } = await submit(full, chatBody('describe this', { model: 'vision' }))
     expect(res.status, JSON.stringify(json)).toBe(503)
     expect(Number(res.headers.get('retry-after'))).toBeGreaterThanOrEqual(1)
     expect((json as unknown as { error: { code: string } }).error.code).toBe('overloaded')
