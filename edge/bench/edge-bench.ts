@@ -54,6 +54,9 @@ function routerCpu() {
     routes: [],
     rateLimits: { requestsPerMinute: 1e9, tokensPerMinute: 1e12 },
     cacheTtlSeconds: 3600,
+    maxLiveStreams: 1_000_000,
+    batchQueueTokens: 1_000_000_000,
+    queueShare: 1,
     webhooks: [],
   }
   const body = { model: 'auto', messages: [{ role: 'user', content: prompt }] }
@@ -94,6 +97,9 @@ async function seed(persistDir: string): Promise<string> {
       poolMap: { code: 'code', math: 'code' },
       rateLimits: { requestsPerMinute: 100_000_000, tokensPerMinute: 1_000_000_000 },
       cacheTtlSeconds: 3600,
+      maxLiveStreams: 1_000_000,
+      batchQueueTokens: 1_000_000_000,
+      queueShare: 1,
     }),
   )
   const { key } = await createApiKey(kv, TENANT, 'bench', null)

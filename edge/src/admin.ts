@@ -10,7 +10,7 @@ import {
   kvTenant,
   kvTenantKey,
 } from './auth.ts'
-import { type AppEnv, type Ctx, jsonBody, limitBody, requireJson } from './http.ts'
+import { type AppEnv, admissionOf, type Ctx, jsonBody, limitBody, requireJson } from './http.ts'
 import { adminAuth } from './middleware/admin-auth/index.ts'
 import { POOLS } from './pools.ts'
 import { zodToMoeError } from './validate.ts'
@@ -34,15 +34,55 @@ function checkTenant(cfg: TenantConfig): void {
 }
 
 async function putTenant(c: Ctx, body: unknown, id?: string): Promise<TenantConfig> {
-  const parsed = TenantConfig.safeParse(id === undefined ? body : { ...(body as object), id })
+  const raw = id === undefined ? body : { ...(body as object), id }
+  const rawId = (raw as { id?: unknown } | null)?.id
+  const stored = typeof rawId === 'string' ? await getTenant(c.env.AUTH, rawId) : null
+  const parsed = TenantConfig.safeParse(stored ? withStoredSecrets(raw, stored) : raw)
   if (!parsed.success) throw zodToMoeError(parsed.error)
   checkTenant(parsed.data)
   await checkTenantWebhooks(c.get('config'), parsed.data)
-  await c.env.AUTH.put(kvTenant(parsed.data.id), JSON.stringify(parsed.data))
+  const cfg = stored ? await keepDisabled(c.env, parsed.data) : parsed.data
+  // Redis (what the delivery worker reads) first: if it cannot be written, nothing changes.
+  await mirrorWebhooks(c.env, cfg)
+  await c.env.AUTH.put(kvTenant(cfg.id), JSON.stringify(cfg))
   forgetAuthCache()
-  await mirrorWebhooks(c.env, parsed.data)
-  return parsed.data
+  return cfg
 }
+
+/**
+ * A replaced config's endpoints keep their stored secret when the body leaves it out (as
+ * GET /admin/tenants/:id shows them: without secrets).
+ */
+function withStoredSecrets(body: unknown, stored: TenantConfig): unknown {
+  const hooks = (body as { webhooks?: unknown } | null)?.webhooks
+  if (!Array.isArray(hooks)) return body
+  return {
+    ...(body as object),
+    webhooks: hooks.map((w: unknown) => {
+      if (typeof w !== 'object' || w === null || 'secret' in w) return w
+      const old = stored.webhooks.find((s) => s.id === (w as { id?: unknown }).id)
+      return old ? { ...w, secret: old.secret, previousSecret: old.previousSecret } : w
+    }),
+  }
+}
+
+/** A PUT never re-enables an endpoint that a 410 disabled: that takes POST .../webhooks/:wid. */
+async function keepDisabled(env: Env, cfg: TenantConfig): Promise<TenantConfig> {
+  const live = await admissionOf(env, cfg.id).getWebhooks(cfg.id)
+  return {
+    ...cfg,
+    webhooks: cfg.webhooks.map((w) => ({
+      ...w,
+      disabled: w.disabled || (live.find((l) => l.id === w.id)?.disabled ?? false),
+    })),
+  }
+}
+
+/** A tenant's config as the admin API shows it: webhook secrets are never read back. */
+const shownTenant = (t: TenantConfig) => ({
+  ...t,
+  webhooks: t.webhooks.map(({ secret: _s, previousSecret: _p, ...w }) => w),
+})
 
 /** Create a tenant (409 if it exists). */
 admin.post('/tenants', async (c) => {
@@ -54,16 +94,18 @@ admin.post('/tenants', async (c) => {
       409,
     )
   }
-  return c.json(await putTenant(c, body), 201)
+  return c.json(shownTenant(await putTenant(c, body)), 201)
 })
 
 /** Create or replace a tenant's config. */
-admin.put('/tenants/:id', async (c) => c.json(await putTenant(c, await jsonBody(c), c.req.param('id'))))
+admin.put('/tenants/:id', async (c) =>
+  c.json(shownTenant(await putTenant(c, await jsonBody(c), c.req.param('id')))),
+)
 
 admin.get('/tenants/:id', async (c) => {
   const t = await getTenant(c.env.AUTH, c.req.param('id'))
   if (!t) throw new MoeError('not_found', `No tenant '${c.req.param('id')}'`)
-  return c.json(t)
+  return c.json(shownTenant(t))
 })
 
 const NewKey = z.strictObject({

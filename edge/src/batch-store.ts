@@ -8,6 +8,7 @@ import {
   batchKey,
   batchObject,
   generateJobOptions,
+  JOB_PRIORITY,
   type JobPayload,
   poolQueueName,
   type StoredFileMeta,
@@ -38,7 +39,20 @@ export interface CreateBatchSpec {
   parent: BatchParentData
   children: JobPayload[]
   windowMs: number
+  /** Tokens the batch may use (prompt estimate + max_tokens, summed over its lines). */
+  tokens: number
+  /** The tenant's limit on tokens in batches not yet finished (OpenAI's enqueued-token limit). */
+  queueTokenLimit: number
 }
+
+/** Batch states after which its tokens no longer count as enqueued. */
+const FINISHED_BATCH = new Set(['completed', 'failed', 'expired', 'cancelled'])
+
+/** Highest BullMQ priority (2^21 - 1): batch lines are offset from the batch priority up to it. */
+const MAX_PRIORITY = 2_097_151
+
+/** A tenant's batches that may still hold enqueued tokens, scored by when their window ends. */
+const tenantBatchQueueKey = (prefix: string, tenantId: string) => `${prefix}:bq:${tenantId}`
 
 export interface StoredFile {
   meta: StoredFileMeta
@@ -88,15 +102,81 @@ export class BatchStore {
     return this.control
   }
 
-  /** Records the batch, then adds the flow (parent + children) and the expiry job. */
+  /** Tokens and lines of the tenant's unfinished batches; finished ones leave the set. */
+  private async enqueued(tenantId: string): Promise<{ tokens: number; lines: number }> {
+    const qkey = tenantBatchQueueKey(this.prefix, tenantId)
+    await this.redis.zremrangebyscore(qkey, '-inf', Date.now())
+    const ids: string[] = await this.redis.zrangebyscore(qkey, '-inf', '+inf')
+    let tokens = 0
+    let lines = 0
+    for (const id of ids) {
+      const [status, t, obj] = await this.redis.hmget(batchKey(this.prefix, id), 'status', 'tokens', 'obj')
+      if (status == null || FINISHED_BATCH.has(status)) {
+        await this.redis.zrem(qkey, id)
+        continue
+      }
+      tokens += Number(t ?? 0)
+      lines += obj ? (JSON.parse(obj) as BatchStatic).total : 0
+    }
+    return { tokens, lines }
+  }
+
+  /**
+   * Records the batch, then adds the flow (parent + children) and the expiry job; a batch over
+   * the tenant's enqueued-token limit is recorded as failed, and nothing is queued.
+   */
   async createBatch(spec: CreateBatchSpec): Promise<BatchObject> {
     const s = spec.static
     const key = batchKey(this.prefix, s.id)
+    const before = await this.enqueued(s.tenantId)
+    const overQuota = before.tokens + spec.tokens > spec.queueTokenLimit
     await this.redis
       .multi()
-      .hset(key, { obj: JSON.stringify(s), status: 'validating', tenant: s.tenantId })
+      .hset(key, {
+        obj: JSON.stringify(s),
+        status: 'validating',
+        tenant: s.tenantId,
+        tokens: String(overQuota ? 0 : spec.tokens),
+      })
       .expire(key, BATCH_RECORD_TTL_SECONDS)
       .zadd(tenantBatchesKey(this.prefix, s.tenantId), s.created_at * 1000 + (Date.now() % 1000), s.id)
+      // Entries older than a batch record's TTL name records that are gone: trim them, and let
+      // the list itself lapse with its newest batch.
+      .zremrangebyscore(
+        tenantBatchesKey(this.prefix, s.tenantId),
+        '-inf',
+        Date.now() - BATCH_RECORD_TTL_SECONDS * 1000,
+      )
+      .expire(tenantBatchesKey(this.prefix, s.tenantId), BATCH_RECORD_TTL_SECONDS)
+      .exec()
+    if (overQuota) {
+      // As OpenAI's batch queue limit does: the batch is created, and fails at once.
+      const errors = {
+        object: 'list',
+        data: [
+          {
+            code: 'token_limit_exceeded',
+            message: `Enqueued token limit reached: this batch needs up to ${spec.tokens} tokens and ${before.tokens} are already enqueued in unfinished batches; the limit is ${spec.queueTokenLimit}. Try again once some in-progress batches have completed.`,
+            param: null,
+            line: null,
+          },
+        ],
+      }
+      await this.redis.moeBatchTransition(
+        key,
+        'validating',
+        'failed',
+        'failed_at',
+        nowS(),
+        'errors',
+        JSON.stringify(errors),
+      )
+      return (await this.getBatch(s.id, s.tenantId))!
+    }
+    await this.redis
+      .multi()
+      .zadd(tenantBatchQueueKey(this.prefix, s.tenantId), Date.now() + spec.windowMs + 3_600_000, s.id)
+      .expire(tenantBatchQueueKey(this.prefix, s.tenantId), Math.ceil(spec.windowMs / 1000) + 3600)
       .exec()
     try {
       this.flow ??= new FlowProducer({ connection: this.redis, prefix: this.prefix })
@@ -106,12 +186,19 @@ export class BatchStore {
         queueName: BATCH_QUEUE,
         data: spec.parent,
         opts: { jobId: s.id, removeOnComplete: { age }, removeOnFail: { age }, attempts: 5 },
-        children: spec.children.map((p) => ({
+        children: spec.children.map((p, i) => ({
           name: 'generate',
           queueName: poolQueueName(p.pool),
           data: p,
-          // A failed line is reported in the error file; it does not fail the batch.
-          opts: { ...generateJobOptions(p.requestId, 'batch'), ignoreDependencyOnFailure: true },
+          // A failed line is reported in the error file; it does not fail the batch. Line i of a
+          // tenant that already has n lines queued runs at batch priority + n + i: equal
+          // priorities run first in, first out, so tenants' batches interleave line by line
+          // instead of one tenant's 50,000 lines running before another's first.
+          opts: {
+            ...generateJobOptions(p.requestId, 'batch'),
+            priority: Math.min(MAX_PRIORITY, JOB_PRIORITY.batch + before.lines + i),
+            ignoreDependencyOnFailure: true,
+          },
         })),
       })
       const expire: BatchControlData = { batchId: s.id, action: 'expire' }
@@ -122,9 +209,19 @@ export class BatchStore {
         removeOnFail: true,
       })
     } catch (e) {
+      console.error(
+        JSON.stringify({ level: 'error', msg: 'batch enqueue failed', batch: s.id, error: String(e) }),
+      )
       const errors = {
         object: 'list',
-        data: [{ code: 'enqueue_failed', message: String((e as Error).message), param: null, line: null }],
+        data: [
+          {
+            code: 'enqueue_failed',
+            message: `The batch's requests could not be queued (batch ${s.id}); please create the batch again.`,
+            param: null,
+            line: null,
+          },
+        ],
       }
       await this.redis.moeBatchTransition(
         key,

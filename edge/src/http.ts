@@ -36,12 +36,12 @@ export class EdgeError extends MoeError {
 
 /**
  * Whether an error means Redis cannot be reached (ioredis gave up on a command, the socket was
- * refused or lost). Matched on the message: errors from the Durable Object arrive without their
+ * refused or lost) or cannot take writes (OOM: it is at maxmemory, and BullMQ needs noeviction). Matched on the message: errors from the Durable Object arrive without their
  * class.
  */
 export function isRedisUnavailable(error: unknown): boolean {
   const msg = error instanceof Error ? error.message : String(error)
-  return /max retries per request|Connection is closed|ECONNREFUSED|ECONNRESET|ETIMEDOUT|connect (failed|refused|timed out)|Network connection lost|Stream isn't writeable|Socket closed|Redis is unavailable/i.test(
+  return /max retries per request|Connection is closed|ECONNREFUSED|ECONNRESET|ETIMEDOUT|connect (failed|refused|timed out)|Network connection lost|Stream isn't writeable|Socket closed|Redis is unavailable|^OOM |OOM command not allowed/i.test(
     msg,
   )
 }

@@ -1,6 +1,7 @@
 import { MoeError } from '@moe/shared'
 import { Hono } from 'hono'
 import { handleCompletion } from './completions/index.ts'
+import { jobError } from './completions/relay.ts'
 import { type AppEnv, admissionOf, jsonBody, limitBody, requireJson } from './http.ts'
 import { tenantAuth } from './middleware/tenant-auth/index.ts'
 import { completionId, completionObject, doneSummary } from './openai-format.ts'
@@ -50,9 +51,9 @@ function jobObject(jobId: string, s: JobStatus): Record<string, unknown> {
       { request_id: jobId, pool: s.meta.pool, task: '', modality: '', cache: 'BYPASS', ...doneSummary(done) },
     )
   } else if (s.final?.type === 'error') {
-    out.error = new MoeError(s.final.code, s.final.message).toBody().error
+    out.error = jobError(jobId, s.final).toBody().error
   } else if (s.failure) {
-    out.error = new MoeError(s.failure.code, s.failure.message).toBody().error
+    out.error = jobError(jobId, s.failure).toBody().error
   }
   return out
 }

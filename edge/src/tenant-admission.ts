@@ -7,13 +7,19 @@ import {
   type JobFailure,
   type JobPayload,
   jobCancelKey,
+  jobEventsKey,
   lastJobEvent,
   poolQueueName,
+  SETTLE_TOKENS_LUA,
   type StreamEvent,
+  signingEndpoint,
+  tenantQueuedKey,
+  tenantTokensKey,
   type WebhookEndpoint,
 } from '@moe/shared'
 import { Queue } from 'bullmq'
 import { Redis } from 'ioredis'
+import { getTenant } from './auth.ts'
 import {
   type BatchList,
   type BatchObject,
@@ -33,6 +39,9 @@ import { type EdgeConfig, edgeConfigOf } from './config.ts'
 /** How long the edge remembers who owns a job (for GET /v1/jobs/{id}). */
 export const JOB_META_TTL_SECONDS = 86_400
 
+/** How long a delivered live answer that no Idempotency-Key can replay stays in Redis. */
+export const DELIVERED_GRACE_SECONDS = 300
+
 export interface JobMeta {
   tenantId: string
   pool: string
@@ -40,6 +49,8 @@ export interface JobMeta {
   endpoint: 'chat' | 'completion'
   createdAt: number
   async: boolean
+  /** SHA-256 of the canonical request: an Idempotency-Key is bound to the body it first came with. */
+  bodyHash?: string
 }
 
 export interface AdmitRequest {
@@ -49,8 +60,15 @@ export interface AdmitRequest {
   /** Tokens charged against tokens-per-minute now: prompt estimate plus max_tokens. */
   tokenCost: number
   maxQueueDepth: number
+  /** The most jobs this tenant may have queued on the pool (its share of maxQueueDepth). */
+  tenantQueueDepth: number
   /** Set when the job id came from an Idempotency-Key: an existing job is returned, not re-run. */
   idempotent: boolean
+  /**
+   * A live request holds a stream (and a Redis connection) until its job ends: at most this many
+   * at once per tenant. Null for asynchronous jobs, which hold none.
+   */
+  maxLiveStreams: number | null
 }
 
 export type AdmitResult =
@@ -61,8 +79,15 @@ export type AdmitResult =
       meta: JobMeta
       /** The rate-limit window the tokens were charged to (absent when nothing was charged). */
       window?: number
+      /** The live-stream slot this request holds; give it back with releaseStream. */
+      lease?: string
     }
-  | { ok: false; code: 'rate_limited' | 'overloaded'; message: string; retryAfterSeconds: number }
+  | {
+      ok: false
+      code: 'rate_limited' | 'overloaded' | 'idempotency_conflict'
+      message: string
+      retryAfterSeconds: number
+    }
 
 export type JobState = 'queued' | 'running' | 'completed' | 'failed' | 'cancelled'
 
@@ -116,14 +141,56 @@ type RateLimited = Redis & {
     tokLimit: number,
     cost: number,
   ): Promise<[number, string, number, number]>
+  moeLease(key: string, cap: number, ttlMs: number, lease: string): Promise<number>
+  moeKeepLast(key: string): Promise<number>
 }
 
-/** Priorities below the batch one: the jobs that count against a pool's queue depth. */
-const LIVE_PRIORITIES = Array.from({ length: JOB_PRIORITY.batch - 1 }, (_, i) => i + 1)
+/** The BullMQ priorities that run no later than a job of this kind: they count against its depth. */
+const priorityUpTo = (p: JobPayload['priority']): number[] =>
+  Array.from({ length: JOB_PRIORITY[p] }, (_, i) => i + 1)
+
+// A tenant's live-stream slots: a sorted set of lease ids scored by when they lapse (so a lease
+// whose release was lost frees itself). Returns 1 and takes a slot, or 0 when all are held.
+const LEASE_LUA = `
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[1]) then return 0 end
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[3])
+redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[2]))
+return 1
+`
+
+// Replaces a stream by one holding only its newest entry, under the same id and TTL. XTRIM
+// would only flag the entries deleted: their listpack node stays allocated until every entry
+// in it is gone, the final event's included.
+const KEEP_LAST_LUA = `
+local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
+if #last == 0 then return 0 end
+local ttl = redis.call('PTTL', KEYS[1])
+redis.call('DEL', KEYS[1])
+redis.call('XADD', KEYS[1], last[1][1], unpack(last[1][2]))
+if ttl > 0 then redis.call('PEXPIRE', KEYS[1], ttl) end
+return 1
+`
+
+/** Job states after which an Idempotency-Key is free again (IETF idempotency-key draft). */
+const RETRYABLE_STATES: ReadonlySet<JobState> = new Set(['failed', 'cancelled'])
 
 export const jobMetaKey = (prefix: string, jobId: string): string => `${prefix}:jobmeta:${jobId}`
 
+/** The part of the object's storage it uses: one value and the alarm. */
+interface AlarmStorage {
+  get<T>(key: string): Promise<T | undefined>
+  put(key: string, value: unknown): Promise<void>
+  setAlarm(scheduledTime: number): Promise<void>
+}
+
 export class TenantAdmission extends DurableObject<Env> {
+  private get storage(): AlarmStorage {
+    return (this.ctx as { storage: AlarmStorage }).storage
+  }
+
   private redis: RateLimited | null = null
   private readonly queues = new Map<string, Queue>()
 
@@ -155,6 +222,8 @@ export class TenantAdmission extends DurableObject<Env> {
       console.error(JSON.stringify({ level: 'error', msg: 'redis', error: e.message })),
     )
     redis.defineCommand('moeRateLimit', { numberOfKeys: 1, lua: RATE_LIMIT_LUA })
+    redis.defineCommand('moeLease', { numberOfKeys: 1, lua: LEASE_LUA })
+    redis.defineCommand('moeKeepLast', { numberOfKeys: 1, lua: KEEP_LAST_LUA })
     this.redis = redis
     return redis
   }
@@ -199,8 +268,32 @@ export class TenantAdmission extends DurableObject<Env> {
   deleteStoredFile(fileId: string, tenantId: string): Promise<boolean> {
     return this.batches().deleteStoredFile(fileId, tenantId)
   }
-  putWebhooks(tenantId: string, endpoints: WebhookEndpoint[]): Promise<void> {
-    return this.batches().putWebhooks(tenantId, endpoints)
+  /**
+   * Mirrors a tenant's endpoints for the delivery worker, each with the secrets to sign with
+   * now; while a rotated-out secret is still honoured, an alarm mirrors again when it lapses.
+   */
+  async putWebhooks(tenantId: string, endpoints: WebhookEndpoint[]): Promise<void> {
+    const now = Date.now()
+    await this.batches().putWebhooks(
+      tenantId,
+      endpoints.map((e) => signingEndpoint(e, now)),
+    )
+    const lapses = endpoints
+      .map((e) => e.previousSecret?.expiresAt ?? 0)
+      .filter((t) => t > now)
+      .sort((a, b) => a - b)
+    if (lapses.length > 0) {
+      await this.storage.put('tenantId', tenantId)
+      await this.storage.setAlarm(lapses[0]!)
+    }
+  }
+
+  /** A rotated-out webhook secret's grace is over: mirror the endpoints again without it. */
+  override async alarm(): Promise<void> {
+    const tenantId = await this.storage.get<string>('tenantId')
+    if (!tenantId) return
+    const tenant = await getTenant(this.env.AUTH, tenantId)
+    if (tenant) await this.putWebhooks(tenantId, tenant.webhooks)
   }
   getWebhooks(tenantId: string): Promise<WebhookEndpoint[]> {
     return this.batches().getWebhooks(tenantId)
@@ -218,22 +311,56 @@ export class TenantAdmission extends DurableObject<Env> {
     const redis = this.conn()
     const jobId = req.payload.requestId
     const metaKey = jobMetaKey(this.prefix, jobId)
+    const rlBase = `${this.prefix}:rl:${req.meta.tenantId}`
+    const priority = req.payload.priority ?? 'live'
+    let replay: JobMeta | null = null
     if (req.idempotent) {
-      const prior = await redis.get(metaKey)
-      if (prior !== null) {
-        const meta = JSON.parse(prior) as JobMeta
-        if (meta.tenantId === req.meta.tenantId) return { ok: true, jobId, existing: true, meta }
+      const prior = await this.jobStatus(jobId, req.meta.tenantId)
+      if (prior && RETRYABLE_STATES.has(prior.state)) {
+        // A failed or cancelled request may be retried with its key, and runs again.
+        if (!(await this.forgetJob(jobId, prior.meta.pool))) {
+          return {
+            ok: false,
+            code: 'idempotency_conflict',
+            message: 'The earlier request with this Idempotency-Key is still being cancelled; retry shortly.',
+            retryAfterSeconds: 1,
+          }
+        }
+      } else if (prior) {
+        if (prior.meta.bodyHash !== req.meta.bodyHash) {
+          return {
+            ok: false,
+            code: 'idempotency_conflict',
+            message:
+              'This Idempotency-Key was already used with a different request body; use a new key for a new request.',
+            retryAfterSeconds: 0,
+          }
+        }
+        replay = prior.meta
       }
     }
     const q = this.queue(req.payload.pool)
-    const rlBase = `${this.prefix}:rl:${req.meta.tenantId}`
-    const [rl, depth] = await Promise.all([
-      redis.moeRateLimit(rlBase, req.limits.requestsPerMinute, req.limits.tokensPerMinute, req.tokenCost),
-      // Batch children queue behind live traffic and do not count against its depth.
-      Promise.all([
-        q.getJobCountByTypes('waiting', 'delayed', 'waiting-children'),
-        q.getCountsPerPriority(LIVE_PRIORITIES),
-      ]).then(([n, perPriority]) => n + Object.values(perPriority).reduce((a, b) => a + b, 0)),
+    // A replay is a request like any other (it counts against the request rate and holds a
+    // stream), but its tokens were charged when the job was admitted.
+    const cost = replay ? 0 : req.tokenCost
+    const queuedKey = tenantQueuedKey(this.prefix, req.payload.pool, req.meta.tenantId)
+    const [rl, mine, depth] = await Promise.all([
+      redis.moeRateLimit(rlBase, req.limits.requestsPerMinute, req.limits.tokensPerMinute, cost),
+      replay
+        ? Promise.resolve(0)
+        : redis
+            .multi()
+            .zremrangebyscore(queuedKey, '-inf', Date.now())
+            .zcard(queuedKey)
+            .exec()
+            .then((r) => Number(r?.[1]?.[1] ?? 0)),
+      replay
+        ? Promise.resolve(0)
+        : // Only the jobs that run no later than this one count against its depth.
+          Promise.all([
+            q.getJobCountByTypes('waiting', 'delayed', 'waiting-children'),
+            q.getCountsPerPriority(priorityUpTo(priority)),
+          ]).then(([n, perPriority]) => n + Object.values(perPriority).reduce((a, b) => a + b, 0)),
     ])
     const [allowed, reason, retryMs, window] = rl
     if (allowed !== 1) {
@@ -246,9 +373,12 @@ export class TenantAdmission extends DurableObject<Env> {
             : `Rate limit reached: ${req.limits.tokensPerMinute} tokens per minute. Try again in ${retryAfterSeconds} s.`
       return { ok: false, code: 'rate_limited', message, retryAfterSeconds }
     }
+    const giveBack = () => {
+      if (cost > 0) void redis.decrby(`${rlBase}:t:${window}`, cost).catch(() => {})
+    }
     if (depth >= req.maxQueueDepth) {
       // Not run, so give the tokens back (the request still counts).
-      void redis.decrby(`${rlBase}:t:${window}`, req.tokenCost).catch(() => {})
+      giveBack()
       return {
         ok: false,
         code: 'overloaded',
@@ -256,12 +386,99 @@ export class TenantAdmission extends DurableObject<Env> {
         retryAfterSeconds: Math.min(30, 1 + Math.ceil(depth / 100)),
       }
     }
-    const priority = req.payload.priority ?? 'live'
+    if (mine >= req.tenantQueueDepth) {
+      giveBack()
+      return {
+        ok: false,
+        code: 'overloaded',
+        message: `This tenant has ${mine} requests queued on the '${req.payload.pool}' pool, its share of the pool's queue (${req.tenantQueueDepth}); please retry later.`,
+        retryAfterSeconds: Math.min(30, 1 + Math.ceil(mine / 100)),
+      }
+    }
+    let lease: string | undefined
+    if (req.maxLiveStreams !== null) {
+      lease = `${jobId}:${crypto.randomUUID()}`
+      const ttlMs = Math.max(1000, req.payload.deadline - Date.now() + 5000)
+      if ((await redis.moeLease(this.liveKey(req.meta.tenantId), req.maxLiveStreams, ttlMs, lease)) !== 1) {
+        giveBack()
+        return {
+          ok: false,
+          code: 'rate_limited',
+          message: `Too many open requests: this tenant may wait on at most ${req.maxLiveStreams} live responses at once. Wait for one to finish, or submit with 'Prefer: respond-async'.`,
+          retryAfterSeconds: 1,
+        }
+      }
+    }
+    if (replay) return { ok: true, jobId, existing: true, meta: replay, ...(lease ? { lease } : {}) }
+    // A live job no key can replay is not read once delivered: its BullMQ record goes soon too.
+    const shortLived = priority === 'live' && !req.idempotent
+    const opts = generateJobOptions(jobId, priority)
+    // Nobody at the edge waits on an async job: the worker settles its charge.
+    const payload =
+      priority === 'async' && cost > 0 ? { ...req.payload, charge: { window, tokens: cost } } : req.payload
     await Promise.all([
-      q.add('generate', req.payload, generateJobOptions(jobId, priority)),
+      redis
+        .multi()
+        .zadd(queuedKey, req.payload.deadline, jobId)
+        // Entries leave by deadline (ZREMRANGEBYSCORE above); the set itself outlives the longest.
+        .expire(queuedKey, 2 * 3600)
+        .exec(),
+      q.add(
+        'generate',
+        payload,
+        shortLived
+          ? {
+              ...opts,
+              removeOnComplete: { age: DELIVERED_GRACE_SECONDS },
+              removeOnFail: { age: DELIVERED_GRACE_SECONDS },
+            }
+          : opts,
+      ),
       redis.set(metaKey, JSON.stringify(req.meta), 'EX', JOB_META_TTL_SECONDS),
     ])
-    return { ok: true, jobId, existing: false, meta: req.meta, window }
+    return { ok: true, jobId, existing: false, meta: req.meta, window, ...(lease ? { lease } : {}) }
+  }
+
+  private liveKey(tenantId: string): string {
+    return `${this.prefix}:live:${tenantId}`
+  }
+
+  /** Gives back a live-stream slot taken by admit. */
+  async releaseStream(tenantId: string, lease: string): Promise<void> {
+    await this.conn().zrem(this.liveKey(tenantId), lease)
+  }
+
+  /** Counts a request answered without a job (a cache hit) against the request rate. */
+  async chargeRequest(
+    tenantId: string,
+    limits: AdmitRequest['limits'],
+  ): Promise<{ ok: true } | { ok: false; message: string; retryAfterSeconds: number }> {
+    const [allowed, , retryMs] = await this.conn().moeRateLimit(
+      `${this.prefix}:rl:${tenantId}`,
+      limits.requestsPerMinute,
+      limits.tokensPerMinute,
+      0,
+    )
+    if (allowed === 1) return { ok: true }
+    const retryAfterSeconds = Math.max(1, Math.ceil(retryMs / 1000))
+    return {
+      ok: false,
+      message: `Rate limit reached: ${limits.requestsPerMinute} requests per minute. Try again in ${retryAfterSeconds} s.`,
+      retryAfterSeconds,
+    }
+  }
+
+  /**
+   * Drops a finished job's record, stream and cancel flag, so its id can run again. False when
+   * a worker still holds the job (BullMQ will not remove a locked job).
+   */
+  private async forgetJob(jobId: string, pool: string): Promise<boolean> {
+    const redis = this.conn()
+    const q = this.queue(pool)
+    const job = await q.getJob(jobId)
+    if (job && (await q.remove(jobId)) !== 1) return false
+    await redis.del(jobMetaKey(this.prefix, jobId), jobEventsKey(jobId), jobCancelKey(jobId))
+    return true
   }
 
   /**
@@ -271,12 +488,26 @@ export class TenantAdmission extends DurableObject<Env> {
    */
   async settleTokens(tenantId: string, window: number, delta: number): Promise<void> {
     if (delta === 0) return
-    await this.conn().eval(
-      "if redis.call('EXISTS', KEYS[1]) == 1 then return redis.call('INCRBY', KEYS[1], ARGV[1]) end return 0",
-      1,
-      `${this.prefix}:rl:${tenantId}:t:${window}`,
-      delta,
-    )
+    await this.conn().eval(SETTLE_TOKENS_LUA, 1, tenantTokensKey(this.prefix, tenantId, window), delta)
+  }
+
+  /**
+   * Retention once a live answer is delivered. A job that an Idempotency-Key may replay keeps
+   * only its final event (replays and GET /v1/jobs rebuild the answer from the `done` event's
+   * text); any other live job can never be read again, so its stream and record go after a
+   * short grace.
+   */
+  async retainDelivered(jobId: string, replayable: boolean): Promise<void> {
+    const redis = this.conn()
+    const last = await lastJobEvent(redis, jobId)
+    if (!last || last.type === 'token') return
+    if (replayable) await redis.moeKeepLast(jobEventsKey(jobId))
+    else
+      await redis
+        .multi()
+        .expire(jobEventsKey(jobId), DELIVERED_GRACE_SECONDS)
+        .expire(jobMetaKey(this.prefix, jobId), DELIVERED_GRACE_SECONDS)
+        .exec()
   }
 
   /** Asks the worker to drop the job (at its next step, or before it starts). */

@@ -98,9 +98,11 @@ async function tenantOr404(env: Env, id: string): Promise<TenantConfig> {
 }
 
 async function saveTenant(env: Env, cfg: TenantConfig): Promise<void> {
+  // Redis (what the delivery worker reads) first: with Redis down nothing changes, rather than
+  // the config forgetting an endpoint the worker still signs events for.
+  await mirrorWebhooks(env, cfg)
   await env.AUTH.put(kvTenant(cfg.id), JSON.stringify(cfg))
   forgetAuthCache()
-  await mirrorWebhooks(env, cfg)
 }
 
 /** Register an endpoint: `{url, events?, secret?}`; the answer holds the secret (generated when absent). */
@@ -142,8 +144,53 @@ webhookAdmin.post('/tenants/:id/webhooks/:wid', async (c) => {
     return { ...w, disabled }
   })
   await saveTenant(c.env, { ...tenant, webhooks })
-  const { secret: _s, ...rest } = webhooks.find((w) => w.id === wid)!
+  const { secret: _s, previousSecret: _p, ...rest } = webhooks.find((w) => w.id === wid)!
   return c.json(rest)
+})
+
+/**
+ * Rotate an endpoint's secret: `{grace_seconds?}` (default a day, at most a week). The answer
+ * holds the new secret; until the grace ends every event is signed with both, so receivers
+ * can switch over without dropping one.
+ */
+webhookAdmin.post('/tenants/:id/webhooks/:wid/rotate', async (c) => {
+  const tenant = await tenantOr404(c.env, c.req.param('id'))
+  const body = z
+    .strictObject({
+      grace_seconds: z
+        .number()
+        .int()
+        .min(0)
+        .max(7 * 86_400)
+        .default(86_400),
+    })
+    .safeParse(await jsonBody(c))
+  if (!body.success) throw zodToMoeError(body.error)
+  const wid = c.req.param('wid')
+  const old = tenant.webhooks.find((w) => w.id === wid)
+  if (!old) throw new MoeError('not_found', `No webhook endpoint '${wid}'`)
+  const secret = generateWebhookSecret()
+  const expiresAt = Date.now() + body.data.grace_seconds * 1000
+  const live = await admissionOf(c.env, tenant.id).getWebhooks(tenant.id)
+  const webhooks = tenant.webhooks.map((w) => ({
+    ...w,
+    // Keep what the delivery side knows (a 410 disables).
+    disabled: w.disabled || (live.find((l) => l.id === w.id)?.disabled ?? false),
+    ...(w.id === wid
+      ? {
+          secret,
+          ...(body.data.grace_seconds > 0 ? { previousSecret: { secret: old.secret, expiresAt } } : {}),
+        }
+      : {}),
+  }))
+  if (body.data.grace_seconds === 0) delete webhooks.find((w) => w.id === wid)!.previousSecret
+  await saveTenant(c.env, { ...tenant, webhooks })
+  return c.json({
+    id: wid,
+    object: 'webhook_endpoint',
+    secret,
+    previous_secret_expires_at: body.data.grace_seconds > 0 ? Math.floor(expiresAt / 1000) : null,
+  })
 })
 
 webhookAdmin.delete('/tenants/:id/webhooks/:wid', async (c) => {

@@ -4,5 +4,6 @@ declare module 'cloudflare:workers' {
     protected ctx: unknown
     protected env: Env
     constructor(ctx: unknown, env: Env)
+    alarm?(): void | Promise<void>
   }
 }

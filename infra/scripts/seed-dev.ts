@@ -27,6 +27,8 @@ export interface SeedResult {
   tenantIds: string[]
   apiKey: string
   adminToken: string
+  /** The dev key was revoked: it was left revoked, not seeded again. */
+  revoked: boolean
 }
 
 function devKey(): string {
@@ -60,6 +62,10 @@ export async function seedDev(opts: { persistTo?: string } = {}): Promise<SeedRe
   if (!first) throw new Error('infra/config/tenants.dev.json has no tenant')
   const apiKey = devKey()
   const hash = await sha256Hex(apiKey)
+  // A revocation stands: a revoked dev key is not seeded again (delete .wrangler/moe-dev-key
+  // for a new one).
+  const existing = kvGet(kvKeyOfHash(hash), opts.persistTo)
+  const revoked = existing !== null && (JSON.parse(existing) as ApiKeyRecord).revokedAt !== null
   const record: ApiKeyRecord = {
     keyId: keyIdOf(hash),
     tenantId: first.id,
@@ -71,8 +77,12 @@ export async function seedDev(opts: { persistTo?: string } = {}): Promise<SeedRe
   }
   const entries = [
     ...tenants.map((t) => ({ key: kvTenant(t.id), value: JSON.stringify(t) })),
-    { key: kvKeyOfHash(hash), value: JSON.stringify(record) },
-    { key: kvTenantKey(first.id, record.keyId), value: hash },
+    ...(revoked
+      ? []
+      : [
+          { key: kvKeyOfHash(hash), value: JSON.stringify(record) },
+          { key: kvTenantKey(first.id, record.keyId), value: hash },
+        ]),
   ]
   const tmp = join(tmpdir(), `moe-seed-${process.pid}.json`)
   writeFileSync(tmp, JSON.stringify(entries))
@@ -88,7 +98,20 @@ export async function seedDev(opts: { persistTo?: string } = {}): Promise<SeedRe
   } finally {
     rmSync(tmp, { force: true })
   }
-  return { tenantIds: tenants.map((t) => t.id), apiKey, adminToken: adminToken() }
+  return { tenantIds: tenants.map((t) => t.id), apiKey, adminToken: adminToken(), revoked }
+}
+
+/** A value of the local AUTH KV, or null. */
+function kvGet(key: string, persistTo: string | undefined): string | null {
+  const args = ['wrangler', 'kv', 'key', 'get', key, '--binding', 'AUTH', '--local', '--text']
+  if (persistTo) args.push('--persist-to', persistTo)
+  const r = spawnSync('npx', args, {
+    cwd: root,
+    encoding: 'utf8',
+    env: { ...process.env, WRANGLER_SEND_METRICS: 'false' },
+  })
+  const out = r.stdout.trim()
+  return r.status === 0 && out.startsWith('{') ? out : null
 }
 
 if (import.meta.main) {
@@ -98,6 +121,10 @@ if (import.meta.main) {
   console.log(
     `moe-edge: seeded tenant${r.tenantIds.length > 1 ? 's' : ''} ${r.tenantIds.join(', ')} into local KV`,
   )
-  console.log(`moe-edge: dev API key (tenant ${r.tenantIds[0]}): ${r.apiKey}`)
+  console.log(
+    r.revoked
+      ? 'moe-edge: the dev API key was revoked and stays revoked (delete .wrangler/moe-dev-key for a new one)'
+      : `moe-edge: dev API key (tenant ${r.tenantIds[0]}): ${r.apiKey}`,
+  )
   console.log('moe-edge: admin token (ADMIN_TOKEN in .dev.vars): see .dev.vars')
 }

@@ -1,4 +1,5 @@
 import { z } from 'zod'
+import { publicErrorMessage } from './errors.ts'
 
 // Batch contracts shared by the edge (Files/Batches API, fan-out) and the Node-side batch
 // coordinator (finalisation, output files, webhook events). Key names live here too.
@@ -266,7 +267,14 @@ export function batchErrorLine(
         : {
             status_code: statusCode,
             request_id: line.j,
-            body: { error: { message: error.message, type: 'server_error', param: null, code: error.code } },
+            body: {
+              error: {
+                message: publicErrorMessage(error.code, error.message, line.j),
+                type: 'server_error',
+                param: null,
+                code: error.code,
+              },
+            },
           },
     error: statusCode === null ? error : null,
   })

@@ -20,6 +20,10 @@ export const ExpertPool = z.object({
    * absent, the engine's default (fp16 on CUDA, fp32 on the CPU).
    */
   dtype: z.enum(['fp32', 'fp16', 'int8', 'int4']).optional(),
+  /**
+   * What the pool's model can read. List 'image' only for a model that reads images: a request
+   * with images is refused (400) unless a pool says so, never run with its images dropped.
+   */
   modalities: z.array(Modality).min(1).default(['text']),
   /** Deeper than this, the edge answers 503 with Retry-After instead of queueing. */
   maxQueueDepth: z.number().int().positive().default(1000),
@@ -44,6 +48,10 @@ export const WebhookEndpoint = z.object({
   secret: z.string().startsWith('whsec_'),
   events: z.array(z.string()).min(1),
   disabled: z.boolean().default(false),
+  /** The secret before the last rotation: events are signed with it too until expiresAt (epoch ms). */
+  previousSecret: z
+    .object({ secret: z.string().startsWith('whsec_'), expiresAt: z.number().int() })
+    .optional(),
 })
 export type WebhookEndpoint = z.infer<typeof WebhookEndpoint>
 
@@ -64,6 +72,21 @@ export const TenantConfig = z.object({
     })
     .default({ requestsPerMinute: 600, tokensPerMinute: 200_000 }),
   cacheTtlSeconds: z.number().int().min(0).default(300),
+  /**
+   * Live responses (streamed or not) this tenant may wait on at once: each holds a Redis
+   * connection until its job ends. Beyond it, 429; asynchronous jobs hold none.
+   */
+  maxLiveStreams: z.number().int().positive().default(128),
+  /**
+   * Tokens (prompt estimate + max_tokens) this tenant may have in batches not yet finished, as
+   * OpenAI's enqueued-token limit: a batch that would go over it fails at once.
+   */
+  batchQueueTokens: z.number().int().positive().default(2_000_000),
+  /**
+   * The share of each pool's queue depth (maxQueueDepth) this tenant may fill with its own queued
+   * requests: one tenant cannot fill a pool and have everyone else answered 503.
+   */
+  queueShare: z.number().gt(0).max(1).default(0.5),
   webhooks: z.array(WebhookEndpoint).default([]),
 })
 export type TenantConfig = z.infer<typeof TenantConfig>

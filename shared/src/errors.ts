@@ -13,6 +13,7 @@ export const ErrorCode = z.enum([
   'pool_not_allowed',
   'unknown_pool',
   'not_found',
+  'idempotency_conflict',
   'rate_limited',
   'overloaded',
   'deadline_exceeded',
@@ -44,6 +45,7 @@ const HTTP_STATUS: Record<ErrorCode, number> = {
   pool_not_allowed: 403,
   unknown_pool: 404,
   not_found: 404,
+  idempotency_conflict: 409,
   rate_limited: 429,
   overloaded: 503,
   deadline_exceeded: 504,
@@ -88,3 +90,13 @@ export class MoeError extends Error {
 }
 
 export const httpStatusOf = (code: ErrorCode): number => HTTP_STATUS[code]
+
+/**
+ * What a client is told of a job's error. An internal error's own text (a stack overflow, a
+ * Redis reply, a file path) stays in the logs; the client gets a generic message and the
+ * request id to quote. Every other code's message is written for the client.
+ */
+export function publicErrorMessage(code: string, message: string, requestId: string): string {
+  if (code !== 'internal_error') return message
+  return `The server had an error while processing this request (request id ${requestId}); please retry it, and quote the request id if the error persists.`
+}

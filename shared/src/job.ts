@@ -43,20 +43,29 @@ export const JobPayload = z.object({
   deadline: z.number().int().positive(),
   /** Epoch ms when the edge accepted the request (queue-wait metrics). */
   createdAt: z.number().int().positive(),
-  /** Batch jobs run behind live traffic. */
-  priority: z.enum(['live', 'batch']).default('live'),
+  /** Live requests run first, then asynchronous jobs, then batch lines. */
+  priority: z.enum(['live', 'async', 'batch']).default('live'),
   /**
    * Whether token events are written to the job's stream. Batch lines set false: nobody reads
    * their tokens (the result is the job's return value), and a stream entry per token of a
    * 50,000-line batch is Redis memory for nothing. The final event is written either way.
    */
   streamTokens: z.boolean().default(true),
+  /**
+   * What admission charged this job against tokens-per-minute (the minute window and the
+   * estimate), when nobody at the edge waits to settle it (async jobs): the worker settles it
+   * to the real usage when the job is done.
+   */
+  charge: z.object({ window: z.number().int().min(0), tokens: z.number().int().min(0) }).optional(),
 })
 export type JobPayload = z.infer<typeof JobPayload>
 export type JobPayloadInput = z.input<typeof JobPayload>
 
-/** BullMQ priorities: lower runs first. */
-export const JOB_PRIORITY = { live: 1, batch: 10 } as const
+/**
+ * BullMQ priorities: lower runs first. Asynchronous jobs have deadlines (an hour) and so run
+ * ahead of batch lines (a 24 h window), which would otherwise hold them back.
+ */
+export const JOB_PRIORITY = { live: 1, async: 5, batch: 10 } as const
 
 /**
  * BullMQ options for a generate job, live or batch. The job id is the request id (a retried

@@ -25,3 +25,22 @@ export const JOB_STREAM_TTL_SECONDS = 86_400
 
 /** Prefix for every BullMQ key, so the service can share a Redis with others. */
 export const QUEUE_PREFIX = 'moe'
+
+/**
+ * A tenant's jobs queued on one pool and not yet taken by a worker (job ids scored by their
+ * deadline): the edge adds at enqueue, the worker removes when it takes one, and a job whose
+ * deadline passed drops out. It gives each tenant a share of a pool's queue depth.
+ */
+export const tenantQueuedKey = (prefix: string, pool: string, tenantId: string): string =>
+  `${prefix}:queued:${pool}:${tenantId}`
+
+/** Tokens charged to a tenant in one minute window (the edge's tokens-per-minute limit). */
+export const tenantTokensKey = (prefix: string, tenantId: string, window: number): string =>
+  `${prefix}:rl:${tenantId}:t:${window}`
+
+/**
+ * Settles a charge once real usage is known: adds the difference to the minute it was charged
+ * to, while that window's counter still exists (KEYS[1] = tenantTokensKey, ARGV[1] = delta).
+ */
+export const SETTLE_TOKENS_LUA =
+  "if redis.call('EXISTS', KEYS[1]) == 1 then return redis.call('INCRBY', KEYS[1], ARGV[1]) end return 0"

@@ -1,4 +1,5 @@
 import ipaddr from 'ipaddr.js'
+import type { WebhookEndpoint } from './config.ts'
 
 // Standard Webhooks signing (https://www.standardwebhooks.com): headers webhook-id,
 // webhook-timestamp and webhook-signature = `v1,` + base64(HMAC-SHA256(key, `${id}.${ts}.${body}`)),
@@ -53,18 +54,35 @@ export async function signWebhook(
   return `v1,${b64encode(new Uint8Array(mac))}`
 }
 
-/** The three Standard Webhooks headers for one attempt (the timestamp is the attempt's). */
+/**
+ * The three Standard Webhooks headers for one attempt (the timestamp is the attempt's).
+ * `secret` may hold several space-separated secrets (during a rotation, the new and the old):
+ * the message is signed with each, and the signatures are space-separated, as Standard Webhooks
+ * verifiers expect (any one that verifies is enough).
+ */
 export async function webhookHeaders(
   secret: string,
   id: string,
   body: string,
   timestamp = Math.floor(Date.now() / 1000),
 ): Promise<Record<string, string>> {
+  const secrets = secret.split(' ').filter(Boolean)
+  const signatures = await Promise.all(secrets.map((s) => signWebhook(s, id, timestamp, body)))
   return {
     'webhook-id': id,
     'webhook-timestamp': String(timestamp),
-    'webhook-signature': await signWebhook(secret, id, timestamp, body),
+    'webhook-signature': signatures.join(' '),
   }
+}
+
+/**
+ * An endpoint as the delivery worker gets it: `secret` holds every secret to sign with now
+ * (the current one, and the previous one while its rotation grace lasts).
+ */
+export function signingEndpoint(e: WebhookEndpoint, now = Date.now()): WebhookEndpoint {
+  const { previousSecret, ...rest } = e
+  if (!previousSecret || previousSecret.expiresAt <= now) return rest
+  return { ...rest, secret: `${e.secret} ${previousSecret.secret}` }
 }
 
 // ---------------------------------------------------------------- SSRF

@@ -43,3 +43,30 @@ describe('webhook address classification', () => {
     expect(checkWebhookUrl('http://127.0.0.1:9999/hook', { allowLoopback: true })).toBeNull()
   })
 })
+
+describe('secret rotation: signing with several secrets', () => {
+  it('signs with each space-separated secret; a receiver holding either one verifies', async () => {
+    const { Webhook } = await import('standardwebhooks')
+    const { generateWebhookSecret, signingEndpoint, webhookHeaders } = await import('../src/webhooks.ts')
+    const [next, prev] = [generateWebhookSecret(), generateWebhookSecret()]
+    const ep = signingEndpoint(
+      {
+        id: 'we_1',
+        url: 'https://93.184.216.34/h',
+        secret: next,
+        events: ['batch.completed'],
+        disabled: false,
+        previousSecret: { secret: prev, expiresAt: Date.now() + 60_000 },
+      },
+      Date.now(),
+    )
+    const body = JSON.stringify({ type: 'batch.completed' })
+    const headers = await webhookHeaders(ep.secret, 'msg_1', body)
+    expect(headers['webhook-signature']!.split(' ')).toHaveLength(2)
+    for (const s of [next, prev]) expect(() => new Webhook(s).verify(body, headers)).not.toThrow()
+    // Once the grace is over, only the new secret signs.
+    const after = signingEndpoint({ ...ep, secret: next, previousSecret: { secret: prev, expiresAt: 1 } })
+    expect(after.secret).toBe(next)
+    expect(after).not.toHaveProperty('previousSecret')
+  })
+})

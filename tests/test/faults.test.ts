@@ -1,6 +1,7 @@
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
 import { isOpenAiError, type SseResult, streamRequest } from '../src/sse.ts'
 import {
+  adminCall,
   devTenant,
   type PrivateRedis,
   type Stack,
@@ -142,6 +143,39 @@ describe('Redis down', () => {
     expect(status).toBe(200)
     const s = await streamRequest(`${stack.url}/v1/chat/completions`, tenant.key, JSON.parse(body), {})
     expect(s.done).toBe(true)
+  })
+})
+
+describe('Redis down: webhook endpoints', () => {
+  it('deleting an endpoint while Redis is down changes nothing (503), so the worker never signs for a deleted one', async () => {
+    const t = await devTenant(stack)
+    const created = await adminCall(stack, 'POST', `/tenants/${t.id}/webhooks`, {
+      url: 'https://93.184.216.34/hooks/moe',
+    })
+    expect(created.status).toBe(201)
+    const { id } = (await created.json()) as { id: string }
+    const listed = async () =>
+      (
+        (await (await adminCall(stack, 'GET', `/tenants/${t.id}`)).json()) as {
+          webhooks: Array<{ id: string }>
+        }
+      ).webhooks.map((w) => w.id)
+    await redis.kill()
+    try {
+      const del = await adminCall(stack, 'DELETE', `/tenants/${t.id}/webhooks/${id}`)
+      expect(del.status).toBe(503)
+      // The config still has it, as Redis (the delivery worker's copy) does: nothing half-done.
+      expect(await listed()).toEqual([id])
+    } finally {
+      await redis.start()
+    }
+    let status = 0
+    for (let i = 0; i < 60 && status !== 200; i++) {
+      status = (await adminCall(stack, 'DELETE', `/tenants/${t.id}/webhooks/${id}`)).status
+      if (status !== 200) await new Promise((r) => setTimeout(r, 500))
+    }
+    expect(status).toBe(200)
+    expect(await listed()).toEqual([])
   })
 })
 

@@ -14,8 +14,11 @@ let me: TestTenant
 let other: TestTenant
 let otherJobId: string
 
-const call = (path: string, init: RequestInit = {}) =>
-  fetch(`${stack.url}${path}`, { ...init, signal: AbortSignal.timeout(60_000) })
+const call = (path: string, init: RequestInit = {}, timeoutMs = 60_000) =>
+  fetch(`${stack.url}${path}`, { ...init, signal: AbortSignal.timeout(timeoutMs) })
+
+/** A fuzz case with no answer by then has hung: it is reported by number, and the pass goes on. */
+const CASE_TIMEOUT_MS = 20_000
 
 async function submitAsync(key: string): Promise<string> {
   const res = await call('/v1/chat/completions', {
@@ -70,14 +73,19 @@ describe('fuzz', () => {
     const one = async (c: FuzzCase, i: number) => {
       const tag = `case ${i} (${c.kind}, seed ${SEED}): ${c.method} ${c.path.slice(0, 80)}`
       let res: Response
+      const started = Date.now()
       try {
-        res = await call(c.path, {
-          method: c.method,
-          headers: c.headers,
-          ...(c.body === undefined ? {} : { body: c.body }),
-        })
+        res = await call(
+          c.path,
+          { method: c.method, headers: c.headers, ...(c.body === undefined ? {} : { body: c.body }) },
+          CASE_TIMEOUT_MS,
+        )
       } catch (e) {
         const err = e as Error & { cause?: Error }
+        if (err.name === 'TimeoutError') {
+          failures.push(`${tag}: hung, no answer in ${Date.now() - started} ms`)
+          return
+        }
         // fetch itself refuses some header values before sending: not the server's doing.
         if (err.name === 'TypeError' && err.message !== 'fetch failed') {
           clientRejected++
@@ -91,7 +99,8 @@ describe('fuzz', () => {
       byKind[res.status] = (byKind[res.status] ?? 0) + 1
       if (res.headers.get('x-request-id') === otherJobId)
         failures.push(`${tag}: took the client's request id`)
-      const text = await res.text().catch((e: Error) => `<body failed: ${e.message}>`)
+      const text = await res.text().catch((e: Error) => `<body failed: ${e.name} ${e.message}>`)
+      if (text.startsWith('<body failed: TimeoutError')) failures.push(`${tag}: hung while sending its body`)
       if (res.status >= 500) failures.push(`${tag}: ${res.status} ${text.slice(0, 300)}`)
       else if (res.status >= 400 && c.method !== 'HEAD') {
         let body: unknown = null

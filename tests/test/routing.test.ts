@@ -69,21 +69,27 @@ describe('dev tenant (infra/config/tenants.dev.json)', () => {
     expectExperts(moe, POOL_EXPERTS[moe.pool]!)
   })
 
-  it('an image request reaches the pool mapped for chat:image', async () => {
-    const moe = await run(client, {
-      messages: [
-        {
-          role: 'user',
-          content: [
-            { type: 'text', text: 'What is in this picture?' },
-            { type: 'image_url', image_url: { url: 'data:image/png;base64,iVBORw0KGgo=' } },
-          ],
-        },
-      ],
-    })
-    expect(moe.modality).toBe('image')
-    expect(moe.pool).toBe(cfg.poolMap['chat:image'])
-    expectExperts(moe, POOL_EXPERTS[moe.pool]!)
+  it('an image request is refused with a 400 that says so (no pool here reads images)', async () => {
+    const err = await client.chat.completions
+      .create({
+        model: 'auto',
+        max_tokens: 4,
+        messages: [
+          {
+            role: 'user',
+            content: [
+              { type: 'text', text: 'What is in this picture?' },
+              { type: 'image_url', image_url: { url: 'data:image/png;base64,iVBORw0KGgo=' } },
+            ],
+          },
+        ],
+      })
+      .then(
+        () => null,
+        (e: unknown) => e,
+      )
+    expect(err).toBeInstanceOf(OpenAI.BadRequestError)
+    expect((err as InstanceType<typeof OpenAI.BadRequestError>).message).toMatch(/can read them/)
   })
 
   it('small talk falls to the default pool, on all experts', async () => {

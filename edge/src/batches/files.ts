@@ -52,10 +52,30 @@ files.post('/files', async (c) => {
   const { filesMaxBytes } = c.get('config')
   if (declared > filesMaxBytes + 64 * 1024)
     throw new MoeError('payload_too_large', `The file is larger than the limit of ${filesMaxBytes} bytes`)
+  // Counted as it streams in: a chunked upload (no Content-Length) is cut off at the limit
+  // (plus room for the form's other fields), never buffered whole first.
+  const cap = filesMaxBytes + 64 * 1024
+  let received = 0
+  const counted = c.req.raw.body?.pipeThrough(
+    new TransformStream<Uint8Array, Uint8Array>({
+      transform(chunk, ctl) {
+        received += chunk.byteLength
+        if (received > cap) ctl.error(new Error('upload over the limit'))
+        else ctl.enqueue(chunk)
+      },
+    }),
+  )
+  const tooLarge = () =>
+    new MoeError('payload_too_large', `The file is larger than the limit of ${filesMaxBytes} bytes`)
   let form: FormData
   try {
-    form = await c.req.raw.formData()
+    form = await new Request(c.req.url, {
+      method: 'POST',
+      headers: { 'content-type': c.req.header('content-type') ?? '' },
+      body: counted ?? null,
+    }).formData()
   } catch {
+    if (received > cap) throw tooLarge()
     throw bad('Send the file as multipart/form-data with the fields file and purpose')
   }
   const purpose = form.get('purpose')

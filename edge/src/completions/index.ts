@@ -9,6 +9,7 @@ import {
   cachePut,
   canonicalRequest,
   isDeterministic,
+  stableStringify,
 } from '../cache.ts'
 import {
   type AppEnv,
@@ -20,7 +21,7 @@ import {
   log,
   requireJson,
 } from '../http.ts'
-import { closeReader, openReader } from '../job-events.ts'
+import { openReader } from '../job-events.ts'
 import { tenantAuth } from '../middleware/tenant-auth/index.ts'
 import { completionId, completionObject, type MoeSummary, moeSummary } from '../openai-format.ts'
 import type { AdmitRequest, JobMeta } from '../tenant-admission.ts'
@@ -110,9 +111,16 @@ export async function handleCompletion(
   const cacheState: MoeSummary['cache'] = key && mode === 'use' ? 'MISS' : 'BYPASS'
   c.header('x-moe-cache', cacheState)
   c.get('logFields').cache = cacheState
+  const admission = admissionOf(c.env, tenant.id)
   if (key && mode === 'use') {
     const hit = await cacheGet(c.env.RESPONSE_CACHE, key)
     if (hit) {
+      // An answer from the cache is still a request: it counts against the request rate.
+      const charged = await admission.chargeRequest(tenant.id, tenant.rateLimits)
+      if (!charged.ok)
+        throw new EdgeError('rate_limited', charged.message, null, {
+          'retry-after': String(charged.retryAfterSeconds),
+        })
       c.header('x-moe-cache', 'HIT')
       c.get('logFields').cache = 'HIT'
       const moe = { ...(hit.moe as unknown as MoeSummary), request_id: requestId, cache: 'HIT' as const }
@@ -132,7 +140,9 @@ export async function handleCompletion(
     { ...r, sampling },
     now,
     deadline,
-    asyncMode ? 'batch' : 'live',
+    asyncMode ? 'async' : 'live',
+    // An async job's result is read from its final event: nobody reads its tokens.
+    !asyncMode,
   )
   const meta: JobMeta = {
     tenantId: tenant.id,
@@ -141,6 +151,8 @@ export async function handleCompletion(
     endpoint,
     createdAt: now,
     async: asyncMode,
+    // What an Idempotency-Key is bound to: the request as validated, and how it was asked for.
+    bodyHash: idem ? await sha256Hex(stableStringify({ endpoint, asyncMode, req: r.req })) : undefined,
   }
   const admit: AdmitRequest = {
     payload,
@@ -148,27 +160,22 @@ export async function handleCompletion(
     limits: tenant.rateLimits,
     tokenCost: promptTokenEstimate(r.req) + sampling.maxTokens,
     maxQueueDepth: r.pool.maxQueueDepth,
+    tenantQueueDepth: Math.max(1, Math.floor(r.pool.maxQueueDepth * tenant.queueShare)),
     idempotent: idem !== undefined,
+    maxLiveStreams: asyncMode ? null : tenant.maxLiveStreams,
   }
-  // Opened before the enqueue so the TCP handshake overlaps it.
-  const reader = asyncMode ? null : openReader(c.get('config').redisUrl)
-  const admission = admissionOf(c.env, tenant.id)
-  let admitted: Awaited<ReturnType<typeof admission.admit>>
-  try {
-    admitted = await admission.admit(admit)
-  } catch (e) {
-    if (reader) closeReader(reader)
-    throw e
-  }
+  const admitted = await admission.admit(admit)
   if (!admitted.ok) {
-    if (reader) closeReader(reader)
-    throw new EdgeError(admitted.code, admitted.message, null, {
-      'retry-after': String(admitted.retryAfterSeconds),
-    })
+    throw new EdgeError(
+      admitted.code,
+      admitted.message,
+      null,
+      admitted.retryAfterSeconds > 0 ? { 'retry-after': String(admitted.retryAfterSeconds) } : {},
+    )
   }
   c.get('logFields').job = jobId
 
-  if (asyncMode || !reader) {
+  if (asyncMode) {
     c.header('location', `/v1/jobs/${jobId}`)
     return c.json(
       {
@@ -184,20 +191,29 @@ export async function handleCompletion(
     )
   }
 
+  // The reader's connection is opened only once admitted: the live-stream cap bounds them.
+  const reader = openReader(c.get('config').redisUrl)
+  const { lease, existing } = admitted
   const charged = admitted.window
   const job: LiveJob = {
     jobId,
     deadline,
     reader,
+    released: () => {
+      if (lease) c.executionCtx.waitUntil(admission.releaseStream(tenant.id, lease).catch(() => {}))
+    },
     summary: (done) => moeSummary(requestId, r, cacheState, done),
     finished: (done: DoneEvent) => {
+      // The answer is delivered: what Redis keeps of the job shrinks (tenant-admission.ts).
+      c.executionCtx.waitUntil(admission.retainDelivered(jobId, idem !== undefined).catch(() => {}))
       if (charged !== undefined) {
         const used = done.usage.promptTokens + done.usage.completionTokens
         c.executionCtx.waitUntil(
           admission.settleTokens(tenant.id, charged, used - admit.tokenCost).catch(() => {}),
         )
       }
-      if (!key || mode === 'off' || done.finishReason === 'cancelled') return
+      // A replay's answer was cached (or not) by the request that ran the job.
+      if (!key || mode === 'off' || existing || done.finishReason === 'cancelled') return
       const answer: CachedAnswer = {
         v: 1,
         text: done.text,

@@ -1,6 +1,6 @@
-import { type DoneEvent, MoeError, type StreamEvent } from '@moe/shared'
+import { type DoneEvent, type ErrorEvent, MoeError, publicErrorMessage, type StreamEvent } from '@moe/shared'
 import { type SSEStreamingApi, streamSSE } from 'hono/streaming'
-import type { Ctx } from '../http.ts'
+import { type Ctx, log } from '../http.ts'
 import { closeReader, jobEvents } from '../job-events.ts'
 import { type Answer, type ChunkPart, chunkObject, type MoeSummary, usageChunk } from '../openai-format.ts'
 import type { Endpoint } from '../validate.ts'
@@ -27,6 +27,23 @@ export interface LiveJob {
   /** The job finished: settle its token charge, cache its answer. */
   finished: (done: DoneEvent) => void
   cancel: (why: 'client disconnected' | 'deadline') => void
+  /** The reader is closed: give back the request's live-stream slot. Called once. */
+  released: () => void
+}
+
+/** A job's error event as the client sees it: an internal error's detail goes to the log only. */
+export function jobError(jobId: string, ev: Pick<ErrorEvent, 'code' | 'message'>): MoeError {
+  if (ev.code === 'internal_error')
+    log('error', 'job failed', { job: jobId, code: ev.code, error: ev.message })
+  return new MoeError(ev.code, publicErrorMessage(ev.code, ev.message, jobId))
+}
+
+/** Closes the job's reader and gives back its slot, once however many paths end it. */
+function release(job: LiveJob): void {
+  closeReader(job.reader)
+  const released = job.released
+  job.released = () => {}
+  released()
 }
 
 const writeChunk = (sse: SSEStreamingApi, f: SseFrame, part: ChunkPart) =>
@@ -52,7 +69,7 @@ export function relaySse(c: Ctx, f: SseFrame, job: LiveJob): Response {
     let started = false
     sse.onAbort(() => {
       if (!finished) job.cancel('client disconnected')
-      closeReader(reader)
+      release(job)
     })
     // workerd reports a client that went away through request.signal (enable_request_signal).
     c.req.raw.signal?.addEventListener('abort', () => sse.abort())
@@ -63,6 +80,9 @@ export function relaySse(c: Ctx, f: SseFrame, job: LiveJob): Response {
       if (!started && !sse.aborted) void sse.write(': waiting\n\n')
     }, 1000)
     sse.onAbort(() => clearInterval(keepAlive))
+    // What the client has been sent: a stream trimmed to its final event (retention) holds no
+    // tokens, and the `done` event's text supplies the rest.
+    let sent = ''
     try {
       for await (const ev of jobEvents(reader, job.jobId, job.deadline)) {
         if (sse.aborted) break
@@ -73,14 +93,17 @@ export function relaySse(c: Ctx, f: SseFrame, job: LiveJob): Response {
         if (ev.type === 'token') {
           // The detokeniser may hold text back (a partial UTF-8 sequence): OpenAI sends no empty deltas.
           if (ev.text === '') continue
+          sent += ev.text
           await writeChunk(sse, f, { text: ev.text })
         } else if (ev.type === 'done') {
           finished = true
+          if (ev.text.length > sent.length && ev.text.startsWith(sent))
+            await writeChunk(sse, f, { text: ev.text.slice(sent.length) })
           await writeEnd(sse, f, ev, job.summary(ev))
           job.finished(ev)
         } else {
           finished = true
-          await sse.writeSSE({ data: JSON.stringify(new MoeError(ev.code, ev.message).toBody()) })
+          await sse.writeSSE({ data: JSON.stringify(jobError(job.jobId, ev).toBody()) })
         }
       }
     } catch (e) {
@@ -92,7 +115,7 @@ export function relaySse(c: Ctx, f: SseFrame, job: LiveJob): Response {
       }
     } finally {
       clearInterval(keepAlive)
-      closeReader(reader)
+      release(job)
     }
   })
 }
@@ -101,7 +124,7 @@ export function relaySse(c: Ctx, f: SseFrame, job: LiveJob): Response {
 export async function awaitAnswer(c: Ctx, job: LiveJob): Promise<DoneEvent> {
   const onAbort = () => {
     job.cancel('client disconnected')
-    closeReader(job.reader)
+    release(job)
   }
   c.req.raw.signal?.addEventListener('abort', onAbort)
   let final: StreamEvent | null = null
@@ -112,10 +135,10 @@ export async function awaitAnswer(c: Ctx, job: LiveJob): Promise<DoneEvent> {
     throw e
   } finally {
     c.req.raw.signal?.removeEventListener('abort', onAbort)
-    closeReader(job.reader)
+    release(job)
   }
   if (!final) throw new MoeError('internal_error', 'The job ended without a result')
-  if (final.type === 'error') throw new MoeError(final.code, final.message)
+  if (final.type === 'error') throw jobError(job.jobId, final)
   if (final.type !== 'done') throw new MoeError('internal_error', 'Unexpected job event')
   job.finished(final)
   return final

@@ -82,17 +82,24 @@ export function effectiveSampling(r: Pick<Routed, 'req' | 'pool'>): EffectiveSam
   }
 }
 
-/** Rough prompt size for the tokens-per-minute budget (a byte-level tokenizer's upper bound / 4). */
+const utf8 = new TextEncoder()
+
+/**
+ * Prompt size charged against tokens-per-minute before the job runs: a byte-level tokenizer can
+ * spend one token per UTF-8 byte, so the estimate is the byte count (never less than the real
+ * count), plus a few tokens per chat message for the template. The charge is settled to the real
+ * usage when the job ends.
+ */
 export function promptTokenEstimate(req: CompletionBody): number {
   if ('prompt' in req)
-    return typeof req.prompt === 'string' ? Math.ceil(req.prompt.length / 4) : req.prompt.length
-  let chars = 0
+    return typeof req.prompt === 'string' ? utf8.encode(req.prompt).length : req.prompt.length
+  let tokens = 0
   for (const m of req.messages) {
-    chars += 16
-    if (typeof m.content === 'string') chars += m.content.length
-    else for (const p of m.content) chars += p.type === 'text' ? p.text.length : 256
+    tokens += 8
+    if (typeof m.content === 'string') tokens += utf8.encode(m.content).length
+    else for (const p of m.content) tokens += p.type === 'text' ? utf8.encode(p.text).length : 256
   }
-  return Math.ceil(chars / 4)
+  return tokens
 }
 
 export const inputOf = (req: CompletionBody): JobInput =>
@@ -112,7 +119,7 @@ export function jobPayload(
   r: Pick<Routed, 'req' | 'pool'> & { sampling: EffectiveSampling },
   createdAt: number,
   deadline: number,
-  priority: 'live' | 'batch',
+  priority: JobPayload['priority'],
   streamTokens = true,
 ): JobPayload {
   return {

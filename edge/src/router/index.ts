@@ -140,7 +140,9 @@ export function choosePool(
   if (any) return { pool: any, via: 'modality' }
   throw new MoeError(
     'invalid_request',
-    `No model available to this API key accepts ${needs || 'text'} input`,
+    required.includes('image')
+      ? `No model available to this API key accepts image input: this request has images, and no model here can read them. Send text only.`
+      : `No model available to this API key accepts ${needs || 'text'} input`,
     'messages',
   )
 }

@@ -12,6 +12,9 @@ const tenant: TenantConfig = {
   routes: [],
   rateLimits: { requestsPerMinute: 10, tokensPerMinute: 1000 },
   cacheTtlSeconds: 60,
+  maxLiveStreams: 16,
+  batchQueueTokens: 100_000,
+  queueShare: 0.5,
   webhooks: [],
 }
 const config = edgeConfigOf({

@@ -109,4 +109,25 @@ describe('the Hono app (no Redis needed for these paths)', async () => {
     expect(await r.json()).toMatchObject({ task: 'code', pool: 'general', pool_via: 'default' })
     expect(r.headers.get('x-moe-pool')).toBe('general')
   })
+
+  it('a Redis at maxmemory (OOM) is a 503 with Retry-After, not a 500', async () => {
+    const oom = new Error("OOM command not allowed when used memory > 'maxmemory'.")
+    const admission = { admit: () => Promise.reject(oom) }
+    const withDo = {
+      ...env,
+      TENANT_ADMISSION: { idFromName: (n: string) => n, get: () => admission },
+    }
+    const res = await app.request(
+      '/v1/chat/completions',
+      {
+        method: 'POST',
+        body: JSON.stringify({ ...chat, temperature: 0.7 }),
+        headers: { authorization: `Bearer ${key}`, 'content-type': 'application/json' },
+      },
+      withDo,
+    )
+    expect(res.status).toBe(503)
+    expect(res.headers.get('retry-after')).not.toBeNull()
+    expect(((await res.json()) as { error: { code: string } }).error.code).toBe('overloaded')
+  })
 })

@@ -22,9 +22,19 @@ const tenant: TenantConfig = {
   routes: [],
   rateLimits: { requestsPerMinute: 10, tokensPerMinute: 1000 },
   cacheTtlSeconds: 60,
+  maxLiveStreams: 16,
+  batchQueueTokens: 100_000,
+  queueShare: 0.5,
   webhooks: [],
 }
 const user = (content: string) => [{ role: 'user' as const, content }]
+/** The shipped pools, with a vision model that reads images (none ships yet). */
+const WITH_IMAGES = new Map(
+  [...POOLS].map(([n, p]) => [
+    n,
+    n === 'vision' ? { ...p, modalities: ['text' as const, 'image' as const] } : p,
+  ]),
+)
 
 describe('task router (hashed character n-grams)', () => {
   const router = routerFor(tenant)
@@ -141,13 +151,15 @@ describe('modality and pool choice', () => {
 
   it('maps (task, modality) through the tenant pool map, else the default pool', () => {
     expect(choosePool(tenant, POOLS, 'auto', 'code', 'text', ['text']).pool.name).toBe('code')
-    expect(choosePool(tenant, POOLS, 'auto', 'chat', 'image', ['text', 'image']).pool.name).toBe('vision')
+    expect(choosePool(tenant, WITH_IMAGES, 'auto', 'chat', 'image', ['text', 'image']).pool.name).toBe(
+      'vision',
+    )
     expect(choosePool(tenant, POOLS, 'auto', 'summarize', 'text', ['text'])).toMatchObject({
       pool: { name: 'general' },
       via: 'default',
     })
     // No map entry for translate:image, and the default pool is text-only: any pool that accepts images.
-    expect(choosePool(tenant, POOLS, 'auto', 'translate', 'image', ['text', 'image']).pool.name).toBe(
+    expect(choosePool(tenant, WITH_IMAGES, 'auto', 'translate', 'image', ['text', 'image']).pool.name).toBe(
       'vision',
     )
   })
@@ -174,6 +186,16 @@ describe('modality and pool choice', () => {
     )
     expect(() => choosePool(tenant, POOLS, 'auto', 'chat', 'audio', ['text', 'audio'])).toThrow(/audio input/)
     expect(() => choosePool(tenant, POOLS, 'general', 'chat', 'image', ['text', 'image'])).toThrow(
+      /does not accept image input/,
+    )
+  })
+
+  it('no shipped pool reads images: a request with images is refused, not run with them dropped', () => {
+    expect([...POOLS.values()].filter((p) => p.modalities.includes('image'))).toEqual([])
+    expect(() => choosePool(tenant, POOLS, 'auto', 'chat', 'image', ['text', 'image'])).toThrow(
+      /no model here can read them/,
+    )
+    expect(() => choosePool(tenant, POOLS, 'vision', 'chat', 'image', ['text', 'image'])).toThrow(
       /does not accept image input/,
     )
   })

@@ -4,7 +4,10 @@ import {
   type JobPayload,
   JobPayload as JobPayloadSchema,
   poolQueueName,
+  SETTLE_TOKENS_LUA,
   seedFromJobId,
+  tenantQueuedKey,
+  tenantTokensKey,
 } from '@moe/shared'
 import { type Job, UnrecoverableError, WaitingError, Worker } from 'bullmq'
 import { Redis } from 'ioredis'
@@ -35,6 +38,8 @@ export class PoolConsumer {
   private readonly metrics: WorkerMetrics
   private readonly log: Logger
   private readonly worker: Worker
+  private readonly queuePrefix: string
+  private readonly accounting: Redis
   readonly inFlight = new Map<string, InFlight>()
 
   constructor(
@@ -48,6 +53,10 @@ export class PoolConsumer {
     this.metrics = deps.metrics
     this.log = deps.log
     const c = deps.config
+    this.queuePrefix = c.queuePrefix
+    // The tenant's queued set and token charge: small writes beside the worker's own connections.
+    this.accounting = new Redis(c.redisUrl, { maxRetriesPerRequest: 2 })
+    this.accounting.on('error', (e) => this.log.warn({ err: e.message }, 'accounting redis error'))
     this.worker = new Worker(poolQueueName(pool.name), (job, token) => this.process(job, token), {
       connection: new Redis(c.redisUrl, { maxRetriesPerRequest: null }),
       prefix: c.queuePrefix,
@@ -97,8 +106,9 @@ export class PoolConsumer {
     }
   }
 
-  close(): Promise<void> {
-    return this.worker.close()
+  async close(): Promise<void> {
+    await this.worker.close()
+    this.accounting.disconnect()
   }
 
   /** Runs one job: validate, tokenise, batch, stream. */
@@ -110,6 +120,8 @@ export class PoolConsumer {
     try {
       const payload = this.validate(job)
       this.metrics.queueWait.observe({ pool: pool.name }, Math.max(0, takenAt - payload.createdAt) / 1000)
+      // Taken: no longer one of the tenant's queued jobs (its share of the pool's depth).
+      void this.dequeued(payload, jobId)
       const ctx: JobContext = {
         pool,
         createdAt: payload.createdAt,
@@ -154,6 +166,7 @@ export class PoolConsumer {
         const done = doneEvent(ctx, r)
         this.streams.end(jobId, done)
         await this.streams.flush()
+        if (payload.charge) void this.settle(payload, r.usage.promptTokens + r.usage.completionTokens)
         this.metrics.requests.inc({ pool: pool.name, outcome: r.finishReason })
         this.metrics.addExpertLoad(pool.name, r.expertLoad)
         this.metrics.promptTokens.inc({ pool: pool.name }, r.usage.promptTokens)
@@ -183,6 +196,32 @@ export class PoolConsumer {
       log.warn({ code: e.code, err: e.message, willRetry }, 'job failed')
       const reason = encodeJobFailure({ code: e.code, message: e.message })
       throw e.permanent ? new UnrecoverableError(reason) : new Error(reason)
+    }
+  }
+
+  private async dequeued(p: JobPayload, jobId: string): Promise<void> {
+    try {
+      const redis = this.accounting
+      await redis.zrem(tenantQueuedKey(this.queuePrefix, p.pool, p.tenantId), jobId)
+    } catch (e) {
+      this.log.warn({ jobId, err: String(e) }, 'could not mark the job taken')
+    }
+  }
+
+  /** Settles the tokens-per-minute charge the edge admitted an async job with to its real usage. */
+  private async settle(p: JobPayload, used: number): Promise<void> {
+    const charge = p.charge
+    if (!charge || used === charge.tokens) return
+    try {
+      const redis = this.accounting
+      await redis.eval(
+        SETTLE_TOKENS_LUA,
+        1,
+        tenantTokensKey(this.queuePrefix, p.tenantId, charge.window),
+        used - charge.tokens,
+      )
+    } catch (e) {
+      this.log.warn({ jobId: p.requestId, err: String(e) }, 'could not settle the token charge')
     }
   }
 

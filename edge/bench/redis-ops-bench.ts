@@ -1,0 +1,455 @@
+// Redis operations and bytes per generated token, through the whole local stack. Run from the
+// repo root:  npx node edge/bench/redis-ops-bench.ts   (about 2 minutes on 2 cores)
+// Env: BENCH_N (requests per phase, default 200), BENCH_CONCURRENCY (16).
+//
+// A private redis-server (so INFO commandstats counts this stack only: the edge under
+// `wrangler dev`, its Durable Object, one `moe serve` worker on the tiny model). Each phase runs
+// N requests of known token counts (usage.completion_tokens) and diffs INFO commandstats, INFO
+// stats (connections, network bytes) and INFO memory around it; the background rate measured in
+// an idle phase (BullMQ's blocking pops, stalled checks, the worker's queue-depth gauge) is
+// subtracted per second of the phase. Commands the bench itself sends (INFO, CLIENT, MEMORY,
+// SCAN, MONITOR, PING) are left out. Two live phases with different max_tokens separate the
+// per-request cost from the per-token cost, command by command (a least-squares line through
+// the phases). A single 8-token request is also traced with MONITOR, grouped by connection, to
+// show who sends what.
+import { once } from 'node:events'
+import { mkdirSync, writeFileSync } from 'node:fs'
+import { createServer } from 'node:http'
+import { join } from 'node:path'
+import { Redis } from 'ioredis'
+import OpenAI, { toFile } from 'openai'
+import { streamRequest } from '../../tests/src/sse.ts'
+import { devTenantConfig, type Stack, startStack } from '../../tests/src/stack.ts'
+import { adminCall, createTenant, repoRoot, type TestTenant } from '../test/wrangler-dev.ts'
+import { commandCalls, diffCalls, infoOf, loadavg, machine, num, r3, startBenchRedis } from './bench-redis.ts'
+
+const N = Number(process.env.BENCH_N ?? 200)
+const CONC = Number(process.env.BENCH_CONCURRENCY ?? 16)
+const TIME_LIMIT_MS = Number(process.env.BENCH_TIME_LIMIT_MS ?? 600_000)
+const IDLE_MS = Number(process.env.BENCH_IDLE_MS ?? 10_000)
+const OWN = new Set([
+  'info',
+  'client|list',
+  'client|setname',
+  'memory|usage',
+  'scan',
+  'monitor',
+  'ping',
+  'select',
+])
+
+const timer = setTimeout(() => {
+  console.error('redis-ops-bench: time limit reached')
+  process.exit(1)
+}, TIME_LIMIT_MS)
+
+interface Snapshot {
+  at: number
+  calls: Record<string, number>
+  stats: Record<string, string>
+  memory: Record<string, string>
+}
+
+async function snap(redis: Redis): Promise<Snapshot> {
+  return {
+    at: performance.now(),
+    calls: await commandCalls(redis),
+    stats: await infoOf(redis, 'stats'),
+    memory: await infoOf(redis, 'memory'),
+  }
+}
+
+interface JobRef {
+  id: string
+  pool: string
+  tokens: number
+}
+
+interface PhaseResult {
+  name: string
+  requests: number
+  completion_tokens: number
+  seconds: number
+  /** Per command, background-subtracted. */
+  calls: Record<string, number>
+  calls_total: number
+  net_in_bytes: number
+  net_out_bytes: number
+  connections_opened: number
+  used_memory_delta: number
+  per_request: Record<string, number>
+  per_token: Record<string, number>
+  memory_usage_sample?: Record<string, number>
+}
+
+let idleRate: Record<string, number> = {}
+let idleNet = { in: 0, out: 0 }
+
+function phaseResult(name: string, a: Snapshot, b: Snapshot, jobs: JobRef[]): PhaseResult {
+  const seconds = (b.at - a.at) / 1000
+  const raw = diffCalls(a.calls, b.calls)
+  const calls: Record<string, number> = {}
+  for (const [k, v] of Object.entries(raw)) {
+    if (OWN.has(k)) continue
+    const net = Math.round(v - (idleRate[k] ?? 0) * seconds)
+    if (net > 0) calls[k] = net
+  }
+  const tokens = jobs.reduce((s, j) => s + j.tokens, 0)
+  const total = Object.values(calls).reduce((s, v) => s + v, 0)
+  const per = (d: number) =>
+    Object.fromEntries(
+      Object.entries({ ...calls, TOTAL: total })
+        .sort((x, y) => y[1] - x[1])
+        .map(([k, v]) => [k, r3(v / d)]),
+    )
+  const d = (k: string) => num(b.stats, k) - num(a.stats, k)
+  return {
+    name,
+    requests: jobs.length,
+    completion_tokens: tokens,
+    seconds: r3(seconds),
+    calls,
+    calls_total: total,
+    net_in_bytes: Math.round(d('total_net_input_bytes') - idleNet.in * seconds),
+    net_out_bytes: Math.round(d('total_net_output_bytes') - idleNet.out * seconds),
+    connections_opened: d('total_connections_received'),
+    used_memory_delta: num(b.memory, 'used_memory') - num(a.memory, 'used_memory'),
+    per_request: per(jobs.length),
+    per_token: per(Math.max(1, tokens)),
+  }
+}
+
+/** MEMORY USAGE of each job's keys (stream, BullMQ job hash, edge job meta), summed over jobs. */
+async function memoryOf(redis: Redis, prefix: string, jobs: JobRef[]) {
+  const sum: Record<string, number> = { stream: 0, bull_job_hash: 0, job_meta: 0, stream_entries: 0 }
+  for (const j of jobs) {
+    sum.stream! += Number((await redis.memory('USAGE', `moe:job:${j.id}:events`, 'SAMPLES', '0')) ?? 0)
+    sum.stream_entries! += await redis.xlen(`moe:job:${j.id}:events`)
+    sum.bull_job_hash! += Number(
+      (await redis.memory('USAGE', `${prefix}:pool.${j.pool}:${j.id}`, 'SAMPLES', '0')) ?? 0,
+    )
+    sum.job_meta! += Number((await redis.memory('USAGE', `${prefix}:jobmeta:${j.id}`, 'SAMPLES', '0')) ?? 0)
+  }
+  const tokens = jobs.reduce((s, j) => s + j.tokens, 0)
+  const out: Record<string, number> = { jobs: jobs.length, tokens }
+  for (const [k, v] of Object.entries(sum)) {
+    out[`${k}_per_request`] = Math.round(v / jobs.length)
+    if (k === 'stream') out.stream_bytes_per_token = r3(v / Math.max(1, tokens))
+  }
+  return out
+}
+
+const chatBody = (i: number, maxTokens: number) => ({
+  model: 'auto',
+  max_tokens: maxTokens,
+  temperature: 1,
+  messages: [{ role: 'user', content: `Request ${i}: say something about experts.` }],
+})
+
+async function runLive(
+  stack: Stack,
+  tenant: TestTenant,
+  n: number,
+  conc: number,
+  maxTokens: number,
+  stream: boolean,
+): Promise<JobRef[]> {
+  const jobs: JobRef[] = []
+  let next = 0
+  await Promise.all(
+    Array.from({ length: conc }, async () => {
+      while (next < n) {
+        const i = next++
+        const url = `${stack.url}/v1/chat/completions`
+        if (stream) {
+          const r = await streamRequest(
+            url,
+            tenant.key,
+            { ...chatBody(i, maxTokens), stream_options: { include_usage: true } },
+            { headers: { 'cache-control': 'no-store' }, timeoutMs: 120_000 },
+          )
+          if (r.status !== 200 || !r.done || r.error)
+            throw new Error(`request ${i}: ${r.status} ${JSON.stringify(r.body ?? r.error)}`)
+          jobs.push({
+            id: r.headers.get('x-request-id')!,
+            pool: r.headers.get('x-moe-pool')!,
+            tokens: r.completionTokens ?? 0,
+          })
+        } else {
+          const res = await fetch(url, {
+            method: 'POST',
+            headers: {
+              authorization: `Bearer ${tenant.key}`,
+              'content-type': 'application/json',
+              'cache-control': 'no-store',
+            },
+            body: JSON.stringify(chatBody(i, maxTokens)),
+          })
+          const b = (await res.json()) as { usage?: { completion_tokens: number } }
+          if (res.status !== 200) throw new Error(`request ${i}: ${res.status} ${JSON.stringify(b)}`)
+          jobs.push({
+            id: res.headers.get('x-request-id')!,
+            pool: res.headers.get('x-moe-pool')!,
+            tokens: b.usage?.completion_tokens ?? 0,
+          })
+        }
+      }
+    }),
+  )
+  return jobs
+}
+
+/** Least squares per command over phases: calls = a * requests + b * tokens. */
+function fitPerRequestPerToken(phases: PhaseResult[]) {
+  const cmds = new Set(phases.flatMap((p) => Object.keys(p.calls)))
+  const out: Record<string, { per_request: number; per_token: number }> = {}
+  for (const k of [...cmds, 'TOTAL']) {
+    let srr = 0
+    let srt = 0
+    let stt = 0
+    let syr = 0
+    let syt = 0
+    for (const p of phases) {
+      const y = k === 'TOTAL' ? p.calls_total : (p.calls[k] ?? 0)
+      const r = p.requests
+      const t = p.completion_tokens
+      srr += r * r
+      srt += r * t
+      stt += t * t
+      syr += y * r
+      syt += y * t
+    }
+    const det = srr * stt - srt * srt
+    if (det === 0) continue
+    out[k] = { per_request: r3((syr * stt - syt * srt) / det), per_token: r3((syt * srr - syr * srt) / det) }
+  }
+  return out
+}
+
+async function traceOne(stack: Stack, mon: Redis, tenant: TestTenant, url: string) {
+  const monitor = await new Redis(url).monitor()
+  const byConn: Record<string, string[]> = {}
+  monitor.on('monitor', (_time: string, args: string[], source: string) => {
+    const cmd = (args[0] ?? '').toLowerCase()
+    if (OWN.has(cmd) || cmd === 'info' || cmd === 'client') return
+    let label = cmd
+    if (cmd === 'evalsha' || cmd === 'eval')
+      label = `${cmd}(${args[2]} keys: ${(args[3] ?? '').split(':').slice(-1)[0]})`
+    ;(byConn[source] ??= []).push(label)
+  })
+  await new Promise((r) => setTimeout(r, 300))
+  const r = await streamRequest(
+    `${stack.url}/v1/chat/completions`,
+    tenant.key,
+    { ...chatBody(0, 8), stream_options: { include_usage: true } },
+    { headers: { 'cache-control': 'no-store' } },
+  )
+  await new Promise((res) => setTimeout(res, 500))
+  monitor.disconnect()
+  void mon
+  // Compact each connection's sequence: runs of the same label as "label xN".
+  const compact: Record<string, string[]> = {}
+  for (const [src, labels] of Object.entries(byConn)) {
+    const out: string[] = []
+    let prev = ''
+    let count = 0
+    for (const l of [...labels, '']) {
+      if (l === prev) count++
+      else {
+        if (prev) out.push(count > 1 ? `${prev} x${count}` : prev)
+        prev = l
+        count = 1
+      }
+    }
+    compact[src] = out
+  }
+  return { completion_tokens: r.completionTokens, job: r.headers.get('x-request-id'), by_connection: compact }
+}
+
+async function main() {
+  const where = machine()
+  const redisSrv = await startBenchRedis()
+  const mon = new Redis(redisSrv.url)
+  let stack: Stack | null = null
+  let webhookAt = 0
+  const receiver = createServer((req, res) => {
+    req.resume()
+    req.on('end', () => {
+      webhookAt = performance.now()
+      res.writeHead(200).end()
+    })
+  })
+  receiver.listen(0, '127.0.0.1')
+  await once(receiver, 'listening')
+  const hook = `http://127.0.0.1:${(receiver.address() as { port: number }).port}/hook`
+  try {
+    stack = await startStack({
+      redisUrl: redisSrv.url,
+      workers: 1,
+      edgeVars: { WEBHOOK_ALLOW_LOOPBACK: '1' },
+      workerEnv: { MOE_WEBHOOK_ALLOW_LOOPBACK: '1' },
+    })
+    const tenant = await createTenant(stack, {
+      ...devTenantConfig(),
+      id: `ops_${Date.now().toString(36)}`,
+      name: 'redis ops bench',
+      rateLimits: { requestsPerMinute: 10_000_000, tokensPerMinute: 1_000_000_000 },
+      cacheTtlSeconds: 0,
+      maxLiveStreams: 1000,
+    })
+    const wh = await adminCall(stack, 'POST', `/tenants/${tenant.id}/webhooks`, {
+      url: hook,
+      events: ['batch.completed'],
+    })
+    if (wh.status !== 201) throw new Error(`webhook registration: ${wh.status} ${await wh.text()}`)
+
+    // Warm-up (engine, isolate, Durable Object, scripts loaded), then settle.
+    await runLive(stack, tenant, 32, 16, 8, true)
+    await runLive(stack, tenant, 16, 16, 8, false)
+    await new Promise((r) => setTimeout(r, 1000))
+
+    // Idle background.
+    const i0 = await snap(mon)
+    await new Promise((r) => setTimeout(r, IDLE_MS))
+    const i1 = await snap(mon)
+    const idleS = (i1.at - i0.at) / 1000
+    idleRate = Object.fromEntries(
+      Object.entries(diffCalls(i0.calls, i1.calls))
+        .filter(([k]) => !OWN.has(k))
+        .map(([k, v]) => [k, v / idleS]),
+    )
+    idleNet = {
+      in: (num(i1.stats, 'total_net_input_bytes') - num(i0.stats, 'total_net_input_bytes')) / idleS,
+      out: (num(i1.stats, 'total_net_output_bytes') - num(i0.stats, 'total_net_output_bytes')) / idleS,
+    }
+    console.log(
+      `idle, per second: ${JSON.stringify(Object.fromEntries(Object.entries(idleRate).map(([k, v]) => [k, r3(v)])))}`,
+    )
+
+    const phases: PhaseResult[] = []
+    const live = async (name: string, n: number, conc: number, maxTokens: number, stream: boolean) => {
+      const a = await snap(mon)
+      const jobs = await runLive(stack!, tenant, n, conc, maxTokens, stream)
+      await new Promise((r) => setTimeout(r, 300)) // the worker's last EXPIREs and BullMQ's completion
+      const b = await snap(mon)
+      const p = phaseResult(name, a, b, jobs)
+      p.memory_usage_sample = await memoryOf(mon, stack!.prefix, jobs.slice(0, 50))
+      phases.push(p)
+      console.log(
+        `${name}: ${JSON.stringify({ requests: p.requests, tokens: p.completion_tokens, per_token: p.per_token, per_request_total: p.per_request.TOTAL })}`,
+      )
+      return p
+    }
+    const s8 = await live(`live streamed, max_tokens 8, ${CONC} concurrent`, N, CONC, 8, true)
+    const s64 = await live(`live streamed, max_tokens 64, ${CONC} concurrent`, N, CONC, 64, true)
+    const s64c1 = await live('live streamed, max_tokens 64, 1 at a time', Math.min(N, 50), 1, 64, true)
+    const n64 = await live(
+      `live not streamed, max_tokens 64, ${CONC} concurrent`,
+      Math.min(N, 100),
+      CONC,
+      64,
+      false,
+    )
+
+    // ---- batch: N lines, max_tokens 64, create to webhook.
+    const client = new OpenAI({
+      apiKey: tenant.key,
+      baseURL: `${stack.url}/v1`,
+      maxRetries: 0,
+      timeout: 120_000,
+    })
+    const jsonl = `${Array.from({ length: N }, (_, i) =>
+      JSON.stringify({
+        custom_id: `r${i}`,
+        method: 'POST',
+        url: '/v1/chat/completions',
+        body: chatBody(i, 64),
+      }),
+    ).join('\n')}\n`
+    const file = await client.files.create({
+      file: await toFile(Buffer.from(jsonl), 'ops.jsonl'),
+      purpose: 'batch',
+    })
+    const a = await snap(mon)
+    webhookAt = 0
+    const batch = await client.batches.create({
+      input_file_id: file.id,
+      endpoint: '/v1/chat/completions',
+      completion_window: '24h',
+    })
+    const deadline = Date.now() + 180_000
+    while (webhookAt === 0 && Date.now() < deadline) await new Promise((r) => setTimeout(r, 5))
+    if (webhookAt === 0) throw new Error('batch webhook did not arrive')
+    await new Promise((r) => setTimeout(r, 300))
+    const b = await snap(mon)
+    const done = await client.batches.retrieve(batch.id)
+    const out = (await (await client.files.content(done.output_file_id!)).text()).split('\n').filter(Boolean)
+    const lines = out.map(
+      (l) =>
+        JSON.parse(l) as {
+          custom_id: string
+          response: { body: { usage: { completion_tokens: number }; moe?: { pool?: string } } }
+        },
+    )
+    const batchJobs: JobRef[] = lines.map((l) => ({
+      id: `${batch.id}-${l.custom_id.slice(1)}`,
+      pool: l.response.body.moe?.pool ?? 'general',
+      tokens: l.response.body.usage.completion_tokens,
+    }))
+    const pb = phaseResult(
+      `batch of ${N} lines, max_tokens 64 (upload excluded; create to webhook)`,
+      a,
+      b,
+      batchJobs,
+    )
+    pb.memory_usage_sample = await memoryOf(mon, stack.prefix, batchJobs.slice(0, 50))
+    phases.push(pb)
+    console.log(
+      `${pb.name}: ${JSON.stringify({ requests: pb.requests, tokens: pb.completion_tokens, per_token: pb.per_token, per_request_total: pb.per_request.TOTAL })}`,
+    )
+
+    const trace = await traceOne(stack, mon, tenant, redisSrv.url)
+
+    const result = {
+      bench: 'redis-ops-bench',
+      command: 'npx node edge/bench/redis-ops-bench.ts',
+      env: { BENCH_N: N, BENCH_CONCURRENCY: CONC },
+      machine: where,
+      loadavg_at_end: loadavg(),
+      redis: { version: redisSrv.version, persistence: 'none (private bench instance)' },
+      idle_per_second: Object.fromEntries(Object.entries(idleRate).map(([k, v]) => [k, r3(v)])),
+      idle_net_bytes_per_second: { in: Math.round(idleNet.in), out: Math.round(idleNet.out) },
+      phases,
+      fit_live_streamed_concurrent: fitPerRequestPerToken([s8, s64]),
+      derived: {
+        net_bytes_per_token_live_streamed_64: r3(
+          (s64.net_in_bytes + s64.net_out_bytes) / s64.completion_tokens,
+        ),
+        net_bytes_per_token_live_streamed_64_serial: r3(
+          (s64c1.net_in_bytes + s64c1.net_out_bytes) / s64c1.completion_tokens,
+        ),
+        net_bytes_per_token_live_not_streamed_64: r3(
+          (n64.net_in_bytes + n64.net_out_bytes) / n64.completion_tokens,
+        ),
+        net_bytes_per_token_batch_64: r3((pb.net_in_bytes + pb.net_out_bytes) / pb.completion_tokens),
+      },
+      monitor_trace_one_8_token_request: trace,
+    }
+    const dir = join(repoRoot, 'edge/bench/results')
+    mkdirSync(dir, { recursive: true })
+    const path = join(dir, `redis-ops-${new Date().toISOString().replace(/[:.]/g, '-')}.json`)
+    writeFileSync(path, `${JSON.stringify(result, null, 2)}\n`)
+    console.log(
+      JSON.stringify({ fit: result.fit_live_streamed_concurrent, derived: result.derived }, null, 1),
+    )
+    console.log(path)
+  } finally {
+    clearTimeout(timer)
+    receiver.close()
+    await stack?.stop().catch(() => {})
+    mon.disconnect()
+    await redisSrv.stop()
+  }
+}
+
+await main()
