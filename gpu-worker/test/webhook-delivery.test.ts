@@ -2,7 +2,9 @@ import { randomBytes } from 'node:crypto'
 import { once } from 'node:events'
 import { createServer, type Server } from 'node:http'
 import {
+  BATCH_RECORD_TTL_SECONDS,
   generateWebhookSecret,
+  tenantDeliveriesKey,
   tenantWebhooksKey,
   type WebhookEndpoint,
   type WebhookEvent,
@@ -54,6 +56,31 @@ describe('webhook delivery', () => {
     const keys = await redis.keys(`${PREFIX}:*`)
     if (keys.length > 0) await redis.del(...keys)
     redis.disconnect()
+  })
+
+  it("trims a tenant's delivery list to live records and gives it a TTL", async () => {
+    const tenant = 't-trim'
+    const list = tenantDeliveriesKey(PREFIX, tenant)
+    await redis.zadd(list, Date.now() - BATCH_RECORD_TTL_SECONDS * 1000 - 60_000, 'old-delivery')
+    await redis.zadd(list, Date.now() - 1000, 'recent-delivery')
+    const ep: WebhookEndpoint = {
+      id: 'we_t',
+      url: 'https://127.0.0.1/hook', // refused before any connection (loopback)
+      secret: generateWebhookSecret(),
+      events: ['batch.completed'],
+      disabled: true,
+    }
+    await redis.hset(tenantWebhooksKey(PREFIX, tenant), ep.id, JSON.stringify({ ...ep, disabled: false }))
+    const event: WebhookEvent = {
+      id: 'evt_t',
+      object: 'event',
+      type: 'batch.completed',
+      created_at: 1,
+      data: { id: 'b' },
+    }
+    expect(await enqueueWebhookEvent(redis, PREFIX, cfg, tenant, event, 'b')).toBe(1)
+    expect(await redis.zrange(list, '0', '-1')).toEqual(['recent-delivery', 'evt_t-we_t'])
+    expect(await redis.ttl(list)).toBeGreaterThan(0)
   })
 
   it('refuses loopback receivers at delivery time when the dev setting is off', async () => {

@@ -50,10 +50,13 @@ describe('worker faults', () => {
     await client.add(p, { attempts: 2 })
     await new Promise((r) => setTimeout(r, 800))
     expect(['waiting', 'prioritized']).toContain(await client.queue('general').getJobState(p.requestId!))
-    // The queue-depth gauge (what an autoscaler reads) counts it.
+    // The queue-depth gauge (what an autoscaler reads) counts it, and batch lines at any offset.
+    const line = payload('general', { priority: 'batch' })
+    await client.queue('general').add('generate', line, { jobId: line.requestId, priority: 10 + 37 })
     const metrics = await (await fetch(`http://127.0.0.1:${service.healthPort}/metrics`)).text()
     expect(metrics).toContain('moe_queue_depth{pool="general",priority="live"} 1')
-    expect(metrics).toContain('moe_queue_depth{pool="general",priority="batch"} 0')
+    expect(metrics).toContain('moe_queue_depth{pool="general",priority="async"} 0')
+    expect(metrics).toContain('moe_queue_depth{pool="general",priority="batch"} 1')
   })
 
   it('a job that stalled past the limit gets a final error event, so clients stop waiting', async () => {

@@ -105,7 +105,7 @@ export class WorkerMetrics {
   /** Read from Redis at each scrape (see WorkerService), so an autoscaler sees the queue itself. */
   readonly queueDepth = new Gauge({
     name: 'moe_queue_depth',
-    help: 'Jobs queued for a pool and not yet taken by a worker, by priority (live, batch)',
+    help: 'Jobs queued for a pool and not yet taken by a worker, by priority class (live, async, batch)',
     labelNames: ['pool', 'priority'],
     registers: [this.registry],
     collect: async () => {

@@ -30,6 +30,9 @@ import type { WebhookConfig } from './config.ts'
 // The URL is checked again here (SSRF): the host is resolved and every address must be public,
 // and the connection goes to the address that was checked (no second lookup to rebind).
 
+/** Most webhook deliveries a tenant's list keeps (GET /v1/webhooks/deliveries pages through it). */
+export const DELIVERY_LIST_MAX = 10_000
+
 /** Delay before retry n (1-based): min(cap, base * 2^(n-1)), "equal jitter" (between half and all of it). */
 export function webhookBackoff(cfg: WebhookConfig, attemptsMade: number): number {
   const d = Math.min(cfg.maxBackoffMs, cfg.backoffMs * 2 ** Math.max(0, attemptsMade - 1))
@@ -74,7 +77,16 @@ export async function enqueueWebhookEvent(
         'NX',
       )
       if (fresh === null) continue
-      await redis.zadd(tenantDeliveriesKey(prefix, tenantId), Date.now(), deliveryId)
+      // The list holds what the records do: entries older than a record's TTL, and past the
+      // newest DELIVERY_LIST_MAX, are dropped as new ones arrive.
+      const list = tenantDeliveriesKey(prefix, tenantId)
+      await redis
+        .multi()
+        .zadd(list, Date.now(), deliveryId)
+        .zremrangebyscore(list, '-inf', Date.now() - BATCH_RECORD_TTL_SECONDS * 1000)
+        .zremrangebyrank(list, 0, -DELIVERY_LIST_MAX - 1)
+        .expire(list, BATCH_RECORD_TTL_SECONDS)
+        .exec()
       const data: WebhookDeliveryData = {
         deliveryId,
         tenantId,

@@ -109,15 +109,24 @@ export class WorkerService {
     }
   }
 
-  /** Every job priority the edge uses is a BullMQ priority, so all queued jobs are counted here. */
+  /**
+   * Queued jobs per pool and priority class. Every job the edge enqueues has a BullMQ priority:
+   * live and async jobs exactly theirs, batch lines their class's plus an offset that interleaves
+   * tenants (up to 2^21 - 1), so batch is what remains of the prioritized set.
+   */
   private async collectQueueDepth(): Promise<void> {
-    const priorities = Object.entries(JOB_PRIORITY)
     await Promise.all(
       this.queues.map(async (q, i) => {
-        const counts = await q.getCountsPerPriority(priorities.map(([, n]) => n))
+        const [exact, total] = await Promise.all([
+          q.getCountsPerPriority([JOB_PRIORITY.live, JOB_PRIORITY.async]),
+          q.getJobCountByTypes('prioritized', 'waiting'),
+        ])
+        const live = exact[JOB_PRIORITY.live] ?? 0
+        const async = exact[JOB_PRIORITY.async] ?? 0
         const pool = this.config.pools[i]!.name
-        for (const [name, n] of priorities)
-          this.metrics.queueDepth.set({ pool, priority: name }, counts[n] ?? 0)
+        this.metrics.queueDepth.set({ pool, priority: 'live' }, live)
+        this.metrics.queueDepth.set({ pool, priority: 'async' }, async)
+        this.metrics.queueDepth.set({ pool, priority: 'batch' }, Math.max(0, total - live - async))
       }),
     )
   }
