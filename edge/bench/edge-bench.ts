@@ -105,7 +105,7 @@ async function seed(persistDir: string): Promise<string> {
   const { key } = await createApiKey(kv, TENANT, 'bench', null)
   const req = validateBody('chat', cachedBody)
   const sampling = { maxTokens: 16, temperature: 0, topP: 1, topK: 0, seed: null, stop: [] }
-  const ck = await cacheKey(TENANT, 'general', 'tiny-mixtral', canonicalRequest('chat', req, sampling))
+  const ck = await cacheKey(TENANT, 'general', 'moe-demo', canonicalRequest('chat', req, sampling))
   const answer: CachedAnswer = {
     v: 1,
     text: 'Paris.',

@@ -45,6 +45,8 @@ export async function startGpuWorker(
     REDIS_URL: redisUrl,
     MOE_METRICS_PORT: '0',
     MOE_QUEUE_PREFIX: prefix,
+    // The tiny random model serves every pool in tests: the demo model's ids, the tiny model's speed.
+    MOE_MODEL_DIR: join(repoRoot, 'gpu-worker/models/tiny-mixtral'),
     ...opts.env,
   })
   try {

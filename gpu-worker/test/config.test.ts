@@ -2,7 +2,7 @@ import { spawnSync } from 'node:child_process'
 import { join } from 'node:path'
 import { describe, expect, it } from 'vitest'
 import { ConfigError, loadWorkerConfig } from '../src/service/config.ts'
-import { TINY_MODEL_DIR } from './fixtures.ts'
+import { DEMO_MODEL_DIR } from './fixtures.ts'
 
 const MOE_BIN = join(import.meta.dirname, '..', 'bin', 'moe.js')
 
@@ -10,7 +10,7 @@ describe('worker configuration', () => {
   it('reads defaults and every pool from pools.json', () => {
     const c = loadWorkerConfig({})
     expect(c.pools.map((p) => p.name)).toEqual(['general', 'code', 'vision'])
-    expect(c.pools[0]!.modelDir).toBe(TINY_MODEL_DIR)
+    expect(c.pools[0]!.modelDir).toBe(DEMO_MODEL_DIR)
     expect(c).toMatchObject({
       redisUrl: 'redis://127.0.0.1:6379',
       ep: 'auto',

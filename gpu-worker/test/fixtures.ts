@@ -4,7 +4,10 @@ import { join } from 'node:path'
 import { fileURLToPath } from 'node:url'
 import { MoeEngine } from '../src/engine/engine.ts'
 
-/** The committed tiny model. */
+/** The committed demo model (trained; what `npm start` serves). */
+export const DEMO_MODEL_DIR = fileURLToPath(new URL('../models/demo-moe', import.meta.url))
+
+/** The committed tiny model (random weights; fast, for the tests). */
 export const TINY_MODEL_DIR = fileURLToPath(new URL('../models/tiny-mixtral', import.meta.url))
 
 /** A private copy of the tiny model (for tests that change or export it). */

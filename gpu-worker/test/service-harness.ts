@@ -15,6 +15,7 @@ import { Redis } from 'ioredis'
 import pino from 'pino'
 import { loadWorkerConfig, type WorkerConfig } from '../src/service/config.ts'
 import { WorkerService } from '../src/service/worker-service.ts'
+import { TINY_MODEL_DIR } from './fixtures.ts'
 
 export const REDIS_URL = process.env.REDIS_URL ?? 'redis://127.0.0.1:6379'
 const CLI = fileURLToPath(new URL('../bin/moe.js', import.meta.url))
@@ -32,6 +33,8 @@ export function testEnv(prefix: string, extra: Record<string, string> = {}): Nod
     MOE_MAX_CONTEXT: '512',
     MOE_MAX_BATCH: '16',
     MOE_LOG_LEVEL: 'silent',
+    // Every pool on the tiny model: fast, and what the outputs here are compared with.
+    MOE_MODEL_DIR: TINY_MODEL_DIR,
     ...extra,
   }
 }
@@ -61,7 +64,7 @@ export function payload(pool: string, overrides: Partial<JobPayloadInput> = {}):
     requestId,
     tenantId: 'tenant-a',
     pool,
-    model: 'tiny-mixtral',
+    model: 'moe-demo',
     input: { kind: 'tokens', inputIds: [1, 72, 101, 108, 108, 111] },
     sampling: { maxTokens: 12, temperature: 0.8, topP: 0.95, topK: 40, seed: 42, stop: [] },
     deadline: Date.now() + 60_000,

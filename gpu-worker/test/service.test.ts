@@ -196,10 +196,10 @@ describe('GPU worker service', () => {
     })
     await client.add(p)
     const d = done(await client.events(p.requestId!))!
-    expect(d.routing.allowedExperts).toEqual([0, 2, 5, 7])
+    expect(d.routing.allowedExperts).toEqual([0, 1, 5, 6])
     for (const layer of d.routing.expertLoad)
       layer.forEach((n, expert) => {
-        if (![0, 2, 5, 7].includes(expert)) expect(n).toBe(0)
+        if (![0, 1, 5, 6].includes(expert)) expect(n).toBe(0)
       })
     const total = d.routing.expertLoad[0]!.reduce((a, b) => a + b, 0)
     expect(total).toBe((d.usage.promptTokens + d.usage.completionTokens - 1) * 2)
@@ -241,7 +241,7 @@ describe('GPU worker service', () => {
       expect(text).toContain(name)
     expect(text).toMatch(/moe_request_duration_seconds_count\{pool="general"\} [1-9]/)
     expect(text).toMatch(/moe_queue_depth\{pool="general",priority="live"\} 0/)
-    expect(text).toMatch(/moe_expert_tokens_total\{pool="code",layer="0",expert="(0|2|5|7)"\} \d+/)
-    expect(text).not.toMatch(/moe_expert_tokens_total\{pool="code",layer="\d",expert="(1|3|4|6)"\}/)
+    expect(text).toMatch(/moe_expert_tokens_total\{pool="code",layer="0",expert="(0|1|5|6)"\} \d+/)
+    expect(text).not.toMatch(/moe_expert_tokens_total\{pool="code",layer="\d",expert="(2|3|4|7)"\}/)
   })
 })

@@ -68,7 +68,7 @@ async function submit(maxTokens: number): Promise<string> {
     requestId: id,
     tenantId: 'smoke',
     pool,
-    model: 'tiny-mixtral',
+    model: 'moe-demo',
     input: { kind: 'text', prompt: 'Hello' },
     sampling: { maxTokens, temperature: 0, topP: 1, topK: 0, stop: [], ignoreEos: true },
     deadline: Date.now() + 120_000,

@@ -155,7 +155,7 @@ moe-edge is up
   try:
     curl -N ${url}/v1/chat/completions \\
       -H "Authorization: Bearer ${seeded.apiKey}" -H "Content-Type: application/json" \\
-      -d '{"model":"auto","stream":true,"max_tokens":32,"messages":[{"role":"user","content":"Write a haiku about experts"}]}'
+      -d '{"model":"auto","stream":true,"max_tokens":96,"messages":[{"role":"user","content":"Who are you?"}]}'
   Ctrl-C stops everything started here.
 `)
 }

@@ -23,7 +23,7 @@ describe('chat completions', () => {
     const res = await client.chat.completions.create({ model: 'auto', messages, max_tokens: 24 }, noStore)
     expect(res.object).toBe('chat.completion')
     expect(res.id).toMatch(/^chatcmpl-/)
-    expect(res.model).toBe('tiny-mixtral')
+    expect(res.model).toBe('moe-demo')
     const choice = res.choices[0]!
     expect(choice.message.role).toBe('assistant')
     expect(typeof choice.message.content).toBe('string')
@@ -189,6 +189,6 @@ describe('models', () => {
   it('lists auto and the tenant pools', async () => {
     const ids = []
     for await (const m of client.models.list()) ids.push(m.id)
-    expect(ids).toEqual(expect.arrayContaining(['auto', 'general', 'code', 'vision', 'tiny-mixtral']))
+    expect(ids).toEqual(expect.arrayContaining(['auto', 'general', 'code', 'vision', 'moe-demo']))
   })
 })

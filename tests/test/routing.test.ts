@@ -9,8 +9,8 @@ const stack = inject('stack')
 const noStore = { headers: { 'cache-control': 'no-store' } }
 const POOL_EXPERTS: Record<string, number[] | null> = {
   general: null,
-  code: [0, 2, 5, 7],
-  vision: [1, 3, 4, 6],
+  code: [0, 1, 5, 6],
+  vision: [2, 3, 4, 7],
 }
 
 interface Moe {

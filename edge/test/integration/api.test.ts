@@ -270,17 +270,17 @@ describe('models and routing', () => {
       expect.arrayContaining([
         'auto',
         'general',
-        'tiny-mixtral',
+        'moe-demo',
         'code',
-        'tiny-mixtral-code',
+        'moe-demo-code',
         'vision',
-        'tiny-mixtral-vision',
+        'moe-demo-vision',
       ]),
     )
     const limited = await ids(textOnly)
-    expect(limited).toEqual(expect.arrayContaining(['auto', 'general', 'tiny-mixtral']))
+    expect(limited).toEqual(expect.arrayContaining(['auto', 'general', 'moe-demo']))
     expect(limited).not.toContain('code')
-    expect(limited).not.toContain('tiny-mixtral-vision')
+    expect(limited).not.toContain('moe-demo-vision')
   })
 
   it('dry-runs the router without enqueuing', async () => {
@@ -336,7 +336,7 @@ describe('models and routing', () => {
       'pool_not_allowed',
     )
     await expectError(
-      await post(textOnly, '/v1/chat/completions', chatBody('hi', { model: 'tiny-mixtral-vision' })),
+      await post(textOnly, '/v1/chat/completions', chatBody('hi', { model: 'moe-demo-vision' })),
       403,
       'pool_not_allowed',
     )
@@ -352,7 +352,7 @@ describe('async jobs', () => {
   it('submits with Prefer: respond-async -> 202, and the job is queued on the pool queue', async () => {
     const { res, json } = await submit(full, chatBody('solve 3x + 1 = 10'))
     expect(res.status).toBe(202)
-    expect(json).toMatchObject({ object: 'job', status: 'queued', model: 'tiny-mixtral-code' })
+    expect(json).toMatchObject({ object: 'job', status: 'queued', model: 'moe-demo-code' })
     expect(res.headers.get('location')).toBe(`/v1/jobs/${json.id}`)
     expect(res.headers.get('x-request-id')).toBe(json.id)
     for (const h of ['x-moe-pool', 'x-moe-task', 'x-moe-modality', 'x-moe-cache'])
@@ -390,7 +390,7 @@ describe('async jobs', () => {
     expect(await (await call(full, 'GET', `/v1/jobs/${json.id}`)).json()).toMatchObject({
       status: 'queued',
       endpoint: '/v1/completions',
-      model: 'tiny-mixtral',
+      model: 'moe-demo',
     })
   })
 

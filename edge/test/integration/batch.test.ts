@@ -308,7 +308,7 @@ describe('batches, files and webhooks', () => {
       expect(body.usage.completion_tokens).toBeLessThanOrEqual(4)
     }
     // Pools were chosen per line by the tenant's router (code lines on the code pool's model).
-    expect(new Set(out.map((l) => l.response.body.model))).toContain('tiny-mixtral-code')
+    expect(new Set(out.map((l) => l.response.body.model))).toContain('moe-demo-code')
     expect(done.error_file_id).toBeNull()
     expect((await client.batches.list({ limit: 10 })).data.map((b) => b.id)).toEqual([created.id])
   })

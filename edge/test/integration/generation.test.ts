@@ -51,7 +51,7 @@ describe('generation through the real GPU worker', () => {
       )
       .withResponse()
     expect(data.object).toBe('chat.completion')
-    expect(data.model).toBe('tiny-mixtral')
+    expect(data.model).toBe('moe-demo')
     const choice = data.choices[0]!
     expect(typeof choice.message.content).toBe('string')
     expect(['stop', 'length']).toContain(choice.finish_reason)

@@ -15,7 +15,7 @@ import { validateBody } from '../../src/validate.ts'
 async function keyOf(body: unknown, tenant = 't1', pool = 'general') {
   const req = validateBody('chat', body)
   const sampling = effectiveSampling({ req, pool: POOLS.get(pool)! })
-  return cacheKey(tenant, pool, 'tiny-mixtral', canonicalRequest('chat', req, sampling))
+  return cacheKey(tenant, pool, 'moe-demo', canonicalRequest('chat', req, sampling))
 }
 
 const base = { model: 'auto', temperature: 0, messages: [{ role: 'user', content: 'Hello' }] }

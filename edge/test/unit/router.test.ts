@@ -166,7 +166,7 @@ describe('modality and pool choice', () => {
 
   it('accepts a pool name or a model id, and refuses pools the tenant may not use', () => {
     const textOnly = { ...tenant, allowedPools: ['general'] }
-    expect(choosePool(tenant, POOLS, 'tiny-mixtral-code', 'chat', 'text', ['text']).pool.name).toBe('code')
+    expect(choosePool(tenant, POOLS, 'moe-demo-code', 'chat', 'text', ['text']).pool.name).toBe('code')
     const forbidden = (() => {
       try {
         choosePool(textOnly, POOLS, 'code', 'chat', 'text', ['text'])
