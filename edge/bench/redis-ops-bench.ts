@@ -1,5 +1,5 @@
 // Redis operations and bytes per generated token, through the whole local stack. Run from the
-// repo root:  npx node edge/bench/redis-ops-bench.ts   (about 2 minutes on 2 cores)
+// repo root:  npx node edge/bench/redis-ops-bench.ts   (about a minute on 2 cores)
 // Env: BENCH_N (requests per phase, default 200), BENCH_CONCURRENCY (16).
 //
 // A private redis-server (so INFO commandstats counts this stack only: the edge under
@@ -48,6 +48,8 @@ interface Snapshot {
   calls: Record<string, number>
   stats: Record<string, string>
   memory: Record<string, string>
+  /** Redis's own CPU time (INFO cpu, user + sys, all its threads), ms. */
+  cpuMs: number
 }
 
 async function snap(redis: Redis): Promise<Snapshot> {
@@ -56,6 +58,10 @@ async function snap(redis: Redis): Promise<Snapshot> {
     calls: await commandCalls(redis),
     stats: await infoOf(redis, 'stats'),
     memory: await infoOf(redis, 'memory'),
+    cpuMs: await (async () => {
+      const c = await infoOf(redis, 'cpu')
+      return (num(c, 'used_cpu_user') + num(c, 'used_cpu_sys')) * 1000
+    })(),
   }
 }
 
@@ -77,6 +83,9 @@ interface PhaseResult {
   net_out_bytes: number
   connections_opened: number
   used_memory_delta: number
+  redis_cpu_ms: number
+  redis_cpu_us_per_token: number
+  redis_cpu_us_per_request: number
   per_request: Record<string, number>
   per_token: Record<string, number>
   memory_usage_sample?: Record<string, number>
@@ -84,6 +93,7 @@ interface PhaseResult {
 
 let idleRate: Record<string, number> = {}
 let idleNet = { in: 0, out: 0 }
+let idleCpuMsPerS = 0
 
 function phaseResult(name: string, a: Snapshot, b: Snapshot, jobs: JobRef[]): PhaseResult {
   const seconds = (b.at - a.at) / 1000
@@ -114,6 +124,9 @@ function phaseResult(name: string, a: Snapshot, b: Snapshot, jobs: JobRef[]): Ph
     net_out_bytes: Math.round(d('total_net_output_bytes') - idleNet.out * seconds),
     connections_opened: d('total_connections_received'),
     used_memory_delta: num(b.memory, 'used_memory') - num(a.memory, 'used_memory'),
+    redis_cpu_ms: r3(b.cpuMs - a.cpuMs - idleCpuMsPerS * seconds),
+    redis_cpu_us_per_token: r3(((b.cpuMs - a.cpuMs - idleCpuMsPerS * seconds) * 1000) / Math.max(1, tokens)),
+    redis_cpu_us_per_request: r3(((b.cpuMs - a.cpuMs - idleCpuMsPerS * seconds) * 1000) / jobs.length),
     per_request: per(jobs.length),
     per_token: per(Math.max(1, tokens)),
   }
@@ -122,6 +135,16 @@ function phaseResult(name: string, a: Snapshot, b: Snapshot, jobs: JobRef[]): Ph
 /** MEMORY USAGE of each job's keys (stream, BullMQ job hash, edge job meta), summed over jobs. */
 async function memoryOf(redis: Redis, prefix: string, jobs: JobRef[]) {
   const sum: Record<string, number> = { stream: 0, bull_job_hash: 0, job_meta: 0, stream_entries: 0 }
+  const first = jobs[0]
+  const ttl = first
+    ? {
+        stream_ttl_s: await redis.ttl(`moe:job:${first.id}:events`),
+        job_meta_ttl_s: await redis.ttl(`${prefix}:jobmeta:${first.id}`),
+        done_event_bytes: (
+          (await redis.xrevrange(`moe:job:${first.id}:events`, '+', '-', 'COUNT', 1))[0]?.[1] ?? []
+        ).reduce((a, f) => a + Buffer.byteLength(f), 0),
+      }
+    : ({} as Record<string, number>)
   for (const j of jobs) {
     sum.stream! += Number((await redis.memory('USAGE', `moe:job:${j.id}:events`, 'SAMPLES', '0')) ?? 0)
     sum.stream_entries! += await redis.xlen(`moe:job:${j.id}:events`)
@@ -131,7 +154,7 @@ async function memoryOf(redis: Redis, prefix: string, jobs: JobRef[]) {
     sum.job_meta! += Number((await redis.memory('USAGE', `${prefix}:jobmeta:${j.id}`, 'SAMPLES', '0')) ?? 0)
   }
   const tokens = jobs.reduce((s, j) => s + j.tokens, 0)
-  const out: Record<string, number> = { jobs: jobs.length, tokens }
+  const out: Record<string, number> = { jobs: jobs.length, tokens, ...ttl }
   for (const [k, v] of Object.entries(sum)) {
     out[`${k}_per_request`] = Math.round(v / jobs.length)
     if (k === 'stream') out.stream_bytes_per_token = r3(v / Math.max(1, tokens))
@@ -226,8 +249,51 @@ function fitPerRequestPerToken(phases: PhaseResult[]) {
   return out
 }
 
+/**
+ * Counts every command Redis executes while running, from MONITOR: sent by a client ("top") or
+ * run inside a Lua script ("lua"; INFO commandstats counts both, so it cannot tell them apart),
+ * and which streams XADD writes to (job event streams or BullMQ's per-queue event log).
+ */
+async function monitorCounts(url: string) {
+  const base = new Redis(url)
+  const monitor = await base.monitor()
+  const top: Record<string, number> = {}
+  const lua: Record<string, number> = {}
+  const xadd: Record<string, number> = {}
+  monitor.on('monitor', (_time: string, args: string[], source: string) => {
+    const cmd = (args[0] ?? '').toLowerCase()
+    if (source !== 'lua' && (OWN.has(cmd) || cmd === 'client' || cmd === 'memory' || cmd === 'monitor'))
+      return
+    const into = source === 'lua' ? lua : top
+    into[cmd] = (into[cmd] ?? 0) + 1
+    if (cmd === 'xadd') {
+      const key = args[1] ?? ''
+      const kind = /^moe:job:.*:events$/.test(key)
+        ? 'job_events'
+        : key.endsWith(':events')
+          ? 'bullmq_events'
+          : key
+      xadd[kind] = (xadd[kind] ?? 0) + 1
+    }
+  })
+  await new Promise((r) => setTimeout(r, 200))
+  const t0 = performance.now()
+  return {
+    async stop() {
+      await new Promise((r) => setTimeout(r, 200))
+      const seconds = (performance.now() - t0) / 1000
+      monitor.disconnect()
+      base.disconnect()
+      return { seconds, top, lua, xadd }
+    },
+  }
+}
+
+const sumOf = (o: Record<string, number>) => Object.values(o).reduce((a, b) => a + b, 0)
+
 async function traceOne(stack: Stack, mon: Redis, tenant: TestTenant, url: string) {
-  const monitor = await new Redis(url).monitor()
+  const base = new Redis(url)
+  const monitor = await base.monitor()
   const byConn: Record<string, string[]> = {}
   monitor.on('monitor', (_time: string, args: string[], source: string) => {
     const cmd = (args[0] ?? '').toLowerCase()
@@ -235,7 +301,7 @@ async function traceOne(stack: Stack, mon: Redis, tenant: TestTenant, url: strin
     let label = cmd
     if (cmd === 'evalsha' || cmd === 'eval')
       label = `${cmd}(${args[2]} keys: ${(args[3] ?? '').split(':').slice(-1)[0]})`
-    ;(byConn[source] ??= []).push(label)
+    byConn[source] = [...(byConn[source] ?? []), label]
   })
   await new Promise((r) => setTimeout(r, 300))
   const r = await streamRequest(
@@ -246,6 +312,7 @@ async function traceOne(stack: Stack, mon: Redis, tenant: TestTenant, url: strin
   )
   await new Promise((res) => setTimeout(res, 500))
   monitor.disconnect()
+  base.disconnect()
   void mon
   // Compact each connection's sequence: runs of the same label as "label xN".
   const compact: Record<string, string[]> = {}
@@ -318,6 +385,7 @@ async function main() {
         .filter(([k]) => !OWN.has(k))
         .map(([k, v]) => [k, v / idleS]),
     )
+    idleCpuMsPerS = (i1.cpuMs - i0.cpuMs) / idleS
     idleNet = {
       in: (num(i1.stats, 'total_net_input_bytes') - num(i0.stats, 'total_net_input_bytes')) / idleS,
       out: (num(i1.stats, 'total_net_output_bytes') - num(i0.stats, 'total_net_output_bytes')) / idleS,
@@ -358,6 +426,42 @@ async function main() {
       maxRetries: 0,
       timeout: 120_000,
     })
+    const runBatch = async (n: number): Promise<JobRef[]> => {
+      const text = `${Array.from({ length: n }, (_, i) =>
+        JSON.stringify({
+          custom_id: `r${i}`,
+          method: 'POST',
+          url: '/v1/chat/completions',
+          body: chatBody(i, 64),
+        }),
+      ).join('\n')}\n`
+      const f = await client.files.create({
+        file: await toFile(Buffer.from(text), 'm.jsonl'),
+        purpose: 'batch',
+      })
+      webhookAt = 0
+      const bt = await client.batches.create({
+        input_file_id: f.id,
+        endpoint: '/v1/chat/completions',
+        completion_window: '24h',
+      })
+      const until = Date.now() + 180_000
+      while (webhookAt === 0 && Date.now() < until) await new Promise((r) => setTimeout(r, 5))
+      if (webhookAt === 0) throw new Error('batch webhook did not arrive')
+      const d = await client.batches.retrieve(bt.id)
+      const o = (await (await client.files.content(d.output_file_id!)).text()).split('\n').filter(Boolean)
+      return o.map((l) => {
+        const x = JSON.parse(l) as {
+          custom_id: string
+          response: { body: { usage: { completion_tokens: number } } }
+        }
+        return {
+          id: `${bt.id}-${x.custom_id.slice(1)}`,
+          pool: 'general',
+          tokens: x.response.body.usage.completion_tokens,
+        }
+      })
+    }
     const jsonl = `${Array.from({ length: N }, (_, i) =>
       JSON.stringify({
         custom_id: `r${i}`,
@@ -408,6 +512,57 @@ async function main() {
       `${pb.name}: ${JSON.stringify({ requests: pb.requests, tokens: pb.completion_tokens, per_token: pb.per_token, per_request_total: pb.per_request.TOTAL })}`,
     )
 
+    // ---- MONITOR-counted phases: client-sent vs in-script commands, by command.
+    const monIdle = await monitorCounts(redisSrv.url)
+    await new Promise((r) => setTimeout(r, Math.min(IDLE_MS, 5000)))
+    const idleM = await monIdle.stop()
+    const idleTopRate = sumOf(idleM.top) / idleM.seconds
+    const idleLuaRate = sumOf(idleM.lua) / idleM.seconds
+    const monitoredPhases: Record<string, unknown>[] = []
+    const monitored = async (name: string, run: () => Promise<JobRef[]>) => {
+      const m = await monitorCounts(redisSrv.url)
+      const jobs = await run()
+      await new Promise((r) => setTimeout(r, 300))
+      const c = await m.stop()
+      const tokens = jobs.reduce((a, j) => a + j.tokens, 0)
+      const top = sumOf(c.top) - idleTopRate * c.seconds
+      const lua = sumOf(c.lua) - idleLuaRate * c.seconds
+      const perReq = (o: Record<string, number>) =>
+        Object.fromEntries(
+          Object.entries(o)
+            .sort((x, y) => y[1] - x[1])
+            .map(([k, v]) => [k, r3(v / jobs.length)]),
+        )
+      const p = {
+        name,
+        requests: jobs.length,
+        completion_tokens: tokens,
+        seconds: r3(c.seconds),
+        client_commands: Math.round(top),
+        script_commands: Math.round(lua),
+        client_commands_per_request: r3(top / jobs.length),
+        client_commands_per_token: r3(top / Math.max(1, tokens)),
+        script_commands_per_request: r3(lua / jobs.length),
+        script_commands_per_token: r3(lua / Math.max(1, tokens)),
+        xadd_by_stream_per_request: perReq(c.xadd),
+        client_commands_by_cmd_per_request: perReq(c.top),
+        script_commands_by_cmd_per_request: perReq(c.lua),
+        idle_subtracted_per_second: { client: r3(idleTopRate), script: r3(idleLuaRate) },
+      }
+      monitoredPhases.push(p)
+      console.log(
+        `MONITOR ${name}: ${JSON.stringify({ client_per_req: p.client_commands_per_request, client_per_tok: p.client_commands_per_token, script_per_req: p.script_commands_per_request, xadd: p.xadd_by_stream_per_request })}`,
+      )
+    }
+    const NM = Math.min(N, 60)
+    await monitored(`live streamed, max_tokens 8, ${CONC} concurrent`, () =>
+      runLive(stack!, tenant, NM, CONC, 8, true),
+    )
+    await monitored(`live streamed, max_tokens 64, ${CONC} concurrent`, () =>
+      runLive(stack!, tenant, NM, CONC, 64, true),
+    )
+    await monitored(`batch of ${NM} lines, max_tokens 64`, () => runBatch(NM))
+
     const trace = await traceOne(stack, mon, tenant, redisSrv.url)
 
     const result = {
@@ -418,6 +573,7 @@ async function main() {
       loadavg_at_end: loadavg(),
       redis: { version: redisSrv.version, persistence: 'none (private bench instance)' },
       idle_per_second: Object.fromEntries(Object.entries(idleRate).map(([k, v]) => [k, r3(v)])),
+      idle_redis_cpu_ms_per_second: r3(idleCpuMsPerS),
       idle_net_bytes_per_second: { in: Math.round(idleNet.in), out: Math.round(idleNet.out) },
       phases,
       fit_live_streamed_concurrent: fitPerRequestPerToken([s8, s64]),
@@ -433,6 +589,7 @@ async function main() {
         ),
         net_bytes_per_token_batch_64: r3((pb.net_in_bytes + pb.net_out_bytes) / pb.completion_tokens),
       },
+      monitored_phases: monitoredPhases,
       monitor_trace_one_8_token_request: trace,
     }
     const dir = join(repoRoot, 'edge/bench/results')
