@@ -71,7 +71,12 @@ export function relaySse(c: Ctx, f: SseFrame, job: LiveJob): Response {
       if (!finished) job.cancel('client disconnected')
       release(job)
     })
-    // workerd reports a client that went away through request.signal (enable_request_signal).
+    // workerd reports a client that went away through request.signal (enable_request_signal);
+    // one that left while the request was being admitted has already aborted it.
+    if (c.req.raw.signal?.aborted) {
+      sse.abort()
+      return
+    }
     c.req.raw.signal?.addEventListener('abort', () => sse.abort())
     // Flush the headers now: a comment line, which SSE clients ignore. Keep-alive comments while
     // the job waits also let a disconnect surface (a write to a closed client cancels the stream).
@@ -125,6 +130,11 @@ export async function awaitAnswer(c: Ctx, job: LiveJob): Promise<DoneEvent> {
   const onAbort = () => {
     job.cancel('client disconnected')
     release(job)
+  }
+  // A client that left while the request was being admitted: nobody waits for this answer.
+  if (c.req.raw.signal?.aborted) {
+    onAbort()
+    throw new MoeError('cancelled', 'The client disconnected before the answer was ready')
   }
   c.req.raw.signal?.addEventListener('abort', onAbort)
   let final: StreamEvent | null = null
