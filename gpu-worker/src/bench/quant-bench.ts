@@ -43,20 +43,39 @@ async function decode(engine: MoeEngine, batch: number): Promise<number> {
   return (steps * batch * 1000) / (performance.now() - t0)
 }
 
+/** Prompt tokens per second prefilling one 512-token prompt. */
+async function prefill(engine: MoeEngine): Promise<number> {
+  const rows: StepRow[] = [{ slot: 0, tokens: prompt(512, 9), pastLength: 0, allowedExperts: null }]
+  await engine.forward(rows) // warm-up
+  const t0 = performance.now()
+  await engine.forward(rows)
+  return (512 * 1000) / (performance.now() - t0)
+}
+
 // The machine is shared: the three engines take turns, and each figure is the best of three rounds.
 const engines: Array<[ExportDtype, MoeEngine]> = []
 for (const dtype of ['fp32', 'int8', 'int4'] as ExportDtype[]) {
-  const opts = { modelDir, ep: 'cpu' as const, dtype, intraOpThreads: threads, maxBatch: 16, maxContext: 256 }
+  const opts = { modelDir, ep: 'cpu' as const, dtype, intraOpThreads: threads, maxBatch: 16, maxContext: 640 }
   engines.push([dtype, await MoeEngine.load({ ...opts, log: () => {} })])
 }
-const best = Object.fromEntries(engines.map(([d]) => [d, { decode_b1_tok_s: 0, decode_b16_tok_s: 0 }]))
+const best = Object.fromEntries(
+  engines.map(([d]) => [d, { decode_b1_tok_s: 0, decode_b16_tok_s: 0, prefill_512_tok_s: 0 }]),
+)
 for (let round = 0; round < 3; round++)
   for (const [dtype, engine] of engines) {
     const b = best[dtype]!
     b.decode_b1_tok_s = Math.max(b.decode_b1_tok_s, Number((await decode(engine, 1)).toFixed(1)))
     b.decode_b16_tok_s = Math.max(b.decode_b16_tok_s, Number((await decode(engine, 16)).toFixed(1)))
+    b.prefill_512_tok_s = Math.max(b.prefill_512_tok_s, Number((await prefill(engine)).toFixed(1)))
   }
+const fp32 = best.fp32!
 for (const [dtype, engine] of engines) {
-  console.log(dtype, JSON.stringify(best[dtype]))
+  const b = best[dtype]!
+  const ratios = {
+    decode_b1_vs_fp32: Number((b.decode_b1_tok_s / fp32.decode_b1_tok_s).toFixed(2)),
+    decode_b16_vs_fp32: Number((b.decode_b16_tok_s / fp32.decode_b16_tok_s).toFixed(2)),
+    prefill_vs_fp32: Number((b.prefill_512_tok_s / fp32.prefill_512_tok_s).toFixed(2)),
+  }
+  console.log(dtype, JSON.stringify({ ...b, ...ratios }))
   await engine.close()
 }

@@ -69,13 +69,14 @@ export function parameterCounts(c: ModelConfig): WeightComponents {
 }
 
 const QUANTIZED: ReadonlySet<keyof WeightComponents> = new Set([
+  'lm_head',
   'attention',
   'experts',
   'shared_experts',
   'dense_mlp',
 ])
 
-/** Bytes per weight: fp16 graphs for fp16; int8/int4 keep the small tensors, embedding and head in fp32. */
+/** Bytes per weight: fp16 graphs for fp16; int8/int4 keep the small tensors and the embedding in fp32. */
 function bytesPerWeight(dtype: PlanDtype, component: keyof WeightComponents): number {
   if (dtype === 'fp16') return 2
   if (dtype === 'fp32' || !QUANTIZED.has(component)) return 4

@@ -5,6 +5,7 @@ import { attention, DecoderGraph, mlp, ropeCaches } from './decoder-graph.ts'
 import { type ModelDir, tensorEntry } from './model-dir.ts'
 import { layerTensors } from './model-layout.ts'
 import { OnnxGraphWriter } from './onnx-graph.ts'
+import { matMulNBits, quantizable, quantizeRows } from './quantize.ts'
 import { readTensorRowsF32, type TensorEntry } from './safetensors.ts'
 
 // Exports a MoE checkpoint (any family in model-config.ts) to one ONNX graph
@@ -43,7 +44,7 @@ export const graphNames = {
 } as const
 
 /** Bump when the graph this file builds changes, so cached exports are rebuilt. */
-export const EXPORT_FORMAT = 3
+export const EXPORT_FORMAT = 4
 
 /**
  * Where the export of this model lives: under `cacheDir` when one is given (MOE_EXPORT_CACHE,
@@ -153,8 +154,17 @@ function buildGraph(model: ModelDir, dtype: ExportDtype, dataFile: string): Uint
   const lastIndex = g.op('Min', [lastPos, g.op('Sub', [seqLen, one])])
   const last = g.op('GatherND', [xn, g.op('Unsqueeze', [lastIndex, axis1])], { batch_dims: 1 })
   const lmSrc = tensorEntry(model, c.tie_word_embeddings ? 'model.embed_tokens.weight' : 'lm_head.weight')
-  const lmW = transposeHead(lmSrc, c.vocab_size, H, c.logits_scaling)
-  let logits = g.op('MatMul', [last, d.weight('lm_head.weight_t', [H, c.vocab_size], lmW)])
+  let logits: string
+  if (d.bits && quantizable(H)) {
+    // The head is the largest matrix a decode step reads (vocab x hidden): quantized like the rest.
+    const rows: Float32Array[] = []
+    for (let r0 = 0; r0 < c.vocab_size; r0 += 1024)
+      rows.push(readTensorRowsF32(lmSrc, r0, Math.min(1024, c.vocab_size - r0)))
+    logits = matMulNBits(g, last, 'lm_head.weight', quantizeRows(rows, H, d.bits, 1 / c.logits_scaling))
+  } else {
+    const lmW = transposeHead(lmSrc, c.vocab_size, H, c.logits_scaling)
+    logits = g.op('MatMul', [last, d.weight('lm_head.weight_t', [H, c.vocab_size], lmW)])
+  }
   if (dtype === 'fp16') logits = g.op('Cast', [logits], { to: 1 })
   g.node('Unsqueeze', [logits, axis1], [graphNames.logits])
   g.output(graphNames.logits, 'float32', ['batch', 1, c.vocab_size])
