@@ -121,6 +121,20 @@ export class BatchStore {
     return { tokens, lines }
   }
 
+  /** A batch still validating fails with one error, in OpenAI's `errors` list shape. */
+  private async failValidating(key: string, code: string, message: string): Promise<void> {
+    const errors = { object: 'list', data: [{ code, message, param: null, line: null }] }
+    await this.redis.moeBatchTransition(
+      key,
+      'validating',
+      'failed',
+      'failed_at',
+      nowS(),
+      'errors',
+      JSON.stringify(errors),
+    )
+  }
+
   /**
    * Records the batch, then adds the flow (parent + children) and the expiry job; a batch over
    * the tenant's enqueued-token limit is recorded as failed, and nothing is queued.
@@ -151,25 +165,10 @@ export class BatchStore {
       .exec()
     if (overQuota) {
       // As OpenAI's batch queue limit does: the batch is created, and fails at once.
-      const errors = {
-        object: 'list',
-        data: [
-          {
-            code: 'token_limit_exceeded',
-            message: `Enqueued token limit reached: this batch needs up to ${spec.tokens} tokens and ${before.tokens} are already enqueued in unfinished batches; the limit is ${spec.queueTokenLimit}. Try again once some in-progress batches have completed.`,
-            param: null,
-            line: null,
-          },
-        ],
-      }
-      await this.redis.moeBatchTransition(
+      await this.failValidating(
         key,
-        'validating',
-        'failed',
-        'failed_at',
-        nowS(),
-        'errors',
-        JSON.stringify(errors),
+        'token_limit_exceeded',
+        `Enqueued token limit reached: this batch needs up to ${spec.tokens} tokens and ${before.tokens} are already enqueued in unfinished batches; the limit is ${spec.queueTokenLimit}. Try again once some in-progress batches have completed.`,
       )
       return (await this.getBatch(s.id, s.tenantId))!
     }
@@ -212,25 +211,10 @@ export class BatchStore {
       console.error(
         JSON.stringify({ level: 'error', msg: 'batch enqueue failed', batch: s.id, error: String(e) }),
       )
-      const errors = {
-        object: 'list',
-        data: [
-          {
-            code: 'enqueue_failed',
-            message: `The batch's requests could not be queued (batch ${s.id}); please create the batch again.`,
-            param: null,
-            line: null,
-          },
-        ],
-      }
-      await this.redis.moeBatchTransition(
+      await this.failValidating(
         key,
-        'validating',
-        'failed',
-        'failed_at',
-        nowS(),
-        'errors',
-        JSON.stringify(errors),
+        'enqueue_failed',
+        `The batch's requests could not be queued (batch ${s.id}); please create the batch again.`,
       )
       throw e
     }

@@ -2,23 +2,29 @@ import { DurableObject } from 'cloudflare:workers'
 import {
   cancelJobs,
   decodeJobFailure,
-  generateJobOptions,
-  JOB_PRIORITY,
   type JobFailure,
-  type JobPayload,
   jobCancelKey,
   jobEventsKey,
   lastJobEvent,
   poolQueueName,
   SETTLE_TOKENS_LUA,
-  type StreamEvent,
   signingEndpoint,
-  tenantQueuedKey,
   tenantTokensKey,
   type WebhookEndpoint,
 } from '@moe/shared'
 import { Queue } from 'bullmq'
 import { Redis } from 'ioredis'
+import { admitRequest } from './admission/admit.ts'
+import { type AdmissionRedis, defineAdmissionCommands } from './admission/redis-scripts.ts'
+import {
+  type AdmitRequest,
+  type AdmitResult,
+  DELIVERED_GRACE_SECONDS,
+  type JobMeta,
+  type JobState,
+  type JobStatus,
+  jobMetaKey,
+} from './admission/types.ts'
 import { getTenant } from './auth.ts'
 import {
   type BatchList,
@@ -30,154 +36,13 @@ import {
 } from './batch-store.ts'
 import { type EdgeConfig, edgeConfigOf } from './config.ts'
 
+export type { AdmitRequest, AdmitResult, JobMeta, JobState, JobStatus } from './admission/types.ts'
+
 // One object per tenant admits that tenant's requests: rate limits, queue depth, enqueue, and
 // the tenant's job, batch, file and webhook records. workerd will not let one request use a
 // socket another request opened, so a Worker would pay a fresh Redis connection (about 9 ms here)
 // on every enqueue; a Durable Object's I/O belongs to the object, so it keeps a warm connection
 // and BullMQ queues, and admits in two pipelined round trips.
-
-/** How long the edge remembers who owns a job (for GET /v1/jobs/{id}). */
-export const JOB_META_TTL_SECONDS = 86_400
-
-/** How long a delivered live answer that no Idempotency-Key can replay stays in Redis. */
-export const DELIVERED_GRACE_SECONDS = 300
-
-export interface JobMeta {
-  tenantId: string
-  pool: string
-  model: string
-  endpoint: 'chat' | 'completion'
-  createdAt: number
-  async: boolean
-  /** SHA-256 of the canonical request: an Idempotency-Key is bound to the body it first came with. */
-  bodyHash?: string
-}
-
-export interface AdmitRequest {
-  payload: JobPayload
-  meta: JobMeta
-  limits: { requestsPerMinute: number; tokensPerMinute: number }
-  /** Tokens charged against tokens-per-minute now: prompt estimate plus max_tokens. */
-  tokenCost: number
-  maxQueueDepth: number
-  /** The most jobs this tenant may have queued on the pool (its share of maxQueueDepth). */
-  tenantQueueDepth: number
-  /** Set when the job id came from an Idempotency-Key: an existing job is returned, not re-run. */
-  idempotent: boolean
-  /**
-   * A live request holds a stream (and a Redis connection) until its job ends: at most this many
-   * at once per tenant. Null for asynchronous jobs, which hold none.
-   */
-  maxLiveStreams: number | null
-}
-
-export type AdmitResult =
-  | {
-      ok: true
-      jobId: string
-      existing: boolean
-      meta: JobMeta
-      /** The rate-limit window the tokens were charged to (absent when nothing was charged). */
-      window?: number
-      /** The live-stream slot this request holds; give it back with releaseStream. */
-      lease?: string
-    }
-  | {
-      ok: false
-      code: 'rate_limited' | 'overloaded' | 'idempotency_conflict'
-      message: string
-      retryAfterSeconds: number
-    }
-
-export type JobState = 'queued' | 'running' | 'completed' | 'failed' | 'cancelled'
-
-export interface JobStatus {
-  meta: JobMeta
-  state: JobState
-  bullState: string
-  /** The last event of the job's stream when it is `done` or `error`. */
-  final: StreamEvent | null
-  /** Why BullMQ gave up on the job, when its stream has no final event. */
-  failure: JobFailure | null
-}
-
-// Sliding-window limits (two fixed one-minute windows, the previous one weighted by how much of
-// it still overlaps the window ending now), checked and charged atomically, on Redis's clock so
-// every edge location agrees. Returns {allowed, reason, retryAfterMs, window}.
-const RATE_LIMIT_LUA = `
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local win = 60000
-local cur = math.floor(now / win)
-local frac = (now % win) / win
-local base = KEYS[1]
-local reqLimit = tonumber(ARGV[1])
-local tokLimit = tonumber(ARGV[2])
-local cost = tonumber(ARGV[3])
-local rc = tonumber(redis.call('GET', base .. ':r:' .. cur) or '0')
-local rp = tonumber(redis.call('GET', base .. ':r:' .. (cur - 1)) or '0')
-local tc = tonumber(redis.call('GET', base .. ':t:' .. cur) or '0')
-local tp = tonumber(redis.call('GET', base .. ':t:' .. (cur - 1)) or '0')
-local function wait(prev, curv, need, limit)
-  if curv + need > limit then return math.ceil((1 - frac) * win) end
-  if prev <= 0 then return 1000 end
-  local f = 1 - (limit - curv - need) / prev
-  return math.max(1000, math.ceil((f - frac) * win))
-end
-if cost > tokLimit then return {0, 'tokens_over_limit', win, cur} end
-if rp * (1 - frac) + rc + 1 > reqLimit then return {0, 'requests', wait(rp, rc, 1, reqLimit), cur} end
-if tp * (1 - frac) + tc + cost > tokLimit then return {0, 'tokens', wait(tp, tc, cost, tokLimit), cur} end
-redis.call('INCR', base .. ':r:' .. cur)
-redis.call('PEXPIRE', base .. ':r:' .. cur, 2 * win)
-redis.call('INCRBY', base .. ':t:' .. cur, cost)
-redis.call('PEXPIRE', base .. ':t:' .. cur, 2 * win)
-return {1, '', 0, cur}
-`
-
-type RateLimited = Redis & {
-  moeRateLimit(
-    base: string,
-    reqLimit: number,
-    tokLimit: number,
-    cost: number,
-  ): Promise<[number, string, number, number]>
-  moeLease(key: string, cap: number, ttlMs: number, lease: string): Promise<number>
-  moeKeepLast(key: string): Promise<number>
-}
-
-/** The BullMQ priorities that run no later than a job of this kind: they count against its depth. */
-const priorityUpTo = (p: JobPayload['priority']): number[] =>
-  Array.from({ length: JOB_PRIORITY[p] }, (_, i) => i + 1)
-
-// A tenant's live-stream slots: a sorted set of lease ids scored by when they lapse (so a lease
-// whose release was lost frees itself). Returns 1 and takes a slot, or 0 when all are held.
-const LEASE_LUA = `
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[1]) then return 0 end
-redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[3])
-redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[2]))
-return 1
-`
-
-// Replaces a stream by one holding only its newest entry, under the same id and TTL. XTRIM
-// would only flag the entries deleted: their listpack node stays allocated until every entry
-// in it is gone, the final event's included.
-const KEEP_LAST_LUA = `
-local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
-if #last == 0 then return 0 end
-local ttl = redis.call('PTTL', KEYS[1])
-redis.call('DEL', KEYS[1])
-redis.call('XADD', KEYS[1], last[1][1], unpack(last[1][2]))
-if ttl > 0 then redis.call('PEXPIRE', KEYS[1], ttl) end
-return 1
-`
-
-/** Job states after which an Idempotency-Key is free again (IETF idempotency-key draft). */
-const RETRYABLE_STATES: ReadonlySet<JobState> = new Set(['failed', 'cancelled'])
-
-export const jobMetaKey = (prefix: string, jobId: string): string => `${prefix}:jobmeta:${jobId}`
 
 /** The part of the object's storage it uses: one value and the alarm. */
 interface AlarmStorage {
@@ -191,7 +56,7 @@ export class TenantAdmission extends DurableObject<Env> {
     return (this.ctx as { storage: AlarmStorage }).storage
   }
 
-  private redis: RateLimited | null = null
+  private redis: AdmissionRedis | null = null
   private readonly queues = new Map<string, Queue>()
 
   private get config(): EdgeConfig {
@@ -202,7 +67,7 @@ export class TenantAdmission extends DurableObject<Env> {
     return this.config.queuePrefix
   }
 
-  private conn(): RateLimited {
+  private conn(): AdmissionRedis {
     if (this.redis && this.redis.status !== 'end') {
       // While the connection is being re-established, answer at once (503) rather than queue
       // the command behind the reconnect backoff; the reconnect goes on in the background.
@@ -217,15 +82,12 @@ export class TenantAdmission extends DurableObject<Env> {
       enableReadyCheck: false,
       // Retry quickly and steadily, so a Redis that comes back is noticed within a second.
       retryStrategy: (times: number) => Math.min(100 * times, 1000),
-    }) as RateLimited
+    })
     redis.on('error', (e: Error) =>
       console.error(JSON.stringify({ level: 'error', msg: 'redis', error: e.message })),
     )
-    redis.defineCommand('moeRateLimit', { numberOfKeys: 1, lua: RATE_LIMIT_LUA })
-    redis.defineCommand('moeLease', { numberOfKeys: 1, lua: LEASE_LUA })
-    redis.defineCommand('moeKeepLast', { numberOfKeys: 1, lua: KEEP_LAST_LUA })
-    this.redis = redis
-    return redis
+    this.redis = defineAdmissionCommands(redis)
+    return this.redis
   }
 
   private queue(pool: string): Queue {
@@ -306,137 +168,19 @@ export class TenantAdmission extends DurableObject<Env> {
     return this.conn().ping()
   }
 
-  /** Rate limits, backpressure and enqueue for one request. */
-  async admit(req: AdmitRequest): Promise<AdmitResult> {
-    const redis = this.conn()
-    const jobId = req.payload.requestId
-    const metaKey = jobMetaKey(this.prefix, jobId)
-    const rlBase = `${this.prefix}:rl:${req.meta.tenantId}`
-    const priority = req.payload.priority ?? 'live'
-    let replay: JobMeta | null = null
-    if (req.idempotent) {
-      const prior = await this.jobStatus(jobId, req.meta.tenantId)
-      if (prior && RETRYABLE_STATES.has(prior.state)) {
-        // A failed or cancelled request may be retried with its key, and runs again.
-        if (!(await this.forgetJob(jobId, prior.meta.pool))) {
-          return {
-            ok: false,
-            code: 'idempotency_conflict',
-            message: 'The earlier request with this Idempotency-Key is still being cancelled; retry shortly.',
-            retryAfterSeconds: 1,
-          }
-        }
-      } else if (prior) {
-        if (prior.meta.bodyHash !== req.meta.bodyHash) {
-          return {
-            ok: false,
-            code: 'idempotency_conflict',
-            message:
-              'This Idempotency-Key was already used with a different request body; use a new key for a new request.',
-            retryAfterSeconds: 0,
-          }
-        }
-        replay = prior.meta
-      }
-    }
-    const q = this.queue(req.payload.pool)
-    // A replay is a request like any other (it counts against the request rate and holds a
-    // stream), but its tokens were charged when the job was admitted.
-    const cost = replay ? 0 : req.tokenCost
-    const queuedKey = tenantQueuedKey(this.prefix, req.payload.pool, req.meta.tenantId)
-    const [rl, mine, depth] = await Promise.all([
-      redis.moeRateLimit(rlBase, req.limits.requestsPerMinute, req.limits.tokensPerMinute, cost),
-      replay
-        ? Promise.resolve(0)
-        : redis
-            .multi()
-            .zremrangebyscore(queuedKey, '-inf', Date.now())
-            .zcard(queuedKey)
-            .exec()
-            .then((r) => Number(r?.[1]?.[1] ?? 0)),
-      replay
-        ? Promise.resolve(0)
-        : // Only the jobs that run no later than this one count against its depth.
-          Promise.all([
-            q.getJobCountByTypes('waiting', 'delayed', 'waiting-children'),
-            q.getCountsPerPriority(priorityUpTo(priority)),
-          ]).then(([n, perPriority]) => n + Object.values(perPriority).reduce((a, b) => a + b, 0)),
-    ])
-    const [allowed, reason, retryMs, window] = rl
-    if (allowed !== 1) {
-      const retryAfterSeconds = Math.max(1, Math.ceil(retryMs / 1000))
-      const message =
-        reason === 'tokens_over_limit'
-          ? `This request needs up to ${req.tokenCost} tokens, more than the ${req.limits.tokensPerMinute} tokens per minute this tenant may use; lower max_tokens or the prompt.`
-          : reason === 'requests'
-            ? `Rate limit reached: ${req.limits.requestsPerMinute} requests per minute. Try again in ${retryAfterSeconds} s.`
-            : `Rate limit reached: ${req.limits.tokensPerMinute} tokens per minute. Try again in ${retryAfterSeconds} s.`
-      return { ok: false, code: 'rate_limited', message, retryAfterSeconds }
-    }
-    const giveBack = () => {
-      if (cost > 0) void redis.decrby(`${rlBase}:t:${window}`, cost).catch(() => {})
-    }
-    if (depth >= req.maxQueueDepth) {
-      // Not run, so give the tokens back (the request still counts).
-      giveBack()
-      return {
-        ok: false,
-        code: 'overloaded',
-        message: `The '${req.payload.pool}' pool is at capacity (${depth} requests queued); please retry later.`,
-        retryAfterSeconds: Math.min(30, 1 + Math.ceil(depth / 100)),
-      }
-    }
-    if (mine >= req.tenantQueueDepth) {
-      giveBack()
-      return {
-        ok: false,
-        code: 'overloaded',
-        message: `This tenant has ${mine} requests queued on the '${req.payload.pool}' pool, its share of the pool's queue (${req.tenantQueueDepth}); please retry later.`,
-        retryAfterSeconds: Math.min(30, 1 + Math.ceil(mine / 100)),
-      }
-    }
-    let lease: string | undefined
-    if (req.maxLiveStreams !== null) {
-      lease = `${jobId}:${crypto.randomUUID()}`
-      const ttlMs = Math.max(1000, req.payload.deadline - Date.now() + 5000)
-      if ((await redis.moeLease(this.liveKey(req.meta.tenantId), req.maxLiveStreams, ttlMs, lease)) !== 1) {
-        giveBack()
-        return {
-          ok: false,
-          code: 'rate_limited',
-          message: `Too many open requests: this tenant may wait on at most ${req.maxLiveStreams} live responses at once. Wait for one to finish, or submit with 'Prefer: respond-async'.`,
-          retryAfterSeconds: 1,
-        }
-      }
-    }
-    if (replay) return { ok: true, jobId, existing: true, meta: replay, ...(lease ? { lease } : {}) }
-    // A live job no key can replay is not read once delivered: its BullMQ record goes soon too.
-    const shortLived = priority === 'live' && !req.idempotent
-    const opts = generateJobOptions(jobId, priority)
-    // Nobody at the edge waits on an async job: the worker settles its charge.
-    const payload =
-      priority === 'async' && cost > 0 ? { ...req.payload, charge: { window, tokens: cost } } : req.payload
-    await Promise.all([
-      redis
-        .multi()
-        .zadd(queuedKey, req.payload.deadline, jobId)
-        // Entries leave by deadline (ZREMRANGEBYSCORE above); the set itself outlives the longest.
-        .expire(queuedKey, 2 * 3600)
-        .exec(),
-      q.add(
-        'generate',
-        payload,
-        shortLived
-          ? {
-              ...opts,
-              removeOnComplete: { age: DELIVERED_GRACE_SECONDS },
-              removeOnFail: { age: DELIVERED_GRACE_SECONDS },
-            }
-          : opts,
-      ),
-      redis.set(metaKey, JSON.stringify(req.meta), 'EX', JOB_META_TTL_SECONDS),
-    ])
-    return { ok: true, jobId, existing: false, meta: req.meta, window, ...(lease ? { lease } : {}) }
+  /** Rate limits, backpressure and enqueue for one request (admission/admit.ts). */
+  admit(req: AdmitRequest): Promise<AdmitResult> {
+    return admitRequest(
+      {
+        redis: this.conn(),
+        prefix: this.prefix,
+        queue: (pool) => this.queue(pool),
+        jobStatus: (jobId, tenantId) => this.jobStatus(jobId, tenantId),
+        forgetJob: (jobId, pool) => this.forgetJob(jobId, pool),
+        liveKey: (tenantId) => this.liveKey(tenantId),
+      },
+      req,
+    )
   }
 
   private liveKey(tenantId: string): string {
