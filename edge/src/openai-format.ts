@@ -14,6 +14,8 @@ export interface MoeSummary {
   expert_load?: number[]
   allowed_experts?: number[] | null
   timings?: Timings
+  /** The job was cancelled before it finished (finish_reason then says "stop"). */
+  cancelled?: true
 }
 
 export interface Answer {
@@ -21,6 +23,17 @@ export interface Answer {
   finishReason: FinishReason
   usage: { promptTokens: number; completionTokens: number }
 }
+
+/**
+ * The finish reason OpenAI's clients know. A job cancelled before it finished (a cancel, a
+ * deadline) stopped: strictly typed clients reject other values, so the cancellation travels in
+ * the `moe` object (`cancelled: true`).
+ */
+export const openAiFinishReason = (r: FinishReason): 'stop' | 'length' => (r === 'length' ? 'length' : 'stop')
+
+/** The moe summary of an answer, marked when the job was cancelled. */
+export const answerSummary = (answer: Pick<Answer, 'finishReason'>, moe: MoeSummary): MoeSummary =>
+  answer.finishReason === 'cancelled' ? { ...moe, cancelled: true } : moe
 
 export const usageOf = (u: Answer['usage']): Usage => ({
   prompt_tokens: u.promptTokens,
@@ -83,20 +96,22 @@ export function completionObject(
         {
           index: 0,
           message: { role: 'assistant', content: answer.text, refusal: null },
-          finish_reason: answer.finishReason,
+          finish_reason: openAiFinishReason(answer.finishReason),
           logprobs: null,
         },
       ],
       usage,
-      moe,
+      moe: answerSummary(answer, moe),
     }
   }
   return {
     ...base,
     object: 'text_completion',
-    choices: [{ index: 0, text: answer.text, finish_reason: answer.finishReason, logprobs: null }],
+    choices: [
+      { index: 0, text: answer.text, finish_reason: openAiFinishReason(answer.finishReason), logprobs: null },
+    ],
     usage,
-    moe,
+    moe: answerSummary(answer, moe),
   }
 }
 
@@ -115,7 +130,7 @@ export function chunkObject(
   part: ChunkPart,
   includeUsage: boolean,
 ): Record<string, unknown> {
-  const finish = part.finishReason ?? null
+  const finish = part.finishReason ? openAiFinishReason(part.finishReason) : null
   const base = { id, created, model, system_fingerprint: null }
   const usage = includeUsage ? { usage: null } : {}
   if (kind === 'chat') {

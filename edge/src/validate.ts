@@ -17,6 +17,37 @@ export function parseJson(text: string): unknown {
 
 const UNSUPPORTED = new Set<string>(UNSUPPORTED_PARAMETERS)
 
+const isEmptyObject = (v: unknown) =>
+  typeof v === 'object' && v !== null && !Array.isArray(v) && Object.keys(v).length === 0
+
+/**
+ * Values of unsupported parameters that ask for nothing: the defaults clients and UIs send on
+ * every request. They are accepted as "not set" instead of refused.
+ */
+const NEUTRAL: Partial<
+  Record<(typeof UNSUPPORTED_PARAMETERS)[number], (v: unknown, body: Record<string, unknown>) => boolean>
+> = {
+  presence_penalty: (v) => v === 0,
+  frequency_penalty: (v) => v === 0,
+  response_format: (v) => isEmptyObject(v) || (v as { type?: unknown })?.type === 'text',
+  tools: (v) => Array.isArray(v) && v.length === 0,
+  functions: (v) => Array.isArray(v) && v.length === 0,
+  tool_choice: (v, body) => v === 'none' || (v === 'auto' && !hasTools(body)),
+  // Without tools, whether calls may run in parallel asks nothing.
+  parallel_tool_calls: (v, body) => typeof v === 'boolean' && !hasTools(body),
+  logprobs: (v) => v === false,
+  top_logprobs: (v) => v === 0,
+  logit_bias: isEmptyObject,
+  echo: (v) => v === false,
+  best_of: (v) => v === 1,
+  store: (v) => v === false,
+  service_tier: (v) => v === 'auto' || v === 'default',
+}
+
+function hasTools(body: Record<string, unknown>): boolean {
+  return Array.isArray(body.tools) && body.tools.length > 0
+}
+
 /** A zod issue as an OpenAI-style message and param path. */
 export function zodToMoeError(error: z.ZodError): MoeError {
   const issue = error.issues[0]
@@ -47,10 +78,12 @@ export function validateBody(endpoint: Endpoint, body: unknown): ChatCompletionR
   }
   const obj = { ...(body as Record<string, unknown>) }
   const unsupported: string[] = []
+  const sent = { ...obj }
   for (const k of Object.keys(obj)) {
     if (!UNSUPPORTED.has(k)) continue
-    // Clients that send an unsupported parameter as null mean "not set".
-    if (obj[k] === null || obj[k] === undefined) delete obj[k]
+    // Clients that send an unsupported parameter as null, or at its neutral default, mean "not set".
+    const neutral = NEUTRAL[k as keyof typeof NEUTRAL]
+    if (obj[k] === null || obj[k] === undefined || neutral?.(obj[k], sent)) delete obj[k]
     else unsupported.push(k)
   }
   if (obj.n !== undefined && obj.n !== null && obj.n !== 1) unsupported.unshift('n')

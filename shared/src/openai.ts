@@ -16,14 +16,29 @@ const AudioPart = z.object({
 export const ContentPart = z.discriminatedUnion('type', [TextPart, ImagePart, AudioPart])
 export type ContentPart = z.infer<typeof ContentPart>
 
-export const ChatMessage = z.object({
-  role: z.enum(['system', 'developer', 'user', 'assistant']),
-  content: z.union([z.string(), z.array(ContentPart).min(1)]),
-  name: z.string().max(256).optional(),
-})
+export const ChatMessage = z
+  .object({
+    role: z.enum(['system', 'developer', 'user', 'assistant']),
+    // OpenAI allows an assistant turn with null content (it carried tool calls); it reads as empty.
+    content: z.union([z.string(), z.array(ContentPart).min(1)]).nullable(),
+    name: z.string().max(256).optional(),
+  })
+  .superRefine((m, ctx) => {
+    if (m.content === null && m.role !== 'assistant')
+      ctx.addIssue({
+        code: 'custom',
+        path: ['content'],
+        message: `content may be null only in an assistant message, not a ${m.role} one`,
+      })
+  })
+  .transform((m) => ({ ...m, content: m.content ?? '' }))
 export type ChatMessage = z.infer<typeof ChatMessage>
 
-export const Stop = z.union([z.string().min(1), z.array(z.string().min(1)).max(4)]).nullable()
+export const Stop = z
+  .union([z.string().min(1), z.array(z.string().min(1)).max(4)], {
+    error: 'stop must be a non-empty string or an array of at most 4 non-empty strings',
+  })
+  .nullable()
 
 /** Sampling parameters shared by chat and text completions. */
 const SamplingFields = {
@@ -75,6 +90,8 @@ export const UNSUPPORTED_PARAMETERS = [
   'frequency_penalty',
   'parallel_tool_calls',
   'web_search_options',
+  'store',
+  'service_tier',
 ] as const
 
 export type FinishReason = 'stop' | 'length' | 'cancelled' | 'error'

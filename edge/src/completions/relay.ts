@@ -2,7 +2,14 @@ import { type DoneEvent, type ErrorEvent, MoeError, publicErrorMessage, type Str
 import { type SSEStreamingApi, streamSSE } from 'hono/streaming'
 import { type Ctx, log } from '../http.ts'
 import { closeReader, jobEvents } from '../job-events.ts'
-import { type Answer, type ChunkPart, chunkObject, type MoeSummary, usageChunk } from '../openai-format.ts'
+import {
+  type Answer,
+  answerSummary,
+  type ChunkPart,
+  chunkObject,
+  type MoeSummary,
+  usageChunk,
+} from '../openai-format.ts'
 import type { Endpoint } from '../validate.ts'
 
 // Relays a job's token stream to the client as OpenAI-style SSE chunks, waits for a non-streamed
@@ -56,7 +63,9 @@ async function writeEnd(sse: SSEStreamingApi, f: SseFrame, answer: Answer, moe: 
   await writeChunk(sse, f, { finishReason: answer.finishReason })
   if (f.includeUsage) {
     await sse.writeSSE({
-      data: JSON.stringify(usageChunk(f.endpoint, f.id, f.created, f.model, answer.usage, moe)),
+      data: JSON.stringify(
+        usageChunk(f.endpoint, f.id, f.created, f.model, answer.usage, answerSummary(answer, moe)),
+      ),
     })
   }
   await sse.writeSSE({ data: '[DONE]' })

@@ -3,6 +3,7 @@ import { describe, expect, it } from 'vitest'
 import { app } from '../../src/app.ts'
 import { createApiKey, forgetAuthCache, kvTenant } from '../../src/auth.ts'
 import { EdgeError } from '../../src/http.ts'
+import { chunkObject, completionObject, openAiFinishReason } from '../../src/openai-format.ts'
 import { parseJson, validateBody } from '../../src/validate.ts'
 import { MemoryKV } from './memory-kv.ts'
 
@@ -29,6 +30,55 @@ describe('request validation and error mapping', () => {
     expect(n.param).toBe('n')
     expect(n.message).toContain('n must be 1')
     expect(validateBody('chat', { ...chat, n: 1, tools: null }).n).toBe(1)
+  })
+
+  it('accepts the neutral defaults clients send on every request, and still refuses real asks', () => {
+    const defaults = {
+      ...chat,
+      frequency_penalty: 0,
+      presence_penalty: 0,
+      response_format: { type: 'text' },
+      tools: [],
+      tool_choice: 'auto',
+      parallel_tool_calls: false,
+      logprobs: false,
+      logit_bias: {},
+      store: false,
+      service_tier: 'auto',
+    }
+    const ok = validateBody('chat', defaults)
+    expect(ok.messages).toEqual(chat.messages)
+    expect(validateBody('completion', { model: 'auto', prompt: 'x', echo: false, best_of: 1 }).prompt).toBe(
+      'x',
+    )
+    for (const [k, v] of [
+      ['frequency_penalty', 0.5],
+      ['response_format', { type: 'json_object' }],
+      ['tools', [{ type: 'function', function: { name: 'f' } }]],
+      ['store', true],
+      ['service_tier', 'flex'],
+    ] as const) {
+      const e = thrown(() => validateBody('chat', { ...defaults, [k]: v }))
+      expect(e.code).toBe('unsupported_parameter')
+      expect(e.param).toBe(k)
+    }
+  })
+
+  it('says what is wrong with stop and with null content, instead of "Invalid input"', () => {
+    const five = thrown(() => validateBody('chat', { ...chat, stop: ['a', 'b', 'c', 'd', 'e'] }))
+    expect(five.message).toContain('at most 4')
+    expect(five.param).toBe('stop')
+    const history = {
+      ...chat,
+      messages: [
+        { role: 'user', content: 'hi' },
+        { role: 'assistant', content: null },
+        { role: 'user', content: 'again' },
+      ],
+    }
+    expect(validateBody('chat', history).messages[1]).toEqual({ role: 'assistant', content: '' })
+    const user = thrown(() => validateBody('chat', { ...chat, messages: [{ role: 'user', content: null }] }))
+    expect(user.message).toContain('content may be null only in an assistant message')
   })
 
   it('rejects unknown fields and bad values with the offending param', () => {
@@ -129,5 +179,31 @@ describe('the Hono app (no Redis needed for these paths)', async () => {
     expect(res.status).toBe(503)
     expect(res.headers.get('retry-after')).not.toBeNull()
     expect(((await res.json()) as { error: { code: string } }).error.code).toBe('overloaded')
+  })
+})
+
+describe('finish reasons clients can type', () => {
+  it('reports a cancelled job as "stop" with moe.cancelled, never "cancelled"', () => {
+    const answer = {
+      text: 'x',
+      finishReason: 'cancelled' as const,
+      usage: { promptTokens: 1, completionTokens: 1 },
+    }
+    const moe = { request_id: 'r', pool: 'p', task: 't', modality: 'text', cache: 'BYPASS' as const }
+    const chatObj = completionObject('chat', 'id', 1, 'm', answer, moe) as {
+      choices: Array<{ finish_reason: string }>
+      moe: { cancelled?: boolean }
+    }
+    expect(chatObj.choices[0]!.finish_reason).toBe('stop')
+    expect(chatObj.moe.cancelled).toBe(true)
+    const chunk = chunkObject('completion', 'id', 1, 'm', { finishReason: 'cancelled' }, false) as {
+      choices: Array<{ finish_reason: string }>
+    }
+    expect(chunk.choices[0]!.finish_reason).toBe('stop')
+    expect(openAiFinishReason('length')).toBe('length')
+    const finished = completionObject('chat', 'id', 1, 'm', { ...answer, finishReason: 'stop' }, moe) as {
+      moe: { cancelled?: boolean }
+    }
+    expect(finished.moe.cancelled).toBeUndefined()
   })
 })
