@@ -8,7 +8,15 @@ import { files } from './batches/files.ts'
 import { batches } from './batches/index.ts'
 import { completions } from './completions/index.ts'
 import { withConfig } from './config.ts'
-import { type AppEnv, errorResponse, isRedisUnavailable, log, redisUnavailable } from './http.ts'
+import {
+  type AppEnv,
+  errorResponse,
+  isRedisUnavailable,
+  limitBody,
+  log,
+  redisUnavailable,
+  requireJson,
+} from './http.ts'
 import { jobs } from './jobs.ts'
 import { models } from './models.ts'
 
@@ -39,25 +47,8 @@ app.use(
   cors({
     origin: '*',
     allowMethods: ['GET', 'POST', 'PUT', 'DELETE', 'OPTIONS'],
-    allowHeaders: [
-      'Authorization',
-      'Content-Type',
-      'Cache-Control',
-      'Idempotency-Key',
-      'Prefer',
-      'X-Moe-Task',
-      'X-Client-Request-Id',
-      'OpenAI-Organization',
-      'OpenAI-Project',
-      'X-Stainless-Arch',
-      'X-Stainless-Lang',
-      'X-Stainless-OS',
-      'X-Stainless-Package-Version',
-      'X-Stainless-Retry-Count',
-      'X-Stainless-Runtime',
-      'X-Stainless-Runtime-Version',
-      'X-Stainless-Timeout',
-    ],
+    // No fixed list: the preflight's Access-Control-Request-Headers are allowed as asked (SDKs
+    // add headers of their own, e.g. X-Stainless-Helper-Method); every API route needs a key anyway.
     exposeHeaders: [
       'x-request-id',
       'x-moe-pool',
@@ -81,8 +72,34 @@ app.route('/v1', files)
 app.route('/v1', batches)
 app.route('/admin', admin)
 
+const BODY_MIDDLEWARE: ReadonlySet<unknown> = new Set([requireJson, limitBody])
+
+/** The methods some route answers at `path` (a known path asked with another method gets 405). */
+function allowedMethods(path: string): string[] {
+  const methods = new Set<string>()
+  for (const r of app.routes) {
+    // Middleware registered per method (body checks) answers nothing by itself.
+    if (r.method === 'ALL' || BODY_MIDDLEWARE.has(r.handler)) continue
+    const pattern = r.path
+      .replace(/[.+?^${}()|[\]\\]/g, '\\$&')
+      .replace(/:[^/]+/g, '[^/]+')
+      .replace(/\*/g, '.*')
+    if (new RegExp(`^${pattern}$`).test(path)) methods.add(r.method)
+  }
+  return [...methods].sort()
+}
+
 app.notFound((c) => {
-  const err = new MoeError('not_found', `No route for ${c.req.method} ${new URL(c.req.url).pathname}`)
+  const path = new URL(c.req.url).pathname
+  const allow = allowedMethods(path)
+  if (allow.length > 0) {
+    const err = new MoeError(
+      'method_not_allowed',
+      `${c.req.method} is not allowed on ${path}; use ${allow.join(' or ')}`,
+    )
+    return c.json(err.toBody(), 405, { allow: allow.join(', ') })
+  }
+  const err = new MoeError('not_found', `No route for ${c.req.method} ${path}`)
   return c.json(err.toBody(), 404)
 })
 

@@ -14,7 +14,9 @@ import {
 // restarted; the shared 127.0.0.1:6379 is never touched. Workers take a crashed worker's jobs
 // back after a short lock (MOE_LOCK_MS) and stalled-check interval.
 
-const FAST_RECOVERY = { MOE_LOCK_MS: '2000', MOE_STALLED_INTERVAL_MS: '1000' }
+// At most 10 sequences per worker, so the 20 streams below are shared by both workers: with a
+// larger batch the first worker to poll could take all of them, and the kill would test nothing.
+const FAST_RECOVERY = { MOE_LOCK_MS: '2000', MOE_STALLED_INTERVAL_MS: '1000', MOE_MAX_BATCH: '10' }
 let redis: PrivateRedis
 let stack: Stack
 let tenant: TestTenant
