@@ -174,7 +174,8 @@ describe('generation through the real GPU worker', () => {
     const res = await fetch(`${edge.url}/v1/chat/completions`, {
       method: 'POST',
       headers: { authorization: `Bearer ${tenant.key}`, 'content-type': 'application/json' },
-      body: JSON.stringify({ model: 'auto', messages: question, max_tokens: 256, stream: true }),
+      // The pool's longest answer, so the job is still generating when the disconnect is noticed.
+      body: JSON.stringify({ model: 'general', messages: question, max_tokens: 512, stream: true }),
       signal: ctrl.signal,
     })
     const id = res.headers.get('x-request-id')!
