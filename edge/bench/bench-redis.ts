@@ -2,13 +2,11 @@
 // INFO clients / commandstats / stats count this stack's traffic and nothing else), the whole
 // stack on it the way tests/src/stack.ts starts it (wrangler dev + `moe serve` on the tiny
 // model), and small readers of INFO.
-import { spawn, spawnSync } from 'node:child_process'
-import { once } from 'node:events'
-import { mkdtempSync, readFileSync, rmSync } from 'node:fs'
-import { cpus, tmpdir, totalmem } from 'node:os'
-import { join } from 'node:path'
+import { spawnSync } from 'node:child_process'
+import { readFileSync } from 'node:fs'
+import { cpus, totalmem } from 'node:os'
 import { Redis } from 'ioredis'
-import { freePort } from '../test/wrangler-dev.ts'
+import { startPrivateRedis } from '../../tests/src/stack.ts'
 
 export interface BenchRedis {
   url: string
@@ -17,63 +15,15 @@ export interface BenchRedis {
   stop(): Promise<void>
 }
 
-/** redis-server on a free loopback port, no persistence (RDB and AOF off), data in a temp dir. */
+/** redis-server on a free loopback port, no persistence, data in a temp dir (tests/src/stack.ts). */
 export async function startBenchRedis(): Promise<BenchRedis> {
-  const port = await freePort()
-  const dir = mkdtempSync(join(tmpdir(), 'moe-bench-redis-'))
-  const child = spawn(
-    'redis-server',
-    [
-      '--bind',
-      '127.0.0.1',
-      '--port',
-      String(port),
-      '--dir',
-      dir,
-      '--save',
-      '',
-      '--appendonly',
-      'no',
-      '--maxmemory-policy',
-      'noeviction',
-      '--logfile',
-      join(dir, 'redis.log'),
-    ],
-    { stdio: 'ignore' },
-  )
-  const url = `redis://127.0.0.1:${port}`
-  const deadline = Date.now() + 15_000
-  for (;;) {
-    const r = new Redis(url, { lazyConnect: true, maxRetriesPerRequest: 0, retryStrategy: () => null })
-    r.on('error', () => {})
-    try {
-      await r.connect()
-      if ((await r.ping()) === 'PONG') {
-        const version = /redis_version:(\S+)/.exec(await r.info('server'))?.[1] ?? '?'
-        r.disconnect()
-        return {
-          url,
-          port,
-          version,
-          async stop() {
-            if (child.exitCode === null && child.signalCode === null) {
-              const exited = once(child, 'exit')
-              child.kill('SIGTERM')
-              await Promise.race([exited, new Promise((res) => setTimeout(res, 5000))])
-              if (child.exitCode === null && child.signalCode === null) child.kill('SIGKILL')
-            }
-            rmSync(dir, { recursive: true, force: true })
-          },
-        }
-      }
-    } catch {
-      // not up yet
-    } finally {
-      r.disconnect()
-    }
-    if (child.exitCode !== null) throw new Error(`redis-server exited: see ${dir}/redis.log`)
-    if (Date.now() > deadline) throw new Error(`redis-server did not answer on ${port}`)
-    await new Promise((res) => setTimeout(res, 100))
+  const redis = await startPrivateRedis({ durable: false })
+  const r = new Redis(redis.url, { maxRetriesPerRequest: 1 })
+  try {
+    const version = /redis_version:(\S+)/.exec(await r.info('server'))?.[1] ?? '?'
+    return { url: redis.url, port: redis.port, version, stop: () => redis.stop() }
+  } finally {
+    r.disconnect()
   }
 }
 

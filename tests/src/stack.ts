@@ -185,8 +185,9 @@ export interface PrivateRedis {
 /**
  * A redis-server of this test run only, on a free loopback port, with AOF (fsync on every write)
  * in a temp dir: the one a fault test may kill and restart. The shared 6379 is never touched.
+ * `durable: false` turns persistence off (benchmarks that count Redis work want no AOF writes).
  */
-export async function startPrivateRedis(): Promise<PrivateRedis> {
+export async function startPrivateRedis({ durable = true } = {}): Promise<PrivateRedis> {
   const port = await freePort()
   const dir = mkdtempSync(join(tmpdir(), 'moe-e2e-redis-'))
   let child: ReturnType<typeof spawn> | null = null
@@ -201,10 +202,9 @@ export async function startPrivateRedis(): Promise<PrivateRedis> {
         String(port),
         '--dir',
         dir,
-        '--appendonly',
-        'yes',
-        '--appendfsync',
-        'always',
+        ...(durable ? ['--appendonly', 'yes', '--appendfsync', 'always'] : ['--appendonly', 'no']),
+        '--maxmemory-policy',
+        'noeviction',
         '--save',
         '',
         '--logfile',

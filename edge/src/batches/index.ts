@@ -2,7 +2,7 @@ import { BATCH_ENDPOINTS, type BatchEndpoint, type BatchLine, type BatchStatic, 
 import { Hono } from 'hono'
 import { randomBase62 } from '../auth.ts'
 import { jobPayload, promptTokenEstimate } from '../completions/submit.ts'
-import { type AppEnv, admissionOf, jsonBody, limitBody, requireJson } from '../http.ts'
+import { type AppEnv, admissionOf, type Ctx, jsonBody, limitBody, requireJson } from '../http.ts'
 import { tenantAuth } from '../middleware/tenant-auth/index.ts'
 import { findFile } from './files.ts'
 import { bad, validateBatchFile } from './input-file.ts'
@@ -112,21 +112,18 @@ batches.get('/batches', async (c) => {
   })
 })
 
-batches.get('/batches/:id', async (c) => {
+/** One of the tenant's batches by id, read or cancelled; 404 for a malformed or unknown id. */
+async function oneBatch(c: Ctx, op: 'getBatch' | 'cancelBatch') {
   const tenant = c.get('principal').tenant
-  const id = c.req.param('id')
-  const b = BATCH_ID.test(id) ? await admissionOf(c.env, tenant.id).getBatch(id, tenant.id) : null
+  const id = c.req.param('id') ?? ''
+  const b = BATCH_ID.test(id) ? await admissionOf(c.env, tenant.id)[op](id, tenant.id) : null
   if (!b) throw new MoeError('not_found', `No such Batch object: ${id}`, 'id')
   return c.json(b)
-})
+}
 
-batches.post('/batches/:id/cancel', async (c) => {
-  const tenant = c.get('principal').tenant
-  const id = c.req.param('id')
-  const b = BATCH_ID.test(id) ? await admissionOf(c.env, tenant.id).cancelBatch(id, tenant.id) : null
-  if (!b) throw new MoeError('not_found', `No such Batch object: ${id}`, 'id')
-  return c.json(b)
-})
+batches.get('/batches/:id', (c) => oneBatch(c, 'getBatch'))
+/** in_progress -> cancelling; the coordinator removes waiting children and stops running ones. */
+batches.post('/batches/:id/cancel', (c) => oneBatch(c, 'cancelBatch'))
 
 /** Every delivery of the tenant's webhook events with each attempt (status, latency). `?batch_id=` filters. */
 batches.get('/webhooks/deliveries', async (c) => {
