@@ -16,6 +16,17 @@ export interface GenerationParams {
   ignoreEos?: boolean
 }
 
+/**
+ * Restricts which tokens may come next (structured output, tool-call arguments). The sequence asks
+ * it to mask each step's logits before sampling, then tells it which token was sampled.
+ */
+export interface TokenConstraint {
+  /** Sets the logits of tokens that cannot come next to -Infinity, in place. */
+  mask(logits: Float32Array): void
+  /** Moves past a sampled token. */
+  advance(tokenId: number): void
+}
+
 export interface TokenOutput {
   index: number
   tokenId: number
@@ -49,6 +60,7 @@ export class Sequence {
   private readonly stopMatcher: StopMatcher
   private readonly isEos: (id: number) => boolean
   private readonly maxContext: number
+  private readonly constraint: TokenConstraint | null
 
   constructor(opts: {
     id: string
@@ -58,6 +70,7 @@ export class Sequence {
     layers: number
     experts: number
     maxContext: number
+    constraint?: TokenConstraint
   }) {
     if (opts.promptIds.length === 0) throw new Error('a sequence needs at least one prompt token')
     this.id = opts.id
@@ -69,6 +82,7 @@ export class Sequence {
     this.stopMatcher = new StopMatcher([...opts.params.stop])
     this.isEos = (id) => opts.tokenizer.isEos(id)
     this.expertLoad = new Uint32Array(opts.layers * opts.experts)
+    this.constraint = opts.constraint ?? null
   }
 
   get finished(): boolean {
@@ -86,7 +100,9 @@ export class Sequence {
    */
   accept(logits: Float32Array, consumed: number): TokenOutput {
     this.pastLength += consumed
+    this.constraint?.mask(logits)
     const tokenId = this.sampler.sample(logits)
+    this.constraint?.advance(tokenId)
     const index = this.outputIds.length
     this.outputIds.push(tokenId)
     this.firstTokenAt ??= performance.now()
