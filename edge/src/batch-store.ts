@@ -11,6 +11,7 @@ import {
   JOB_PRIORITY,
   type JobPayload,
   poolQueueName,
+  type RedisClient,
   type StoredFileMeta,
   storedFileKey,
   tenantBatchesKey,
@@ -23,7 +24,6 @@ import {
   webhookDeliveryKey,
 } from '@moe/shared'
 import { FlowProducer, Queue } from 'bullmq'
-import type { Redis } from 'ioredis'
 
 // The Redis side of batches, run inside the TenantAdmission Durable Object (its warm connection).
 // Who stores what:
@@ -75,7 +75,7 @@ export interface BatchList {
   has_more: boolean
 }
 
-type Transitioning = Redis & {
+type Transitioning = RedisClient & {
   moeBatchTransition(key: string, ...args: string[]): Promise<string | null>
 }
 
@@ -84,12 +84,12 @@ const nowS = (): string => String(Math.floor(Date.now() / 1000))
 export class BatchStore {
   readonly redis: Transitioning
   /** The connection it was made for (the Durable Object makes a new store when it reconnects). */
-  readonly conn: Redis
+  readonly conn: RedisClient
   private readonly prefix: string
   private flow: FlowProducer | null = null
   private control: Queue | null = null
 
-  constructor(redis: Redis, prefix: string) {
+  constructor(redis: RedisClient, prefix: string) {
     this.redis = redis as unknown as Transitioning
     this.conn = redis
     this.prefix = prefix

@@ -1,4 +1,4 @@
-import { QUEUE_PREFIX } from '@moe/shared'
+import { clusterPrefixProblem, parseClusterNodes, QUEUE_PREFIX, QUEUE_PREFIX_PATTERN } from '@moe/shared'
 import type { MiddlewareHandler } from 'hono'
 import { z } from 'zod'
 
@@ -27,6 +27,8 @@ const positiveInt = (fallback: number) =>
 const Vars = z.object({
   ENVIRONMENT: z.string().min(1, { error: 'must be set (development, test, production, ...)' }),
   REDIS_URL: z.string().regex(/^rediss?:\/\/\S+$/, { error: 'must be a redis:// or rediss:// URL' }),
+  /** `host:port,...`: seed nodes of a Redis Cluster (REDIS_URL then gives only auth and TLS). */
+  REDIS_CLUSTER_NODES: unsetOr(z.string().optional()),
   /** Largest request body the API accepts. */
   MAX_BODY_BYTES: positiveInt(1_048_576),
   /** Seconds a live (synchronous) request may wait for its answer. */
@@ -39,23 +41,44 @@ const Vars = z.object({
   /** DNS-over-HTTPS resolver (JSON API) used to check webhook hosts at registration. */
   WEBHOOK_DOH_URL: unsetOr(z.url({ protocol: /^https?$/, error: 'must be an http(s) URL' }).optional()),
   /** BullMQ prefix override, for test isolation only; the GPU workers use MOE_QUEUE_PREFIX. */
-  QUEUE_PREFIX: unsetOr(z.string().optional()),
+  QUEUE_PREFIX: unsetOr(
+    z
+      .string()
+      .regex(QUEUE_PREFIX_PATTERN, { error: 'may hold letters, digits, _, . and - only, and one {hash tag}' })
+      .optional(),
+  ),
   /** Secret: bearer token of the admin API (unset = admin API disabled). */
   ADMIN_TOKEN: unsetOr(z.string().optional()),
 })
 
-export const EdgeConfig = Vars.transform((v) => ({
+export const EdgeConfig = Vars.transform((v, ctx) => {
+  let redisClusterNodes: ReturnType<typeof parseClusterNodes>
+  try {
+    redisClusterNodes = parseClusterNodes(v.REDIS_CLUSTER_NODES)
+  } catch (e) {
+    ctx.addIssue({ code: 'custom', message: (e as Error).message, path: ['REDIS_CLUSTER_NODES'] })
+    return z.NEVER
+  }
+  const queuePrefix = v.QUEUE_PREFIX ?? QUEUE_PREFIX
+  const prefixProblem = redisClusterNodes ? clusterPrefixProblem(queuePrefix) : null
+  if (prefixProblem) {
+    ctx.addIssue({ code: 'custom', message: prefixProblem, path: ['QUEUE_PREFIX'] })
+    return z.NEVER
+  }
+  return {
   environment: v.ENVIRONMENT,
   redisUrl: v.REDIS_URL,
+  redisClusterNodes,
   maxBodyBytes: v.MAX_BODY_BYTES,
   liveTimeoutMs: v.LIVE_TIMEOUT_SECONDS * 1000,
   filesMaxLines: v.FILES_MAX_LINES,
   filesMaxBytes: v.FILES_MAX_BYTES,
   webhookAllowLoopback: v.WEBHOOK_ALLOW_LOOPBACK === '1' && v.ENVIRONMENT !== 'production',
   webhookDohUrl: v.WEBHOOK_DOH_URL ?? DEFAULT_DOH_URL,
-  queuePrefix: v.QUEUE_PREFIX ?? QUEUE_PREFIX,
+  queuePrefix,
   adminToken: v.ADMIN_TOKEN ?? null,
-}))
+  }
+})
 export type EdgeConfig = z.output<typeof EdgeConfig>
 
 // The env object of an isolate does not change, so it is parsed once, not per request.

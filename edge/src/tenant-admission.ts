@@ -1,6 +1,7 @@
 import { DurableObject } from 'cloudflare:workers'
 import {
   cancelJobs,
+  connectRedis,
   decodeJobFailure,
   type JobFailure,
   jobCancelKey,
@@ -13,7 +14,6 @@ import {
   type WebhookEndpoint,
 } from '@moe/shared'
 import { Queue } from 'bullmq'
-import { Redis } from 'ioredis'
 import { admitRequest } from './admission/admit.ts'
 import { type AdmissionRedis, defineAdmissionCommands } from './admission/redis-scripts.ts'
 import {
@@ -76,7 +76,7 @@ export class TenantAdmission extends DurableObject<Env> {
     }
     for (const q of this.queues.values()) void q.close().catch(() => {})
     this.queues.clear()
-    const redis = new Redis(this.config.redisUrl, {
+    const redis = connectRedis(this.config, {
       maxRetriesPerRequest: 2,
       connectTimeout: 2000,
       enableReadyCheck: false,
@@ -221,7 +221,8 @@ export class TenantAdmission extends DurableObject<Env> {
     const q = this.queue(pool)
     const job = await q.getJob(jobId)
     if (job && (await q.remove(jobId)) !== 1) return false
-    await redis.del(jobMetaKey(this.prefix, jobId), jobEventsKey(jobId), jobCancelKey(jobId))
+    // Two slots on a cluster: the record's (the queue prefix's tag) and the job's own.
+    await Promise.all([redis.del(jobMetaKey(this.prefix, jobId)), redis.del(jobEventsKey(jobId), jobCancelKey(jobId))])
     return true
   }
 
@@ -247,11 +248,10 @@ export class TenantAdmission extends DurableObject<Env> {
     if (!last || last.type === 'token') return
     if (replayable) await redis.moeKeepLast(jobEventsKey(jobId))
     else
-      await redis
-        .multi()
-        .expire(jobEventsKey(jobId), DELIVERED_GRACE_SECONDS)
-        .expire(jobMetaKey(this.prefix, jobId), DELIVERED_GRACE_SECONDS)
-        .exec()
+      await Promise.all([
+        redis.expire(jobEventsKey(jobId), DELIVERED_GRACE_SECONDS),
+        redis.expire(jobMetaKey(this.prefix, jobId), DELIVERED_GRACE_SECONDS),
+      ])
   }
 
   /** Asks the worker to drop the job (at its next step, or before it starts). */

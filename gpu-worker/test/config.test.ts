@@ -37,6 +37,27 @@ describe('worker configuration', () => {
     )
     expect(() => loadWorkerConfig({ MOE_WEBHOOK_ATTEMPTS: '0' })).toThrow(/MOE_WEBHOOK_ATTEMPTS/)
     expect(() => loadWorkerConfig({ MOE_EXPORT_CACHE: '' })).toThrow(/MOE_EXPORT_CACHE/)
+    expect(() => loadWorkerConfig({ REDIS_CLUSTER_NODES: 'host-without-port' })).toThrow(
+      /REDIS_CLUSTER_NODES: 'host-without-port' is not host:port/,
+    )
+    expect(() => loadWorkerConfig({ REDIS_CLUSTER_NODES: 'a:1', MOE_QUEUE_PREFIX: 'moe' })).toThrow(
+      /MOE_QUEUE_PREFIX: 'moe' has no hash tag.*'\{moe\}'/,
+    )
+    expect(() => loadWorkerConfig({ MOE_QUEUE_PREFIX: '{a}{b}' })).toThrow(/MOE_QUEUE_PREFIX/)
+  })
+
+  it('takes a Redis Cluster from REDIS_CLUSTER_NODES and a hash-tagged queue prefix', () => {
+    expect(loadWorkerConfig({})).toMatchObject({ redisClusterNodes: null, queuePrefix: '{moe}' })
+    const c = loadWorkerConfig({
+      REDIS_URL: 'rediss://:secret@redis.internal:6380',
+      REDIS_CLUSTER_NODES: '10.0.0.5:6379,10.0.0.6:6379',
+      MOE_QUEUE_PREFIX: 'prod{moe}',
+    })
+    expect(c.redisClusterNodes).toEqual([
+      { host: '10.0.0.5', port: 6379 },
+      { host: '10.0.0.6', port: 6379 },
+    ])
+    expect(c.queuePrefix).toBe('prod{moe}')
   })
 
   it('holds every MOE_* setting, the batch services and webhooks included', () => {

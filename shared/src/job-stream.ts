@@ -1,6 +1,7 @@
-import type { ChainableCommander, Redis } from 'ioredis'
+import type { ChainableCommander } from 'ioredis'
 import { MoeError } from './errors.ts'
 import { JOB_CANCEL_CHANNEL, JOB_STREAM_TTL_SECONDS, jobCancelKey, jobEventsKey } from './keys.ts'
+import { execPerSlot, type RedisClient } from './redis-connection.ts'
 import { type StreamEvent, streamEntryEvent } from './stream.ts'
 
 // The Redis side of the job contract, written once for the edge and the workers: reading a
@@ -19,7 +20,7 @@ export interface ReadJobStreamOptions {
  * when a retried job's stream holds some twice.
  */
 export async function* readJobStream(
-  redis: Redis,
+  redis: RedisClient,
   jobId: string,
   { deadline = Number.POSITIVE_INFINITY, blockMs = 5000 }: ReadJobStreamOptions = {},
 ): AsyncGenerator<StreamEvent> {
@@ -46,7 +47,7 @@ export async function* readJobStream(
 }
 
 /** The newest event of a job's stream, or null when the stream is empty or gone. */
-export async function lastJobEvent(redis: Redis, jobId: string): Promise<StreamEvent | null> {
+export async function lastJobEvent(redis: RedisClient, jobId: string): Promise<StreamEvent | null> {
   const [entry] = await redis.xrevrange(jobEventsKey(jobId), '+', '-', 'COUNT', 1)
   return entry ? streamEntryEvent(entry[1]) : null
 }
@@ -62,6 +63,6 @@ export function queueCancel(m: ChainableCommander, jobIds: readonly string[]): C
 }
 
 /** Asks workers to drop these jobs, in one MULTI. */
-export async function cancelJobs(redis: Redis, jobIds: readonly string[]): Promise<void> {
+export async function cancelJobs(redis: RedisClient, jobIds: readonly string[]): Promise<void> {
   if (jobIds.length > 0) await queueCancel(redis.multi(), jobIds).exec()
 }

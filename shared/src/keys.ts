@@ -1,13 +1,20 @@
 // Queue and Redis key names: the one place both sides take them from.
+//
+// Redis Cluster hashes a key by its first {tag}. Two groups of keys, so multi-key commands and
+// scripts stay in one slot:
+//   {moe}...           everything under the queue prefix (BullMQ's queues, which a batch flow
+//                      spans, admission counters, batch and webhook records): one slot;
+//   moe:job:{<id>}:... a job's token stream and cancel key: a slot per job, so the per-token
+//                      traffic spreads over every shard.
 
 /** BullMQ queue that feeds one expert pool. */
 export const poolQueueName = (pool: string): string => `pool.${pool}`
 
-/** Redis stream of one job's token events. */
-export const jobEventsKey = (jobId: string): string => `moe:job:${jobId}:events`
+/** Redis stream of one job's token events (tagged by the job id: one slot with its cancel key). */
+export const jobEventsKey = (jobId: string): string => `moe:job:{${jobId}}:events`
 
 /** Set by the edge when the client goes away; the scheduler drops the sequence at the next step. */
-export const jobCancelKey = (jobId: string): string => `moe:job:${jobId}:cancel`
+export const jobCancelKey = (jobId: string): string => `moe:job:{${jobId}}:cancel`
 
 /**
  * Whoever sets a cancel key also publishes the job id here, so workers react
@@ -23,8 +30,15 @@ export const JOB_CANCEL_CHANNEL = 'moe:cancel'
  */
 export const JOB_STREAM_TTL_SECONDS = 86_400
 
-/** Prefix for every BullMQ key, so the service can share a Redis with others. */
-export const QUEUE_PREFIX = 'moe'
+/**
+ * Prefix for every BullMQ key, so the service can share a Redis with others. Its hash tag keeps
+ * all queues in one cluster slot: a batch is one BullMQ flow whose parent (on the batch queue)
+ * and children (on the pool queues) BullMQ's scripts update together.
+ */
+export const QUEUE_PREFIX = '{moe}'
+
+/** What a queue prefix may look like: a name, optionally with (or as) one {hash tag}. */
+export const QUEUE_PREFIX_PATTERN = /^[\w.-]*(\{[\w.-]+\})?[\w.-]*$/
 
 /**
  * A tenant's jobs queued on one pool and not yet taken by a worker (job ids scored by their

@@ -1,7 +1,7 @@
 import { z } from 'zod'
 import { ErrorCode } from './errors.ts'
 
-// Events on `moe:job:<id>:events`. Every token carries its index, so a consumer
+// Events on `moe:job:{<id>}:events`. Every token carries its index, so a consumer
 // that reconnects, or reads a job retried after a crash, keeps each index once.
 
 export const TokenEvent = z.object({

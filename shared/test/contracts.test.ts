@@ -22,8 +22,8 @@ import {
 describe('contracts', () => {
   it('names queues and keys as ARCHITECTURE.md says', () => {
     expect(poolQueueName('code')).toBe('pool.code')
-    expect(jobEventsKey('r1')).toBe('moe:job:r1:events')
-    expect(jobCancelKey('r1')).toBe('moe:job:r1:cancel')
+    expect(jobEventsKey('r1')).toBe('moe:job:{r1}:events')
+    expect(jobCancelKey('r1')).toBe('moe:job:{r1}:cancel')
   })
 
   it('accepts the shipped pools file and rejects duplicate names', () => {

@@ -1,4 +1,4 @@
-import type { Redis } from 'ioredis'
+import type { RedisClient } from '@moe/shared'
 
 // The Lua the admission object runs on Redis, each atomic and on Redis's clock.
 
@@ -35,7 +35,7 @@ redis.call('PEXPIRE', base .. ':t:' .. cur, 2 * win)
 return {1, '', 0, cur}
 `
 
-export type AdmissionRedis = Redis & {
+export type AdmissionRedis = RedisClient & {
   moeRateLimit(
     base: string,
     reqLimit: number,
@@ -72,7 +72,7 @@ return 1
 `
 
 /** Registers the scripts above as commands on a connection. */
-export function defineAdmissionCommands(redis: Redis): AdmissionRedis {
+export function defineAdmissionCommands(redis: RedisClient): AdmissionRedis {
   redis.defineCommand('moeRateLimit', { numberOfKeys: 1, lua: RATE_LIMIT_LUA })
   redis.defineCommand('moeLease', { numberOfKeys: 1, lua: LEASE_LUA })
   redis.defineCommand('moeKeepLast', { numberOfKeys: 1, lua: KEEP_LAST_LUA })

@@ -192,7 +192,7 @@ export async function handleCompletion(
   }
 
   // The reader's connection is opened only once admitted: the live-stream cap bounds them.
-  const reader = openReader(c.get('config').redisUrl)
+  const reader = openReader(c.get('config'))
   const { lease, existing } = admitted
   const charged = admitted.window
   const job: LiveJob = {

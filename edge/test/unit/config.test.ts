@@ -18,13 +18,14 @@ describe('EdgeConfig', () => {
     expect(c).toEqual({
       environment: 'test',
       redisUrl: 'redis://127.0.0.1:6379',
+      redisClusterNodes: null,
       maxBodyBytes: 1_048_576,
       liveTimeoutMs: 300_000,
       filesMaxLines: 50_000,
       filesMaxBytes: 20 * 1024 * 1024,
       webhookAllowLoopback: false,
       webhookDohUrl: 'https://cloudflare-dns.com/dns-query',
-      queuePrefix: 'moe',
+      queuePrefix: '{moe}',
       adminToken: null,
     })
   })
@@ -70,6 +71,29 @@ describe('EdgeConfig', () => {
     const both = messageOf({ ENVIRONMENT: 'test', FILES_MAX_BYTES: '1.5' })
     expect(both).toContain('REDIS_URL')
     expect(both).toContain('FILES_MAX_BYTES')
+  })
+
+  it('switches to a Redis Cluster on REDIS_CLUSTER_NODES, with a hash-tagged prefix', () => {
+    expect(
+      edgeConfigOf({ ...base, REDIS_CLUSTER_NODES: '10.0.0.5:6379, redis-1.internal:7000,[::1]:7001' }),
+    ).toMatchObject({
+      redisClusterNodes: [
+        { host: '10.0.0.5', port: 6379 },
+        { host: 'redis-1.internal', port: 7000 },
+        { host: '::1', port: 7001 },
+      ],
+      queuePrefix: '{moe}',
+    })
+    expect(messageOf({ ...base, REDIS_CLUSTER_NODES: '10.0.0.5' })).toContain(
+      "REDIS_CLUSTER_NODES '10.0.0.5' is not host:port",
+    )
+    expect(messageOf({ ...base, REDIS_CLUSTER_NODES: 'a:1', QUEUE_PREFIX: 'moetest' })).toContain(
+      "QUEUE_PREFIX 'moetest' has no hash tag",
+    )
+    expect(edgeConfigOf({ ...base, REDIS_CLUSTER_NODES: 'a:1', QUEUE_PREFIX: '{moetest}' }).queuePrefix).toBe(
+      '{moetest}',
+    )
+    expect(messageOf({ ...base, QUEUE_PREFIX: 'moe:x' })).toContain('QUEUE_PREFIX')
   })
 
   it('parses an env object once', () => {

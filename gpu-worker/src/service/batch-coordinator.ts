@@ -11,14 +11,16 @@ import {
   batchOutputLine,
   type ChildResult,
   cancelJobs,
+  connectRedis,
   decodeJobFailure,
   httpStatusOf,
+  type RedisClient,
+  type RedisEndpoint,
   type StoredFileMeta,
   storedFileKey,
   type WebhookEvent,
 } from '@moe/shared'
 import { type Job, Queue, Worker } from 'bullmq'
-import { Redis } from 'ioredis'
 import type { Logger } from 'pino'
 import type { WebhookConfig, WorkerConfig } from './config.ts'
 import { enqueueWebhookEvent, WebhookDelivery } from './webhook-delivery.ts'
@@ -30,7 +32,7 @@ import { enqueueWebhookEvent, WebhookDelivery } from './webhook-delivery.ts'
 //   cancel    (from POST /v1/batches/{id}/cancel) and expire (delayed by the completion window):
 //             removes the children still waiting and asks the running ones to stop.
 
-type Transitioning = Redis & {
+type Transitioning = RedisClient & {
   moeBatchTransition(key: string, ...args: string[]): Promise<string | null>
 }
 
@@ -49,7 +51,7 @@ const outputFileId = (batchId: string) => `file-${batchId.replace(/^batch_/, '')
 const errorFileId = (batchId: string) => `file-${batchId.replace(/^batch_/, '')}err`
 
 export class BatchCoordinator {
-  private readonly redisUrl: string
+  private readonly endpoint: string | RedisEndpoint
   private readonly prefix: string
   private readonly log: Logger
   private readonly webhooks: WebhookConfig
@@ -57,19 +59,19 @@ export class BatchCoordinator {
   private worker: Worker | null = null
   private readonly queues = new Map<string, Queue>()
 
-  constructor(redisUrl: string, prefix: string, log: Logger, webhooks: WebhookConfig) {
-    this.redisUrl = redisUrl
+  constructor(endpoint: string | RedisEndpoint, prefix: string, log: Logger, webhooks: WebhookConfig) {
+    this.endpoint = endpoint
     this.prefix = prefix
     this.log = log.child({ component: 'batch-coordinator' })
     this.webhooks = webhooks
   }
 
   async start(): Promise<void> {
-    this.redis = new Redis(this.redisUrl, { maxRetriesPerRequest: null }) as unknown as Transitioning
+    this.redis = connectRedis(this.endpoint, { maxRetriesPerRequest: null }) as Transitioning
     this.redis.on('error', (e) => this.log.warn({ err: e.message }, 'redis connection error'))
     this.redis.defineCommand('moeBatchTransition', { numberOfKeys: 1, lua: BATCH_TRANSITION_LUA })
     this.worker = new Worker(BATCH_QUEUE, (job) => this.process(job), {
-      connection: new Redis(this.redisUrl, { maxRetriesPerRequest: null }),
+      connection: connectRedis(this.endpoint, { maxRetriesPerRequest: null }),
       prefix: this.prefix,
       concurrency: 4,
     })
@@ -277,9 +279,9 @@ export async function startBatchServices(
   log: Logger,
 ): Promise<{ close(): Promise<void> } | null> {
   if (!config.batchServices) return null
-  const { redisUrl, queuePrefix, webhooks } = config
-  const coordinator = new BatchCoordinator(redisUrl, queuePrefix, log, webhooks)
-  const delivery = new WebhookDelivery(redisUrl, queuePrefix, log, webhooks)
+  const { queuePrefix, webhooks } = config
+  const coordinator = new BatchCoordinator(config, queuePrefix, log, webhooks)
+  const delivery = new WebhookDelivery(config, queuePrefix, log, webhooks)
   await Promise.all([coordinator.start(), delivery.start()])
   log.info(
     { webhookAttempts: webhooks.attempts, webhookBackoffMs: webhooks.backoffMs },

@@ -1,6 +1,13 @@
 import { existsSync, readFileSync } from 'node:fs'
 import { isAbsolute, join, resolve } from 'node:path'
-import { type ExpertPool, PoolsFile, QUEUE_PREFIX } from '@moe/shared'
+import {
+  clusterPrefixProblem,
+  type ExpertPool,
+  PoolsFile,
+  parseClusterNodes,
+  QUEUE_PREFIX,
+  QUEUE_PREFIX_PATTERN,
+} from '@moe/shared'
 import { z } from 'zod'
 
 export const REPO_ROOT = resolve(import.meta.dirname, '..', '..', '..')
@@ -21,6 +28,8 @@ export const WorkerVariables = z.object({
     .string()
     .regex(/^rediss?:\/\//, 'must be a redis:// or rediss:// URL')
     .default('redis://127.0.0.1:6379'),
+  /** `host:port,...`: seed nodes of a Redis Cluster (REDIS_URL then gives only auth and TLS). */
+  REDIS_CLUSTER_NODES: z.string().optional(),
   MOE_POOLS_FILE: z.string().default(join(REPO_ROOT, 'infra/config/pools.json')),
   /** Comma-separated pool names to serve (default: every pool in the file). */
   MOE_POOLS: z.string().optional(),
@@ -40,7 +49,8 @@ export const WorkerVariables = z.object({
   MOE_METRICS_PORT: int(0, 65535).default(9464),
   MOE_QUEUE_PREFIX: z
     .string()
-    .regex(/^[\w.-]+$/, 'may hold letters, digits, _, . and - only')
+    .regex(QUEUE_PREFIX_PATTERN, 'may hold letters, digits, _, . and - only, and one {hash tag}')
+    .min(1)
     .default(QUEUE_PREFIX),
   MOE_LOCK_MS: int(1000, 600_000).default(30_000),
   MOE_STALLED_INTERVAL_MS: int(500, 600_000).default(15_000),
@@ -70,8 +80,21 @@ export const WorkerEnv = WorkerVariables.transform((e, ctx) => {
     ctx.addIssue({ code: 'custom', message: pools, path: ['MOE_POOLS'] })
     return z.NEVER
   }
+  let redisClusterNodes: ReturnType<typeof parseClusterNodes>
+  try {
+    redisClusterNodes = parseClusterNodes(e.REDIS_CLUSTER_NODES)
+  } catch (err) {
+    ctx.addIssue({ code: 'custom', message: (err as Error).message, path: ['REDIS_CLUSTER_NODES'] })
+    return z.NEVER
+  }
+  const prefixProblem = redisClusterNodes ? clusterPrefixProblem(e.MOE_QUEUE_PREFIX) : null
+  if (prefixProblem) {
+    ctx.addIssue({ code: 'custom', message: prefixProblem, path: ['MOE_QUEUE_PREFIX'] })
+    return z.NEVER
+  }
   return {
     redisUrl: e.REDIS_URL,
+    redisClusterNodes,
     pools,
     ep: e.MOE_EP,
     exportCacheDir: e.MOE_EXPORT_CACHE,

@@ -1,16 +1,17 @@
 import {
+  connectRedis,
   type ExpertPool,
   encodeJobFailure,
   type JobPayload,
   JobPayload as JobPayloadSchema,
   poolQueueName,
+  type RedisClient,
   SETTLE_TOKENS_LUA,
   seedFromJobId,
   tenantQueuedKey,
   tenantTokensKey,
 } from '@moe/shared'
 import { type Job, UnrecoverableError, WaitingError, Worker } from 'bullmq'
-import { Redis } from 'ioredis'
 import type { Logger } from 'pino'
 import type { StepEngine } from '../engine/engine.ts'
 import { SchedulerError, type SequenceOutcome } from '../scheduler/batch-scheduler.ts'
@@ -39,7 +40,7 @@ export class PoolConsumer {
   private readonly log: Logger
   private readonly worker: Worker
   private readonly queuePrefix: string
-  private readonly accounting: Redis
+  private readonly accounting: RedisClient
   readonly inFlight = new Map<string, InFlight>()
 
   constructor(
@@ -55,10 +56,10 @@ export class PoolConsumer {
     const c = deps.config
     this.queuePrefix = c.queuePrefix
     // The tenant's queued set and token charge: small writes beside the worker's own connections.
-    this.accounting = new Redis(c.redisUrl, { maxRetriesPerRequest: 2 })
+    this.accounting = connectRedis(c, { maxRetriesPerRequest: 2 })
     this.accounting.on('error', (e) => this.log.warn({ err: e.message }, 'accounting redis error'))
     this.worker = new Worker(poolQueueName(pool.name), (job, token) => this.process(job, token), {
-      connection: new Redis(c.redisUrl, { maxRetriesPerRequest: null }),
+      connection: connectRedis(c, { maxRetriesPerRequest: null }),
       prefix: c.queuePrefix,
       // Enough jobs in hand to fill the batch; the rest stay in Redis for other workers.
       concurrency: c.maxBatch,

@@ -1,15 +1,16 @@
 import {
   type DoneEvent,
   type ErrorEvent,
+  execPerSlot,
   JOB_STREAM_TTL_SECONDS,
   jobCancelKey,
   jobEventsKey,
+  type RedisClient,
   type StreamEvent,
   streamEntryEvent,
   streamEntryFields,
   type TokenEvent,
 } from '@moe/shared'
-import type { Redis } from 'ioredis'
 
 /** Streams of unfinished jobs live this long, in case their worker dies for good. */
 const RUNNING_TTL_SECONDS = 24 * 3600
@@ -21,13 +22,13 @@ const RUNNING_TTL_SECONDS = 24 * 3600
  * about streams and cancel keys.
  */
 export class TokenStreamWriter {
-  private readonly redis: Redis
+  private readonly redis: RedisClient
   private buffered: Array<[string, StreamEvent]> = []
   private readonly ending = new Set<string>()
   private readonly withTtl = new Set<string>()
   private acked: Promise<void> = Promise.resolve()
 
-  constructor(redis: Redis) {
+  constructor(redis: RedisClient) {
     this.redis = redis
   }
 
@@ -86,32 +87,31 @@ export class TokenStreamWriter {
   }
 
   private async send(batch: Array<[string, StreamEvent]>, ending: Set<string>): Promise<void> {
-    const pipe = this.redis.pipeline()
-    for (const [jobId, event] of batch) {
+    // Each job's commands in order; on a cluster, each job's go in their own pipeline (its slot).
+    const byJob = new Map<string, StreamEvent[]>()
+    for (const [jobId, event] of batch) byJob.get(jobId)?.push(event) ?? byJob.set(jobId, [event])
+    for (const jobId of ending) if (!byJob.has(jobId)) byJob.set(jobId, [])
+    const results = await execPerSlot(this.redis, [...byJob.keys()], jobEventsKey, (pipe, jobId) => {
       const key = jobEventsKey(jobId)
-      pipe.xadd(key, '*', ...streamEntryFields(event))
-      // A TTL from the first event on, so a stream whose worker died for good still expires.
-      if (!this.withTtl.has(jobId)) {
+      for (const event of byJob.get(jobId)!) pipe.xadd(key, '*', ...streamEntryFields(event))
+      if (ending.has(jobId)) {
+        pipe.expire(key, JOB_STREAM_TTL_SECONDS)
+        pipe.expire(jobCancelKey(jobId), JOB_STREAM_TTL_SECONDS)
+        this.withTtl.delete(jobId)
+      } else if (!this.withTtl.has(jobId)) {
+        // A TTL from the first event on, so a stream whose worker died for good still expires.
         pipe.expire(key, RUNNING_TTL_SECONDS)
         this.withTtl.add(jobId)
       }
-    }
-    for (const jobId of ending) {
-      pipe.expire(jobEventsKey(jobId), JOB_STREAM_TTL_SECONDS)
-      pipe.expire(jobCancelKey(jobId), JOB_STREAM_TTL_SECONDS)
-      this.withTtl.delete(jobId)
-    }
-    const results = await pipe.exec()
-    const failed = results?.find(([err]) => err)
+    })
+    const failed = results.flat().find(([err]) => err)
     if (failed) throw failed[0]
   }
 
-  /** The ids among `jobIds` whose cancel key is set (one round trip). */
+  /** The ids among `jobIds` whose cancel key is set (one round trip; on a cluster, one per job, at once). */
   async cancelled(jobIds: readonly string[]): Promise<string[]> {
     if (jobIds.length === 0) return []
-    const pipe = this.redis.pipeline()
-    for (const id of jobIds) pipe.exists(jobCancelKey(id))
-    const results = (await pipe.exec()) ?? []
-    return jobIds.filter((_, i) => results[i]?.[1] === 1)
+    const results = await execPerSlot(this.redis, jobIds, jobCancelKey, (pipe, id) => pipe.exists(jobCancelKey(id)))
+    return jobIds.filter((_, i) => results[i]?.[0]?.[1] === 1)
   }
 }

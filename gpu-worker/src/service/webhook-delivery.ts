@@ -6,6 +6,9 @@ import {
   BATCH_RECORD_TTL_SECONDS,
   checkResolvedAddress,
   checkWebhookUrl,
+  connectRedis,
+  type RedisClient,
+  type RedisEndpoint,
   tenantDeliveriesKey,
   tenantWebhooksKey,
   WEBHOOK_QUEUE,
@@ -19,7 +22,6 @@ import {
   webhookHeaders,
 } from '@moe/shared'
 import { type Job, Queue, UnrecoverableError, Worker } from 'bullmq'
-import { Redis } from 'ioredis'
 import type { Logger } from 'pino'
 import type { WebhookConfig } from './config.ts'
 
@@ -41,7 +43,7 @@ export function webhookBackoff(cfg: WebhookConfig, attemptsMade: number): number
 
 /** Enqueues one delivery per subscribed, enabled endpoint of the tenant. Idempotent per event id. */
 export async function enqueueWebhookEvent(
-  redis: Redis,
+  redis: RedisClient,
   prefix: string,
   cfg: WebhookConfig,
   tenantId: string,
@@ -163,25 +165,25 @@ function post(
 }
 
 export class WebhookDelivery {
-  private readonly redisUrl: string
+  private readonly endpoint: string | RedisEndpoint
   private readonly prefix: string
   private readonly log: Logger
   readonly config: WebhookConfig
-  private redis!: Redis
+  private redis!: RedisClient
   private worker: Worker | null = null
 
-  constructor(redisUrl: string, prefix: string, log: Logger, config: WebhookConfig) {
-    this.redisUrl = redisUrl
+  constructor(endpoint: string | RedisEndpoint, prefix: string, log: Logger, config: WebhookConfig) {
+    this.endpoint = endpoint
     this.prefix = prefix
     this.log = log.child({ component: 'webhook-delivery' })
     this.config = config
   }
 
   async start(): Promise<void> {
-    this.redis = new Redis(this.redisUrl, { maxRetriesPerRequest: null })
+    this.redis = connectRedis(this.endpoint, { maxRetriesPerRequest: null })
     this.redis.on('error', (e) => this.log.warn({ err: e.message }, 'redis connection error'))
     this.worker = new Worker(WEBHOOK_QUEUE, (job) => this.deliver(job), {
-      connection: new Redis(this.redisUrl, { maxRetriesPerRequest: null }),
+      connection: connectRedis(this.endpoint, { maxRetriesPerRequest: null }),
       prefix: this.prefix,
       concurrency: 16,
       settings: { backoffStrategy: (attemptsMade: number) => webhookBackoff(this.config, attemptsMade) },

@@ -1,6 +1,12 @@
-import { JOB_CANCEL_CHANNEL, JOB_PRIORITY, poolQueueName } from '@moe/shared'
+import {
+  connectRedis,
+  duplicateRedis,
+  JOB_CANCEL_CHANNEL,
+  JOB_PRIORITY,
+  poolQueueName,
+  type RedisClient,
+} from '@moe/shared'
 import { Queue } from 'bullmq'
-import { Redis } from 'ioredis'
 import pino, { type Logger } from 'pino'
 import { ThreadedEngine } from '../engine/threaded-engine.ts'
 import type { WorkerConfig } from './config.ts'
@@ -22,8 +28,8 @@ export class WorkerService {
   private readonly consumers: PoolConsumer[] = []
   /** Read-only handles on the pools' queues, for the queue-depth gauge. */
   private readonly queues: Queue[] = []
-  private redis!: Redis
-  private subscriber: Redis | null = null
+  private redis!: RedisClient
+  private subscriber: RedisClient | null = null
   private draining = false
   private ready = false
   /** Set when an engine died: the process takes no more work and should exit non-zero. */
@@ -41,13 +47,13 @@ export class WorkerService {
 
   async start(): Promise<void> {
     const c = this.config
-    this.redis = new Redis(c.redisUrl, { maxRetriesPerRequest: null, lazyConnect: false })
+    this.redis = connectRedis(c, { maxRetriesPerRequest: null, lazyConnect: false })
     this.redis.on('error', (err) => this.log.warn({ err: err.message }, 'redis connection error'))
     const streams = new TokenStreamWriter(this.redis)
     this.runtimes = await loadModelRuntimes(c, streams, this.metrics, this.log)
     for (const r of this.runtimes.values())
       if (r.engine instanceof ThreadedEngine) r.engine.onDeath((err) => this.engineDied(r, err))
-    this.subscriber = this.redis.duplicate()
+    this.subscriber = duplicateRedis(this.redis)
     this.subscriber.on('message', (_channel: string, jobId: string) => {
       for (const r of this.runtimes.values()) r.scheduler.cancel(jobId)
     })
