@@ -66,17 +66,17 @@ export const EdgeConfig = Vars.transform((v, ctx) => {
     return z.NEVER
   }
   return {
-  environment: v.ENVIRONMENT,
-  redisUrl: v.REDIS_URL,
-  redisClusterNodes,
-  maxBodyBytes: v.MAX_BODY_BYTES,
-  liveTimeoutMs: v.LIVE_TIMEOUT_SECONDS * 1000,
-  filesMaxLines: v.FILES_MAX_LINES,
-  filesMaxBytes: v.FILES_MAX_BYTES,
-  webhookAllowLoopback: v.WEBHOOK_ALLOW_LOOPBACK === '1' && v.ENVIRONMENT !== 'production',
-  webhookDohUrl: v.WEBHOOK_DOH_URL ?? DEFAULT_DOH_URL,
-  queuePrefix,
-  adminToken: v.ADMIN_TOKEN ?? null,
+    environment: v.ENVIRONMENT,
+    redisUrl: v.REDIS_URL,
+    redisClusterNodes,
+    maxBodyBytes: v.MAX_BODY_BYTES,
+    liveTimeoutMs: v.LIVE_TIMEOUT_SECONDS * 1000,
+    filesMaxLines: v.FILES_MAX_LINES,
+    filesMaxBytes: v.FILES_MAX_BYTES,
+    webhookAllowLoopback: v.WEBHOOK_ALLOW_LOOPBACK === '1' && v.ENVIRONMENT !== 'production',
+    webhookDohUrl: v.WEBHOOK_DOH_URL ?? DEFAULT_DOH_URL,
+    queuePrefix,
+    adminToken: v.ADMIN_TOKEN ?? null,
   }
 })
 export type EdgeConfig = z.output<typeof EdgeConfig>

@@ -1,4 +1,10 @@
-import { connectRedis, type RedisClient, type RedisEndpoint, readJobStream, type StreamEvent } from '@moe/shared'
+import {
+  connectRedis,
+  type RedisClient,
+  type RedisEndpoint,
+  readJobStream,
+  type StreamEvent,
+} from '@moe/shared'
 
 /**
  * A connection of this request's own for reading one job's event stream (blocking reads would
@@ -6,7 +12,11 @@ import { connectRedis, type RedisClient, type RedisEndpoint, readJobStream, type
  * handshake overlaps it.
  */
 export function openReader(endpoint: RedisEndpoint): RedisClient {
-  const redis = connectRedis(endpoint, { maxRetriesPerRequest: 1, connectTimeout: 2000, enableReadyCheck: false })
+  const redis = connectRedis(endpoint, {
+    maxRetriesPerRequest: 1,
+    connectTimeout: 2000,
+    enableReadyCheck: false,
+  })
   redis.on('error', () => {})
   return redis
 }

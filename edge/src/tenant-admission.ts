@@ -222,7 +222,10 @@ export class TenantAdmission extends DurableObject<Env> {
     const job = await q.getJob(jobId)
     if (job && (await q.remove(jobId)) !== 1) return false
     // Two slots on a cluster: the record's (the queue prefix's tag) and the job's own.
-    await Promise.all([redis.del(jobMetaKey(this.prefix, jobId)), redis.del(jobEventsKey(jobId), jobCancelKey(jobId))])
+    await Promise.all([
+      redis.del(jobMetaKey(this.prefix, jobId)),
+      redis.del(jobEventsKey(jobId), jobCancelKey(jobId)),
+    ])
     return true
   }
 

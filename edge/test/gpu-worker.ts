@@ -1,8 +1,7 @@
 import { once } from 'node:events'
 import { join } from 'node:path'
-import { poolQueueName, QUEUE_PREFIX } from '@moe/shared'
+import { connectRedis, parseClusterNodes, poolQueueName, QUEUE_PREFIX } from '@moe/shared'
 import { Queue } from 'bullmq'
-import { Redis } from 'ioredis'
 import { repoRoot, spawnOwned } from './wrangler-dev.ts'
 
 export const REDIS_URL = process.env.REDIS_URL ?? 'redis://127.0.0.1:6379'
@@ -19,6 +18,8 @@ export interface RunningWorker {
 export interface WorkerOptions {
   /** Redis the worker consumes from (default REDIS_URL). */
   redisUrl?: string
+  /** REDIS_CLUSTER_NODES of a Redis Cluster (then `redisUrl` gives only credentials). */
+  clusterNodes?: string
   /** Extra environment (MOE_LOCK_MS, MOE_STALLED_INTERVAL_MS, ...). */
   env?: Record<string, string>
 }
@@ -34,7 +35,10 @@ export async function startGpuWorker(
   opts: WorkerOptions = {},
 ): Promise<RunningWorker> {
   const redisUrl = opts.redisUrl ?? REDIS_URL
-  const redis = new Redis(redisUrl, { maxRetriesPerRequest: null })
+  const redis = connectRedis(
+    { redisUrl, redisClusterNodes: parseClusterNodes(opts.clusterNodes) },
+    { maxRetriesPerRequest: null },
+  )
   const queues = pools.map((p) => new Queue(poolQueueName(p), { connection: redis, prefix }))
   // Consumers already there (another worker on the same queues): wait for one more on each.
   const before = await Promise.all(queues.map((q) => q.getWorkersCount()))
@@ -45,6 +49,7 @@ export async function startGpuWorker(
     REDIS_URL: redisUrl,
     MOE_METRICS_PORT: '0',
     MOE_QUEUE_PREFIX: prefix,
+    ...(opts.clusterNodes ? { REDIS_CLUSTER_NODES: opts.clusterNodes } : {}),
     // The tiny random model serves every pool in tests: the demo model's ids, the tiny model's speed.
     MOE_MODEL_DIR: join(repoRoot, 'gpu-worker/models/tiny-mixtral'),
     ...opts.env,

@@ -7,6 +7,7 @@ import { type ChildProcess, spawn, spawnSync } from 'node:child_process'
 import { existsSync, readFileSync } from 'node:fs'
 import { join } from 'node:path'
 import { createInterface } from 'node:readline'
+import { clusterPrefixProblem, connectRedis, parseClusterNodes, QUEUE_PREFIX } from '@moe/shared'
 import { seedDev } from './seed-dev.ts'
 
 const root = join(import.meta.dirname, '..', '..')
@@ -115,11 +116,38 @@ async function stop(code: number) {
 process.on('SIGINT', () => void stop(0))
 process.on('SIGTERM', () => void stop(0))
 
-const redis = spawnSync('bash', [join(root, 'infra/scripts/ensure-redis.sh')], { encoding: 'utf8' })
-process.stdout.write(redis.stdout.replace(/^pidfile=.*\n?/m, ''))
-process.stderr.write(redis.stderr)
-if (redis.status !== 0) process.exit(1)
-redisPidFile = /^pidfile=(.*)$/m.exec(redis.stdout)?.[1] ?? null
+// REDIS_CLUSTER_NODES runs everything on a Redis Cluster (started elsewhere); else a single
+// Redis at REDIS_URL, started here when it is local and not running.
+let clusterNodes: ReturnType<typeof parseClusterNodes> = null
+try {
+  clusterNodes = parseClusterNodes(env.REDIS_CLUSTER_NODES)
+} catch (e) {
+  fail(`REDIS_CLUSTER_NODES: ${(e as Error).message}`)
+}
+const queuePrefix = env.MOE_QUEUE_PREFIX ?? QUEUE_PREFIX
+if (clusterNodes) {
+  const problem = clusterPrefixProblem(queuePrefix)
+  if (problem) fail(`MOE_QUEUE_PREFIX: ${problem}`)
+  const cluster = connectRedis(
+    { redisUrl: env.REDIS_URL ?? 'redis://127.0.0.1:6379', redisClusterNodes: clusterNodes },
+    { maxRetriesPerRequest: 1, connectTimeout: 3000, retryStrategy: () => null },
+  )
+  cluster.on('error', () => {})
+  try {
+    await cluster.ping()
+    console.log(`redis: cluster at ${env.REDIS_CLUSTER_NODES}`)
+  } catch (e) {
+    fail(`the Redis Cluster at ${env.REDIS_CLUSTER_NODES} does not answer (${(e as Error).message})`)
+  } finally {
+    cluster.disconnect()
+  }
+} else {
+  const redis = spawnSync('bash', [join(root, 'infra/scripts/ensure-redis.sh')], { encoding: 'utf8' })
+  process.stdout.write(redis.stdout.replace(/^pidfile=.*\n?/m, ''))
+  process.stderr.write(redis.stderr)
+  if (redis.status !== 0) process.exit(1)
+  redisPidFile = /^pidfile=(.*)$/m.exec(redis.stdout)?.[1] ?? null
+}
 
 const seeded = await seedDev()
 
@@ -133,8 +161,12 @@ for (let i = 0; i < workers; i++) {
     },
   )
 }
-// The edge reads Redis from its wrangler vars: hand it the same REDIS_URL the workers use.
-const edgeVars = env.REDIS_URL ? ['--var', `REDIS_URL:${env.REDIS_URL}`] : []
+// The edge reads Redis from its wrangler vars: hand it the same Redis and prefix the workers use.
+const edgeVars = [
+  ...(env.REDIS_URL ? ['--var', `REDIS_URL:${env.REDIS_URL}`] : []),
+  ...(clusterNodes ? ['--var', `REDIS_CLUSTER_NODES:${env.REDIS_CLUSTER_NODES}`] : []),
+  ...(env.MOE_QUEUE_PREFIX ? ['--var', `QUEUE_PREFIX:${queuePrefix}`] : []),
+]
 start('edge', 'npx', ['wrangler', 'dev', '--ip', '127.0.0.1', '--port', String(edgePort), ...edgeVars], {
   WRANGLER_SEND_METRICS: 'false',
 })

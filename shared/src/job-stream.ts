@@ -1,7 +1,7 @@
 import type { ChainableCommander } from 'ioredis'
 import { MoeError } from './errors.ts'
 import { JOB_CANCEL_CHANNEL, JOB_STREAM_TTL_SECONDS, jobCancelKey, jobEventsKey } from './keys.ts'
-import { execPerSlot, type RedisClient } from './redis-connection.ts'
+import { execPerSlot, isCluster, type RedisClient } from './redis-connection.ts'
 import { type StreamEvent, streamEntryEvent } from './stream.ts'
 
 // The Redis side of the job contract, written once for the edge and the workers: reading a
@@ -62,7 +62,22 @@ export function queueCancel(m: ChainableCommander, jobIds: readonly string[]): C
   return m
 }
 
-/** Asks workers to drop these jobs, in one MULTI. */
+/**
+ * Asks workers to drop these jobs, in one MULTI. On a cluster each cancel key has its job's slot
+ * (and ioredis routes PUBLISH by its channel), so the keys are set first, then the ids published.
+ */
 export async function cancelJobs(redis: RedisClient, jobIds: readonly string[]): Promise<void> {
-  if (jobIds.length > 0) await queueCancel(redis.multi(), jobIds).exec()
+  if (jobIds.length === 0) return
+  if (!isCluster(redis)) {
+    await queueCancel(redis.multi(), jobIds).exec()
+    return
+  }
+  const set = await execPerSlot(redis, jobIds, jobCancelKey, (p, id) =>
+    p.set(jobCancelKey(id), '1', 'EX', JOB_STREAM_TTL_SECONDS),
+  )
+  const failed = set.flat().find(([err]) => err)
+  if (failed) throw failed[0]
+  const pub = redis.pipeline()
+  for (const id of jobIds) pub.publish(JOB_CANCEL_CHANNEL, id)
+  await pub.exec()
 }

@@ -31,16 +31,16 @@ const HOST_PORT = /^(?:\[([0-9a-fA-F:.]+)\]|([A-Za-z0-9.-]+)):(\d{1,5})$/
  * means no cluster (null); anything else must name at least one valid node (throws what is wrong,
  * for the caller to prefix with the variable's name).
  */
-export function parseClusterNodes(value: string | undefined | null): Array<{ host: string; port: number }> | null {
+export function parseClusterNodes(
+  value: string | undefined | null,
+): Array<{ host: string; port: number }> | null {
   if (value === undefined || value === null || value.trim() === '') return null
   return value.split(',').map((raw) => {
     const entry = raw.trim()
     const m = HOST_PORT.exec(entry)
     const port = Number(m?.[3])
     if (!m || port < 1 || port > 65535)
-      throw new RedisConfigError(
-        `'${entry}' is not host:port (expected e.g. 10.0.0.5:6379,10.0.0.6:6379)`,
-      )
+      throw new RedisConfigError(`'${entry}' is not host:port (expected e.g. 10.0.0.5:6379,10.0.0.6:6379)`)
     return { host: (m[1] ?? m[2])!, port }
   })
 }

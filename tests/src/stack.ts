@@ -12,7 +12,7 @@ import { once } from 'node:events'
 import { existsSync, mkdtempSync, readFileSync, rmSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
-import { TenantConfig } from '@moe/shared'
+import { connectRedis, isCluster, parseClusterNodes, type RedisClient, TenantConfig } from '@moe/shared'
 import { Redis } from 'ioredis'
 import { REDIS_URL, type RunningWorker, startGpuWorker } from '../../edge/test/gpu-worker.ts'
 import {
@@ -32,6 +32,8 @@ export interface StackInfo {
   url: string
   adminToken: string
   redisUrl: string
+  /** REDIS_CLUSTER_NODES when the stack runs on a Redis Cluster. */
+  clusterNodes?: string
   /** QUEUE_PREFIX / MOE_QUEUE_PREFIX of this stack. */
   prefix: string
   /** Process ids of the workers this stack started (empty when reusing a running stack). */
@@ -50,6 +52,8 @@ export interface Stack extends StackInfo {
 export interface StackOptions {
   workers?: number
   redisUrl?: string
+  /** Run on a Redis Cluster: its REDIS_CLUSTER_NODES (`redisUrl` then names one of its nodes). */
+  clusterNodes?: string
   /** Extra worker environment (MOE_LOCK_MS, MOE_STALLED_INTERVAL_MS, ...). */
   workerEnv?: Record<string, string>
   /** Extra edge vars. */
@@ -105,11 +109,19 @@ export async function startStack(opts: StackOptions = {}, allowReuse = false): P
     if (reused) return reused
   }
   const redisUrl = opts.redisUrl ?? REDIS_URL
-  const prefix = `e2e-${randomBytes(4).toString('hex')}`
+  const clusterNodes = opts.clusterNodes
+  // On a cluster every queue key of the stack shares one slot (its hash tag).
+  const prefix = clusterNodes
+    ? `{e2e-${randomBytes(4).toString('hex')}}`
+    : `e2e-${randomBytes(4).toString('hex')}`
   const workers: RunningWorker[] = []
   const workerEnv = { MOE_LOG_LEVEL: 'info', ...opts.workerEnv }
   const addWorker = async (env: Record<string, string> = {}) => {
-    const w = await startGpuWorker(prefix, POOLS, { redisUrl, env: { ...workerEnv, ...env } })
+    const w = await startGpuWorker(prefix, POOLS, {
+      redisUrl,
+      ...(clusterNodes ? { clusterNodes } : {}),
+      env: { ...workerEnv, ...env },
+    })
     workers.push(w)
     stack.workerPids.push(w.pid)
     return w
@@ -119,6 +131,7 @@ export async function startStack(opts: StackOptions = {}, allowReuse = false): P
     url: '',
     adminToken: '',
     redisUrl,
+    ...(clusterNodes ? { clusterNodes } : {}),
     prefix,
     workerPids: [],
     reused: false,
@@ -128,14 +141,21 @@ export async function startStack(opts: StackOptions = {}, allowReuse = false): P
     async stop() {
       await edge?.stop()
       await Promise.all(workers.map((w) => w.stop()))
-      await deleteKeys(redisUrl, `${prefix}:*`).catch(() => {})
+      await deleteKeys({ redisUrl, redisClusterNodes: parseClusterNodes(clusterNodes) }, `${prefix}:*`).catch(
+        () => {},
+      )
     },
   }
   try {
     // The edge comes up beside the first worker; further workers one at a time (each waits for
     // one more consumer on every pool queue).
     const [e, w] = await Promise.allSettled([
-      startEdge({ QUEUE_PREFIX: prefix, REDIS_URL: redisUrl, ...opts.edgeVars }),
+      startEdge({
+        QUEUE_PREFIX: prefix,
+        REDIS_URL: redisUrl,
+        ...(clusterNodes ? { REDIS_CLUSTER_NODES: clusterNodes } : {}),
+        ...opts.edgeVars,
+      }),
       addWorker(),
     ])
     if (e.status === 'fulfilled') edge = e.value
@@ -152,17 +172,25 @@ export async function startStack(opts: StackOptions = {}, allowReuse = false): P
   return stack
 }
 
-async function deleteKeys(redisUrl: string, pattern: string): Promise<void> {
-  const redis = new Redis(redisUrl, { maxRetriesPerRequest: 1, lazyConnect: true, retryStrategy: () => null })
+async function deleteKeys(endpoint: Parameters<typeof connectRedis>[0], pattern: string): Promise<void> {
+  const redis = connectRedis(endpoint, {
+    maxRetriesPerRequest: 1,
+    lazyConnect: true,
+    retryStrategy: () => null,
+  })
   redis.on('error', () => {})
-  try {
-    await redis.connect()
+  // SCAN walks one node: on a cluster, every master in turn (the pattern's keys share a slot).
+  const scanAll = async (node: RedisClient) => {
     let cursor = '0'
     do {
-      const [next, keys] = await redis.scan(cursor, 'MATCH', pattern, 'COUNT', 1000)
+      const [next, keys] = await node.scan(cursor, 'MATCH', pattern, 'COUNT', 1000)
       cursor = next
-      if (keys.length > 0) await redis.del(...keys)
+      if (keys.length > 0) await node.del(...keys)
     } while (cursor !== '0')
+  }
+  try {
+    await redis.connect()
+    await Promise.all(isCluster(redis) ? redis.nodes('master').map(scanAll) : [scanAll(redis)])
   } finally {
     redis.disconnect()
   }

@@ -1,5 +1,5 @@
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
-import { isOpenAiError, type SseResult, streamRequest } from '../src/sse.ts'
+import { isOpenAiError, streamRequest } from '../src/sse.ts'
 import {
   adminCall,
   devTenant,
@@ -9,14 +9,11 @@ import {
   startStack,
   type TestTenant,
 } from '../src/stack.ts'
+import { FAST_RECOVERY, jobOf, streamsSurviveWorkerKill } from '../src/worker-kill.ts'
 
 // Faults, on a stack of its own with a private Redis (AOF, fsync always) that may be killed and
 // restarted; the shared 127.0.0.1:6379 is never touched. Workers take a crashed worker's jobs
-// back after a short lock (MOE_LOCK_MS) and stalled-check interval.
-
-// At most 10 sequences per worker, so the 20 streams below are shared by both workers: with a
-// larger batch the first worker to poll could take all of them, and the kill would test nothing.
-const FAST_RECOVERY = { MOE_LOCK_MS: '2000', MOE_STALLED_INTERVAL_MS: '1000', MOE_MAX_BATCH: '10' }
+// back after a short lock (FAST_RECOVERY, see worker-kill.ts).
 let redis: PrivateRedis
 let stack: Stack
 let tenant: TestTenant
@@ -25,14 +22,7 @@ const auth = () => ({ authorization: `Bearer ${tenant.key}`, 'content-type': 'ap
 const call = (path: string, init: RequestInit = {}) =>
   fetch(`${stack.url}${path}`, { ...init, signal: AbortSignal.timeout(60_000) })
 
-async function job(id: string): Promise<{
-  status: string
-  result?: { choices: Array<{ message: { content: string } }>; usage: { completion_tokens: number } }
-}> {
-  const res = await call(`/v1/jobs/${id}`, { headers: auth() })
-  expect(res.status).toBe(200)
-  return (await res.json()) as Awaited<ReturnType<typeof job>>
-}
+const job = (id: string) => jobOf(stack, tenant, id)
 
 async function settled(id: string, timeoutMs = 90_000) {
   const deadline = Date.now() + timeoutMs
@@ -58,51 +48,7 @@ afterAll(async () => {
 
 describe('a worker killed with SIGKILL mid-generation', () => {
   it('20 streaming requests all complete, each stream without a duplicated or missing token', async () => {
-    let pieces = 0
-    let killed = false
-    const victim = stack.workers[0]!
-    const survivor = stack.workers[1]!
-    const kill = async () => {
-      killed = true
-      await victim.kill('SIGKILL')
-    }
-    let killing: Promise<void> | null = null
-    const streams = Array.from({ length: 20 }, (_, i) =>
-      streamRequest(
-        `${stack.url}/v1/chat/completions`,
-        tenant.key,
-        {
-          model: 'auto',
-          messages: [{ role: 'user', content: `Stream ${i}: tell me a long story about experts.` }],
-          max_tokens: 400,
-          temperature: 1,
-          stream_options: { include_usage: true },
-        },
-        {
-          timeoutMs: 150_000,
-          onChunk: () => {
-            // Kill once the streams are well under way (every stream has sent ~8 tokens on average).
-            if (++pieces === 160 && !killed) killing = kill()
-          },
-        },
-      ),
-    )
-    const results: SseResult[] = await Promise.all(streams)
-    await killing
-    expect(killed).toBe(true)
-    for (const [i, r] of results.entries()) {
-      expect(r.status, `stream ${i}`).toBe(200)
-      expect(r.error, `stream ${i}`).toBeNull()
-      expect(r.done, `stream ${i}`).toBe(true)
-      // The streamed pieces add up to exactly the job's final text and token count.
-      const id = r.headers.get('x-request-id')!
-      const j = await job(id)
-      expect(j.status, `stream ${i}`).toBe('completed')
-      expect(r.text, `stream ${i} (${id})`).toBe(j.result!.choices[0]!.message.content)
-      expect(r.completionTokens, `stream ${i}`).toBe(j.result!.usage.completion_tokens)
-    }
-    // The survivor really resumed jobs the killed worker had started.
-    expect(survivor.log()).toMatch(/resuming a retried job/)
+    await streamsSurviveWorkerKill(stack, tenant)
   })
 })
 

@@ -111,7 +111,9 @@ export class TokenStreamWriter {
   /** The ids among `jobIds` whose cancel key is set (one round trip; on a cluster, one per job, at once). */
   async cancelled(jobIds: readonly string[]): Promise<string[]> {
     if (jobIds.length === 0) return []
-    const results = await execPerSlot(this.redis, jobIds, jobCancelKey, (pipe, id) => pipe.exists(jobCancelKey(id)))
+    const results = await execPerSlot(this.redis, jobIds, jobCancelKey, (pipe, id) =>
+      pipe.exists(jobCancelKey(id)),
+    )
     return jobIds.filter((_, i) => results[i]?.[0]?.[1] === 1)
   }
 }
