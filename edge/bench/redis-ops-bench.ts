@@ -1,6 +1,8 @@
 // Redis operations and bytes per generated token, through the whole local stack. Run from the
 // repo root:  npx node edge/bench/redis-ops-bench.ts   (about a minute on 2 cores)
-// Env: BENCH_N (requests per phase, default 200), BENCH_CONCURRENCY (16).
+// Env: BENCH_N (requests per phase, default 200), BENCH_CONCURRENCY (16), BENCH_REDIS_CLUSTER=1
+// (a 3-master Redis Cluster instead of one redis-server: INFO and MONITOR summed over the masters,
+// with each master's share of the commands).
 //
 // A private redis-server (so INFO commandstats counts this stack only: the edge under
 // `wrangler dev`, its Durable Object, one `moe serve` worker on the tiny model). Each phase runs
@@ -16,8 +18,10 @@ import { once } from 'node:events'
 import { mkdirSync, writeFileSync } from 'node:fs'
 import { createServer } from 'node:http'
 import { join } from 'node:path'
+import { connectRedis, jobEventsKey, parseClusterNodes, type RedisClient } from '@moe/shared'
 import { Redis } from 'ioredis'
 import OpenAI, { toFile } from 'openai'
+import { startRedisCluster } from '../../tests/src/redis-cluster.ts'
 import { streamRequest } from '../../tests/src/sse.ts'
 import { devTenantConfig, type Stack, startStack } from '../../tests/src/stack.ts'
 import { adminCall, createTenant, repoRoot, type TestTenant } from '../test/wrangler-dev.ts'
@@ -27,6 +31,7 @@ const N = Number(process.env.BENCH_N ?? 200)
 const CONC = Number(process.env.BENCH_CONCURRENCY ?? 16)
 const TIME_LIMIT_MS = Number(process.env.BENCH_TIME_LIMIT_MS ?? 600_000)
 const IDLE_MS = Number(process.env.BENCH_IDLE_MS ?? 10_000)
+const CLUSTER = process.env.BENCH_REDIS_CLUSTER === '1'
 const OWN = new Set([
   'info',
   'client|list',
@@ -50,19 +55,31 @@ interface Snapshot {
   memory: Record<string, string>
   /** Redis's own CPU time (INFO cpu, user + sys, all its threads), ms. */
   cpuMs: number
+  /** Commands (not the bench's own) each node has run so far. */
+  nodeCalls: number[]
 }
 
-async function snap(redis: Redis): Promise<Snapshot> {
-  return {
-    at: performance.now(),
-    calls: await commandCalls(redis),
-    stats: await infoOf(redis, 'stats'),
-    memory: await infoOf(redis, 'memory'),
-    cpuMs: await (async () => {
-      const c = await infoOf(redis, 'cpu')
-      return (num(c, 'used_cpu_user') + num(c, 'used_cpu_sys')) * 1000
-    })(),
+/** Adds one node's INFO fields into a sum (numbers add up; anything else keeps the last value). */
+const sumInto = (into: Record<string, string>, add: Record<string, string>) => {
+  for (const [k, v] of Object.entries(add)) {
+    const x = Number(v)
+    into[k] = Number.isFinite(x) ? String((Number(into[k]) || 0) + x) : v
   }
+}
+
+/** INFO of every node (one on a single Redis; each master of a cluster), summed. */
+async function snap(nodes: Redis[]): Promise<Snapshot> {
+  const s: Snapshot = { at: performance.now(), calls: {}, stats: {}, memory: {}, cpuMs: 0, nodeCalls: [] }
+  for (const redis of nodes) {
+    const calls = await commandCalls(redis)
+    for (const [k, v] of Object.entries(calls)) s.calls[k] = (s.calls[k] ?? 0) + v
+    s.nodeCalls.push(Object.entries(calls).reduce((a, [k, v]) => a + (OWN.has(k) ? 0 : v), 0))
+    sumInto(s.stats, await infoOf(redis, 'stats'))
+    sumInto(s.memory, await infoOf(redis, 'memory'))
+    const c = await infoOf(redis, 'cpu')
+    s.cpuMs += (num(c, 'used_cpu_user') + num(c, 'used_cpu_sys')) * 1000
+  }
+  return s
 }
 
 interface JobRef {
@@ -88,6 +105,8 @@ interface PhaseResult {
   redis_cpu_us_per_request: number
   per_request: Record<string, number>
   per_token: Record<string, number>
+  /** Share of the phase's commands each node ran (a cluster's masters; idle not subtracted). */
+  node_share?: number[]
   memory_usage_sample?: Record<string, number>
 }
 
@@ -129,25 +148,32 @@ function phaseResult(name: string, a: Snapshot, b: Snapshot, jobs: JobRef[]): Ph
     redis_cpu_us_per_request: r3(((b.cpuMs - a.cpuMs - idleCpuMsPerS * seconds) * 1000) / jobs.length),
     per_request: per(jobs.length),
     per_token: per(Math.max(1, tokens)),
+    ...(b.nodeCalls.length > 1
+      ? (() => {
+          const d = b.nodeCalls.map((n, i) => n - a.nodeCalls[i]!)
+          const all = d.reduce((x, y) => x + y, 0)
+          return { node_share: d.map((n) => r3(n / Math.max(1, all))) }
+        })()
+      : {}),
   }
 }
 
 /** MEMORY USAGE of each job's keys (stream, BullMQ job hash, edge job meta), summed over jobs. */
-async function memoryOf(redis: Redis, prefix: string, jobs: JobRef[]) {
+async function memoryOf(redis: RedisClient, prefix: string, jobs: JobRef[]) {
   const sum: Record<string, number> = { stream: 0, bull_job_hash: 0, job_meta: 0, stream_entries: 0 }
   const first = jobs[0]
   const ttl = first
     ? {
-        stream_ttl_s: await redis.ttl(`moe:job:${first.id}:events`),
+        stream_ttl_s: await redis.ttl(jobEventsKey(first.id)),
         job_meta_ttl_s: await redis.ttl(`${prefix}:jobmeta:${first.id}`),
         done_event_bytes: (
-          (await redis.xrevrange(`moe:job:${first.id}:events`, '+', '-', 'COUNT', 1))[0]?.[1] ?? []
+          (await redis.xrevrange(jobEventsKey(first.id), '+', '-', 'COUNT', 1))[0]?.[1] ?? []
         ).reduce((a, f) => a + Buffer.byteLength(f), 0),
       }
     : ({} as Record<string, number>)
   for (const j of jobs) {
-    sum.stream! += Number((await redis.memory('USAGE', `moe:job:${j.id}:events`, 'SAMPLES', '0')) ?? 0)
-    sum.stream_entries! += await redis.xlen(`moe:job:${j.id}:events`)
+    sum.stream! += Number((await redis.memory('USAGE', jobEventsKey(j.id), 'SAMPLES', '0')) ?? 0)
+    sum.stream_entries! += await redis.xlen(jobEventsKey(j.id))
     sum.bull_job_hash! += Number(
       (await redis.memory('USAGE', `${prefix}:pool.${j.pool}:${j.id}`, 'SAMPLES', '0')) ?? 0,
     )
@@ -254,13 +280,13 @@ function fitPerRequestPerToken(phases: PhaseResult[]) {
  * run inside a Lua script ("lua"; INFO commandstats counts both, so it cannot tell them apart),
  * and which streams XADD writes to (job event streams or BullMQ's per-queue event log).
  */
-async function monitorCounts(url: string) {
-  const base = new Redis(url)
-  const monitor = await base.monitor()
+async function monitorCounts(urls: string[]) {
+  const bases = urls.map((url) => new Redis(url))
+  const monitors = await Promise.all(bases.map((b) => b.monitor()))
   const top: Record<string, number> = {}
   const lua: Record<string, number> = {}
   const xadd: Record<string, number> = {}
-  monitor.on('monitor', (_time: string, args: string[], source: string) => {
+  const onCommand = (_time: string, args: string[], source: string) => {
     const cmd = (args[0] ?? '').toLowerCase()
     if (source !== 'lua' && (OWN.has(cmd) || cmd === 'client' || cmd === 'memory' || cmd === 'monitor'))
       return
@@ -268,22 +294,23 @@ async function monitorCounts(url: string) {
     into[cmd] = (into[cmd] ?? 0) + 1
     if (cmd === 'xadd') {
       const key = args[1] ?? ''
-      const kind = /^moe:job:.*:events$/.test(key)
+      const kind = /^moe:job:\{.*\}:events$/.test(key)
         ? 'job_events'
         : key.endsWith(':events')
           ? 'bullmq_events'
           : key
       xadd[kind] = (xadd[kind] ?? 0) + 1
     }
-  })
+  }
+  for (const m of monitors) m.on('monitor', onCommand)
   await new Promise((r) => setTimeout(r, 200))
   const t0 = performance.now()
   return {
     async stop() {
       await new Promise((r) => setTimeout(r, 200))
       const seconds = (performance.now() - t0) / 1000
-      monitor.disconnect()
-      base.disconnect()
+      for (const m of monitors) m.disconnect()
+      for (const b of bases) b.disconnect()
       return { seconds, top, lua, xadd }
     },
   }
@@ -291,18 +318,19 @@ async function monitorCounts(url: string) {
 
 const sumOf = (o: Record<string, number>) => Object.values(o).reduce((a, b) => a + b, 0)
 
-async function traceOne(stack: Stack, mon: Redis, tenant: TestTenant, url: string) {
-  const base = new Redis(url)
-  const monitor = await base.monitor()
+async function traceOne(stack: Stack, tenant: TestTenant, urls: string[]) {
+  const bases = urls.map((url) => new Redis(url))
+  const monitors = await Promise.all(bases.map((b) => b.monitor()))
   const byConn: Record<string, string[]> = {}
-  monitor.on('monitor', (_time: string, args: string[], source: string) => {
+  const onCommand = (_time: string, args: string[], source: string) => {
     const cmd = (args[0] ?? '').toLowerCase()
     if (OWN.has(cmd) || cmd === 'info' || cmd === 'client') return
     let label = cmd
     if (cmd === 'evalsha' || cmd === 'eval')
       label = `${cmd}(${args[2]} keys: ${(args[3] ?? '').split(':').slice(-1)[0]})`
     byConn[source] = [...(byConn[source] ?? []), label]
-  })
+  }
+  for (const m of monitors) m.on('monitor', onCommand)
   await new Promise((r) => setTimeout(r, 300))
   const r = await streamRequest(
     `${stack.url}/v1/chat/completions`,
@@ -311,9 +339,8 @@ async function traceOne(stack: Stack, mon: Redis, tenant: TestTenant, url: strin
     { headers: { 'cache-control': 'no-store' } },
   )
   await new Promise((res) => setTimeout(res, 500))
-  monitor.disconnect()
-  base.disconnect()
-  void mon
+  for (const m of monitors) m.disconnect()
+  for (const b of bases) b.disconnect()
   // Compact each connection's sequence: runs of the same label as "label xN".
   const compact: Record<string, string[]> = {}
   for (const [src, labels] of Object.entries(byConn)) {
@@ -335,8 +362,10 @@ async function traceOne(stack: Stack, mon: Redis, tenant: TestTenant, url: strin
 
 async function main() {
   const where = machine()
-  const redisSrv = await startBenchRedis()
-  const mon = new Redis(redisSrv.url)
+  const redisSrv = CLUSTER ? await benchCluster() : { ...(await startBenchRedis()), nodes: undefined }
+  const urls = redisSrv.nodes ? redisSrv.nodes.split(',').map((n) => `redis://${n}`) : [redisSrv.url]
+  const mon = urls.map((url) => new Redis(url))
+  const keys = connectRedis({ redisUrl: redisSrv.url, redisClusterNodes: parseClusterNodes(redisSrv.nodes) })
   let stack: Stack | null = null
   let webhookAt = 0
   const receiver = createServer((req, res) => {
@@ -352,6 +381,7 @@ async function main() {
   try {
     stack = await startStack({
       redisUrl: redisSrv.url,
+      ...(redisSrv.nodes ? { clusterNodes: redisSrv.nodes } : {}),
       workers: 1,
       edgeVars: { WEBHOOK_ALLOW_LOOPBACK: '1' },
       workerEnv: { MOE_WEBHOOK_ALLOW_LOOPBACK: '1' },
@@ -401,7 +431,7 @@ async function main() {
       await new Promise((r) => setTimeout(r, 300)) // the worker's last EXPIREs and BullMQ's completion
       const b = await snap(mon)
       const p = phaseResult(name, a, b, jobs)
-      p.memory_usage_sample = await memoryOf(mon, stack!.prefix, jobs.slice(0, 50))
+      p.memory_usage_sample = await memoryOf(keys, stack!.prefix, jobs.slice(0, 50))
       phases.push(p)
       console.log(
         `${name}: ${JSON.stringify({ requests: p.requests, tokens: p.completion_tokens, per_token: p.per_token, per_request_total: p.per_request.TOTAL })}`,
@@ -506,21 +536,21 @@ async function main() {
       b,
       batchJobs,
     )
-    pb.memory_usage_sample = await memoryOf(mon, stack.prefix, batchJobs.slice(0, 50))
+    pb.memory_usage_sample = await memoryOf(keys, stack.prefix, batchJobs.slice(0, 50))
     phases.push(pb)
     console.log(
       `${pb.name}: ${JSON.stringify({ requests: pb.requests, tokens: pb.completion_tokens, per_token: pb.per_token, per_request_total: pb.per_request.TOTAL })}`,
     )
 
     // ---- MONITOR-counted phases: client-sent vs in-script commands, by command.
-    const monIdle = await monitorCounts(redisSrv.url)
+    const monIdle = await monitorCounts(urls)
     await new Promise((r) => setTimeout(r, Math.min(IDLE_MS, 5000)))
     const idleM = await monIdle.stop()
     const idleTopRate = sumOf(idleM.top) / idleM.seconds
     const idleLuaRate = sumOf(idleM.lua) / idleM.seconds
     const monitoredPhases: Record<string, unknown>[] = []
     const monitored = async (name: string, run: () => Promise<JobRef[]>) => {
-      const m = await monitorCounts(redisSrv.url)
+      const m = await monitorCounts(urls)
       const jobs = await run()
       await new Promise((r) => setTimeout(r, 300))
       const c = await m.stop()
@@ -563,15 +593,19 @@ async function main() {
     )
     await monitored(`batch of ${NM} lines, max_tokens 64`, () => runBatch(NM))
 
-    const trace = await traceOne(stack, mon, tenant, redisSrv.url)
+    const trace = await traceOne(stack, tenant, urls)
 
     const result = {
       bench: 'redis-ops-bench',
-      command: 'npx node edge/bench/redis-ops-bench.ts',
-      env: { BENCH_N: N, BENCH_CONCURRENCY: CONC },
+      command: `${CLUSTER ? 'BENCH_REDIS_CLUSTER=1 ' : ''}npx node edge/bench/redis-ops-bench.ts`,
+      env: { BENCH_N: N, BENCH_CONCURRENCY: CONC, BENCH_REDIS_CLUSTER: CLUSTER ? 1 : 0 },
       machine: where,
       loadavg_at_end: loadavg(),
-      redis: { version: redisSrv.version, persistence: 'none (private bench instance)' },
+      redis: {
+        version: redisSrv.version,
+        persistence: 'none (private bench instance)',
+        ...(redisSrv.nodes ? { cluster_masters: urls.length } : {}),
+      },
       idle_per_second: Object.fromEntries(Object.entries(idleRate).map(([k, v]) => [k, r3(v)])),
       idle_redis_cpu_ms_per_second: r3(idleCpuMsPerS),
       idle_net_bytes_per_second: { in: Math.round(idleNet.in), out: Math.round(idleNet.out) },
@@ -594,7 +628,10 @@ async function main() {
     }
     const dir = join(repoRoot, 'edge/bench/results')
     mkdirSync(dir, { recursive: true })
-    const path = join(dir, `redis-ops-${new Date().toISOString().replace(/[:.]/g, '-')}.json`)
+    const path = join(
+      dir,
+      `redis-ops-${CLUSTER ? 'cluster-' : ''}${new Date().toISOString().replace(/[:.]/g, '-')}.json`,
+    )
     writeFileSync(path, `${JSON.stringify(result, null, 2)}\n`)
     console.log(
       JSON.stringify({ fit: result.fit_live_streamed_concurrent, derived: result.derived }, null, 1),
@@ -604,8 +641,21 @@ async function main() {
     clearTimeout(timer)
     receiver.close()
     await stack?.stop().catch(() => {})
-    mon.disconnect()
+    for (const m of mon) m.disconnect()
+    keys.disconnect()
     await redisSrv.stop()
+  }
+}
+
+/** A 3-master Redis Cluster on loopback (tests/src/redis-cluster.ts), no persistence. */
+async function benchCluster() {
+  const c = await startRedisCluster(3)
+  const r = new Redis(c.url, { maxRetriesPerRequest: 1 })
+  try {
+    const version = /redis_version:(\S+)/.exec(await r.info('server'))?.[1] ?? '?'
+    return { url: c.url, nodes: c.nodes, version, stop: () => c.stop() }
+  } finally {
+    r.disconnect()
   }
 }
 
