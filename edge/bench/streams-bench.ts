@@ -22,6 +22,7 @@
 // Results: edge/bench/results/streams-<date>.json, and a table on stdout.
 import { mkdirSync, writeFileSync } from 'node:fs'
 import { join } from 'node:path'
+import { jobEventsKey } from '@moe/shared'
 import { Redis } from 'ioredis'
 import { type SseResult, streamRequest } from '../../tests/src/sse.ts'
 import { devTenantConfig, type Stack, startStack } from '../../tests/src/stack.ts'
@@ -211,7 +212,7 @@ async function ttftBreakdown(redis: Redis, prefix: string, outcomes: StreamOutco
       'processedOn',
       'data',
     )
-    const first = (await redis.xrange(`moe:job:${id}:events`, '-', '+', 'COUNT', 1))[0]
+    const first = (await redis.xrange(jobEventsKey(id), '-', '+', 'COUNT', 1))[0]
     if (!ts || !taken || !first) continue
     const xaddAt = Number(first[0].split('-')[0])
     // payload.createdAt: the edge's clock just before it calls the tenant's Durable Object.

@@ -2,6 +2,7 @@ import {
   type DoneEvent,
   JOB_CANCEL_CHANNEL,
   jobCancelKey,
+  jobEventsKey,
   type StreamEvent,
   type TokenEvent,
 } from '@moe/shared'
@@ -54,7 +55,7 @@ describe('GPU worker service', () => {
     })
     expect(d.text).toBe(want.text)
     expect(events[events.length - 1]!.type).toBe('done')
-    const ttl = await client.redis.ttl(`moe:job:${p.requestId}:events`)
+    const ttl = await client.redis.ttl(jobEventsKey(p.requestId))
     expect(ttl).toBeGreaterThan(0)
   })
 
@@ -98,7 +99,7 @@ describe('GPU worker service', () => {
     await client.add(p)
     // Wait for a few tokens, then set the cancel key as the edge does.
     for (;;) {
-      const n = await client.redis.xlen(`moe:job:${p.requestId}:events`)
+      const n = await client.redis.xlen(jobEventsKey(p.requestId))
       if (n >= 3) break
       await new Promise((r) => setTimeout(r, 5))
     }
@@ -108,7 +109,7 @@ describe('GPU worker service', () => {
       .set(jobCancelKey(p.requestId!), '1', 'EX', 60)
       .publish(JOB_CANCEL_CHANNEL, p.requestId!)
       .exec()
-    const atCancel = await client.redis.xlen(`moe:job:${p.requestId}:events`)
+    const atCancel = await client.redis.xlen(jobEventsKey(p.requestId))
     const events = await client.events(p.requestId!)
     const d = done(events)!
     expect(d.finishReason).toBe('cancelled')
@@ -125,7 +126,7 @@ describe('GPU worker service', () => {
       sampling: { maxTokens: 480, temperature: 0.8, topP: 1, topK: 0, seed: 6, stop: [], ignoreEos: true },
     })
     await client.add(p)
-    while ((await client.redis.xlen(`moe:job:${p.requestId}:events`)) < 3)
+    while ((await client.redis.xlen(jobEventsKey(p.requestId))) < 3)
       await new Promise((r) => setTimeout(r, 5))
     await client.redis.set(jobCancelKey(p.requestId!), '1', 'EX', 60)
     const d = done(await client.events(p.requestId!))!

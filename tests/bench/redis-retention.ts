@@ -6,6 +6,7 @@
 //   npx node tests/bench/redis-retention.ts [N]      (from the repo root)
 //
 // Starts its own stack (edge, one worker, the shared Redis), or uses MOE_E2E_URL.
+import { jobEventsKey } from '@moe/shared'
 import { Redis } from 'ioredis'
 import { streamRequest } from '../src/sse.ts'
 import { devTenant, startStack } from '../src/stack.ts'
@@ -66,7 +67,7 @@ async function run(t: { id: string; key: string }, idempotent: boolean) {
   const later: Record<string, number> = { stream: 0, meta: 0, bullmqJob: 0 }
   for (const id of jobIds) {
     for (const [name, key] of [
-      ['stream', `moe:job:${id}:events`],
+      ['stream', jobEventsKey(id)],
       ['meta', `${stack.prefix}:jobmeta:${id}`],
       ['bullmqJob', `${stack.prefix}:pool.general:${id}`],
     ] as const) {

@@ -12,7 +12,14 @@ import { once } from 'node:events'
 import { existsSync, mkdtempSync, readFileSync, rmSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
-import { connectRedis, isCluster, parseClusterNodes, type RedisClient, TenantConfig } from '@moe/shared'
+import {
+  connectRedis,
+  isCluster,
+  parseClusterNodes,
+  QUEUE_PREFIX,
+  type RedisClient,
+  TenantConfig,
+} from '@moe/shared'
 import { Redis } from 'ioredis'
 import { REDIS_URL, type RunningWorker, startGpuWorker } from '../../edge/test/gpu-worker.ts'
 import {
@@ -92,7 +99,7 @@ function reusedStack(): Stack | null {
     url: url.replace(/\/+(v1\/?)?$/, ''),
     adminToken,
     redisUrl: process.env.REDIS_URL ?? REDIS_URL,
-    prefix: process.env.QUEUE_PREFIX ?? 'moe',
+    prefix: process.env.QUEUE_PREFIX ?? QUEUE_PREFIX,
     workerPids: [],
     reused: true,
     edge: null,
