@@ -4,7 +4,10 @@ import type { RedisClient } from '@moe/shared'
 
 // Sliding-window limits (two fixed one-minute windows, the previous one weighted by how much of
 // it still overlaps the window ending now), checked and charged atomically, on Redis's clock so
-// every edge location agrees. Returns {allowed, reason, retryAfterMs, window}.
+// every edge location agrees. Returns {allowed, reason, retryAfterMs, window}. The window keys
+// (KEYS[1] .. ':r:' .. minute) can only be named on Redis's clock, inside the script: they carry
+// KEYS[1]'s hash tag (the queue prefix's), so on a Redis Cluster they are in the declared key's
+// slot, which Redis allows.
 const RATE_LIMIT_LUA = `
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
