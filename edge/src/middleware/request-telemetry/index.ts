@@ -1,7 +1,7 @@
 import { latencyBucket, TelemetryField } from '@moe/shared'
 import type { MiddlewareHandler } from 'hono'
 import { routePath } from 'hono/route'
-import type { AppEnv, Ctx } from '../../http.ts'
+import { type AppEnv, type Ctx, log } from '../../http.ts'
 
 // Every API request, counted twice:
 // - in Workers Analytics Engine (the EDGE_METRICS binding, staging and production), where
@@ -92,13 +92,20 @@ export const requestTelemetry = (options: RequestTelemetryOptions): MiddlewareHa
   return async function requestTelemetry(c, next) {
     await next()
     if (c.req.method === 'OPTIONS' || options.skip(c.req.path)) return
-    const record = requestRecordOf(c)
-    c.env.EDGE_METRICS?.writeDataPoint(analyticsDataPoint(record))
-    const ns = c.env.TENANT_ADMISSION
-    if (!ns) return // unit tests through app.request bind no Durable Objects
-    // Requests without a tenant (401s, unknown routes) are counted by an object of their own.
-    const object = ns.get(ns.idFromName(record.tenantId ? `tenant:${record.tenantId}` : 'edge-telemetry'))
-    const write = object.recordTelemetry(record.tenantId, telemetryFieldsOf(record)).catch(() => {})
-    c.executionCtx.waitUntil(write)
+    // Counting never costs the client its answer: whatever fails here is logged and dropped.
+    try {
+      const record = requestRecordOf(c)
+      c.env.EDGE_METRICS?.writeDataPoint(analyticsDataPoint(record))
+      const ns = c.env.TENANT_ADMISSION
+      if (!ns) return // unit tests through app.request bind no Durable Objects
+      // Requests without a tenant (401s, unknown routes) are counted by an object of their own.
+      const object = ns.get(ns.idFromName(record.tenantId ? `tenant:${record.tenantId}` : 'edge-telemetry'))
+      const write = object.recordTelemetry(record.tenantId, telemetryFieldsOf(record))
+      c.executionCtx.waitUntil(
+        write.catch((e: unknown) => log('warn', 'telemetry not recorded', { error: String(e) })),
+      )
+    } catch (e) {
+      log('warn', 'telemetry not recorded', { error: String(e) })
+    }
   }
 }
