@@ -41,7 +41,7 @@
     target.replaceChildren(...nodes)
   }
 
-  function heatmap(load) {
+  function heatmap(load, pool) {
     const max = Math.max(1, ...load.tokens.flat())
     const head = ['layer', ...Array.from({ length: load.experts }, (_, e) => `expert ${e}`), 'CV', 'max/mean']
     const rows = load.tokens.map((row, layer) => {
@@ -72,6 +72,7 @@
     })
     const t = table(head, rows, 'no model reported for this pool yet')
     t.id = 'heatmap'
+    t.dataset.pool = pool
     return t
   }
 
@@ -102,7 +103,7 @@
     }
 
     // Expert load
-    replace('expert-load', heatmap(d.expertLoad))
+    replace('expert-load', heatmap(d.expertLoad, d.pool))
 
     // Routing
     replace(
@@ -241,8 +242,11 @@
   }
 
   let timer = null
+  let latest = 0
   async function poll() {
     clearTimeout(timer)
+    // A change of pool or window polls at once; an answer to an older poll is dropped.
+    const seq = ++latest
     const q = new URLSearchParams({ window: windowSelect.value })
     if (poolSelect.value) q.set('pool', poolSelect.value)
     try {
@@ -252,9 +256,12 @@
         return
       }
       if (!res.ok) throw new Error(`HTTP ${res.status}`)
-      render(await res.json())
+      const d = await res.json()
+      if (seq !== latest) return
+      render(d)
       $('error').textContent = ''
     } catch (err) {
+      if (seq !== latest) return
       $('error').textContent = `could not refresh: ${err.message}`
     }
     timer = setTimeout(poll, POLL_MS)
