@@ -85,6 +85,7 @@ dashboard.get('/data', async (c) => {
     scope,
     pools,
     pool,
+    poolExperts: POOLS.get(pool)?.experts ?? null,
     windowMinutes: parsed.data.window,
     now: Date.now(),
   })

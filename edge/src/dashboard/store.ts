@@ -43,6 +43,8 @@ export interface DashboardQuery {
   pools: string[]
   /** The pool of the expert-load heatmap. */
   pool: string
+  /** The experts that pool may use (null: all); a layer's balance is over these. */
+  poolExperts: number[] | null
   windowMinutes: number
   now: number
 }
@@ -56,6 +58,8 @@ export interface Quantiles {
 export interface LayerBalance {
   layer: number
   tokens: number
+  /** Experts the figures are over: the pool's own (a restricted pool's others are always 0). */
+  experts: number
   /** Standard deviation over mean of the experts' loads (0 = perfectly even). */
   cv: number | null
   /** The busiest expert's load over the mean (1 = even; E = one expert takes everything). */
@@ -74,6 +78,8 @@ export interface DashboardData {
     experts: number
     /** Tokens routed, [layer][expert], in the window, for `pool`. */
     tokens: number[][]
+    /** The experts the pool may use (null: all). */
+    allowed: number[] | null
     balance: LayerBalance[]
   }
   routing: {
@@ -141,10 +147,11 @@ function addInto(target: number[], from: readonly number[]): void {
 /** Coefficient of variation and max/mean of one layer's expert loads. */
 export function layerBalance(layer: number, loads: readonly number[]): LayerBalance {
   const tokens = loads.reduce((a, b) => a + b, 0)
-  if (tokens === 0 || loads.length === 0) return { layer, tokens, cv: null, maxOverMean: null }
-  const mean = tokens / loads.length
-  const variance = loads.reduce((s, x) => s + (x - mean) ** 2, 0) / loads.length
-  return { layer, tokens, cv: Math.sqrt(variance) / mean, maxOverMean: Math.max(...loads) / mean }
+  const experts = loads.length
+  if (tokens === 0 || experts === 0) return { layer, tokens, experts, cv: null, maxOverMean: null }
+  const mean = tokens / experts
+  const variance = loads.reduce((s, x) => s + (x - mean) ** 2, 0) / experts
+  return { layer, tokens, experts, cv: Math.sqrt(variance) / mean, maxOverMean: Math.max(...loads) / mean }
 }
 
 /** The prefix cache's hit rate from its counters, whatever they are named (hits over queries). */
@@ -316,7 +323,15 @@ export async function readDashboard(src: DashboardSources, q: DashboardQuery): P
     windowMinutes: q.windowMinutes,
     pools: q.pools,
     pool: q.pool,
-    expertLoad: { layers, experts, tokens, balance: tokens.map((row, l) => layerBalance(l, row)) },
+    expertLoad: {
+      layers,
+      experts,
+      tokens,
+      allowed: q.poolExperts,
+      balance: tokens.map((row, l) =>
+        layerBalance(l, q.poolExperts ? row.filter((_, e) => q.poolExperts!.includes(e)) : row),
+      ),
+    },
     routing: {
       tasks: split(tasks, ([task, modality], requests) => ({ task: task!, modality: modality!, requests })),
       decisions: split(decisions, ([p, via], requests) => ({ pool: p!, via: via!, requests })),

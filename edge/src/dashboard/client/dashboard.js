@@ -43,23 +43,29 @@
 
   function heatmap(load, pool) {
     const max = Math.max(1, ...load.tokens.flat())
-    const head = ['layer', ...Array.from({ length: load.experts }, (_, e) => `expert ${e}`), 'CV', 'max/mean']
+    const head = [
+      'layer',
+      ...Array.from({ length: load.experts }, (_, e) => `expert ${e}`),
+      load.allowed ? `CV (${load.allowed.length} experts)` : 'CV',
+      'max/mean',
+    ]
     const rows = load.tokens.map((row, layer) => {
       const b = load.balance[layer]
       return [
         el('th', {}, String(layer)),
         ...row.map((n, expert) => {
           const share = n / max
+          const outside = load.allowed !== null && !load.allowed.includes(expert)
           return el(
             'td',
             {
-              class: 'cell',
+              class: outside ? 'cell outside' : 'cell',
               'data-layer': layer,
               'data-expert': expert,
               'data-tokens': n,
-              title: `layer ${layer}, expert ${expert}: ${n} tokens`,
+              title: `layer ${layer}, expert ${expert}: ${n} tokens${outside ? ' (not in this pool)' : ''}`,
               style: {
-                background: n === 0 ? '#f4f5f7' : `rgba(217, 72, 15, ${0.12 + 0.88 * share})`,
+                backgroundColor: n === 0 ? '#f4f5f7' : `rgba(217, 72, 15, ${0.12 + 0.88 * share})`,
                 color: share > 0.55 ? '#fff' : '#222',
               },
             },
