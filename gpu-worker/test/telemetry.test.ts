@@ -8,8 +8,10 @@ import {
   workerHeartbeatsKey,
   workerStateKey,
 } from '@moe/shared'
-import { Counter } from 'prom-client'
+import pino from 'pino'
+import { Counter, Registry } from 'prom-client'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
+import { TelemetryPublisher } from '../src/service/telemetry.ts'
 import type { WorkerService } from '../src/service/worker-service.ts'
 import { payload, QueueClient, startService, uniquePrefix } from './service-harness.ts'
 
@@ -109,7 +111,7 @@ describe('worker metrics and dashboard telemetry', () => {
 
   it('publishes a heartbeat with each model’s shape and batch, and drops it on close', async () => {
     await service.telemetry.flush()
-    const ids = await client.redis.zrange(workerHeartbeatsKey(prefix), 0, -1)
+    const ids = await client.redis.zrange(workerHeartbeatsKey(prefix), '0', '-1')
     expect(ids).toContain(service.telemetry.workerId)
     const snap = WorkerSnapshot.parse(
       JSON.parse((await client.redis.hget(workerStateKey(prefix), service.telemetry.workerId))!),
@@ -119,6 +121,21 @@ describe('worker metrics and dashboard telemetry', () => {
     expect(snap.models).toHaveLength(1)
     expect(snap.models[0]).toMatchObject({ layers: 2, experts: 8, maxBatch: 16, running: 0, occupancy: 0 })
     expect(snap.models[0]!.pools).toEqual(['general', 'code', 'vision'])
+
+    // A worker that stops says goodbye: it leaves the dashboard at once, not after 15 s.
+    const leaving = new TelemetryPublisher({
+      redis: client.redis,
+      prefix,
+      snapshot: () => ({ status: 'ok', pools: ['code'], models: [] }),
+      registry: new Registry(),
+      log: pino({ level: 'silent' }),
+      intervalMs: 0,
+    })
+    await leaving.flush()
+    expect(await client.redis.zscore(workerHeartbeatsKey(prefix), leaving.workerId)).not.toBeNull()
+    await leaving.close()
+    expect(await client.redis.zscore(workerHeartbeatsKey(prefix), leaving.workerId)).toBeNull()
+    expect(await client.redis.hget(workerStateKey(prefix), leaving.workerId)).toBeNull()
   })
 
   it('publishes the increase of moe_prefix_cache_* counters when a worker has them', async () => {

@@ -1,3 +1,4 @@
+import { randomBytes } from 'node:crypto'
 import { hostname } from 'node:os'
 import {
   latencyBucket,
@@ -30,7 +31,7 @@ export class TelemetryPublisher {
   /** Last values of the `moe_prefix_cache_*` counters, to publish their increase. */
   private readonly prefixCacheSeen = new Map<string, number>()
   private timer: NodeJS.Timeout | null = null
-  private flushing: Promise<void> = Promise.resolve()
+  private sending: Promise<void> | null = null
 
   private readonly redis: Redis
   private readonly prefix: string
@@ -56,12 +57,15 @@ export class TelemetryPublisher {
     this.registry = opts.registry
     this.log = opts.log
     this.intervalMs = opts.intervalMs
-    this.workerId = `${hostname()}:${process.pid}:${this.startedAt.toString(36)}`
+    this.workerId = `${hostname()}:${process.pid}:${randomBytes(3).toString('hex')}`
   }
 
   start(): void {
     if (this.intervalMs <= 0 || this.timer) return
-    this.timer = setInterval(() => void this.flush(), this.intervalMs)
+    // A flush still under way (Redis slow or away) is not queued behind: counts keep gathering.
+    this.timer = setInterval(() => {
+      if (!this.sending) void this.flush()
+    }, this.intervalMs)
     this.timer.unref()
     void this.flush()
   }
@@ -104,10 +108,15 @@ export class TelemetryPublisher {
     this.add(tenantId, TelemetryField.finished(pool, outcome), 1)
   }
 
-  /** Sends what gathered since the last flush and the heartbeat; one at a time. */
-  flush(): Promise<void> {
-    this.flushing = this.flushing.then(() => this.send()).catch(() => {})
-    return this.flushing
+  /** Sends what gathered since the last flush, and the heartbeat; one flush at a time. */
+  async flush(): Promise<void> {
+    while (this.sending) await this.sending
+    this.sending = this.send()
+      .catch(() => {})
+      .finally(() => {
+        this.sending = null
+      })
+    return this.sending
   }
 
   private async send(): Promise<void> {
