@@ -3,6 +3,7 @@
 /* global uPlot */
 ;(() => {
   const POLL_MS = 2000
+  const ROUTE_ROWS = 12
   const $ = (id) => document.getElementById(id)
   const poolSelect = $('pool')
   const windowSelect = $('window')
@@ -212,8 +213,11 @@
       'edge-routes',
       table(
         ['route', 'status', 'pool', 'cache', 'requests'],
-        e.byRoute.map((r) => [r.route, r.status, r.pool, r.cache, r.requests]),
+        e.byRoute.slice(0, ROUTE_ROWS).map((r) => [r.route, r.status, r.pool, r.cache, r.requests]),
       ),
+      ...(e.byRoute.length > ROUTE_ROWS
+        ? [el('p', { class: 'muted' }, `and ${e.byRoute.length - ROUTE_ROWS} more, fewer requests each`)]
+        : []),
     )
     chart('chart-requests', 'requests per minute', ['requests'], '').setData([s.series.t, s.series.requests])
 
