@@ -12,6 +12,7 @@ const head = (title: string): string => `<!doctype html>
 <meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <title>${title}</title>
+<link rel="icon" href="data:,">
 <link rel="stylesheet" href="/dashboard/uplot.css">
 <link rel="stylesheet" href="/dashboard/dashboard.css">
 </head>`
