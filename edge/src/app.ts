@@ -8,6 +8,7 @@ import { files } from './batches/files.ts'
 import { batches } from './batches/index.ts'
 import { completions } from './completions/index.ts'
 import { withConfig } from './config.ts'
+import { dashboard } from './dashboard/index.ts'
 import {
   type AppEnv,
   errorResponse,
@@ -18,6 +19,7 @@ import {
   requireJson,
 } from './http.ts'
 import { jobs } from './jobs.ts'
+import { requestTelemetry } from './middleware/request-telemetry/index.ts'
 import { models } from './models.ts'
 
 export const app = new Hono<AppEnv>()
@@ -42,6 +44,8 @@ app.use(async (c, next) => {
     ...c.get('logFields'),
   })
 })
+// The dashboard's own polling and health checks would drown the traffic they are there to show.
+app.use(requestTelemetry({ skip: (path) => path === '/healthz' || path.startsWith('/dashboard') }))
 app.use(withConfig)
 app.use(
   cors({
@@ -71,6 +75,7 @@ app.route('/v1', jobs)
 app.route('/v1', files)
 app.route('/v1', batches)
 app.route('/admin', admin)
+app.route('/dashboard', dashboard)
 
 const BODY_MIDDLEWARE: ReadonlySet<unknown> = new Set([requireJson, limitBody])
 

@@ -35,6 +35,7 @@ import {
   type WebhookDeliveries,
 } from './batch-store.ts'
 import { type EdgeConfig, edgeConfigOf } from './config.ts'
+import { type DashboardData, type DashboardQuery, readDashboard, recordTelemetry } from './dashboard/store.ts'
 
 export type { AdmitRequest, AdmitResult, JobMeta, JobState, JobStatus } from './admission/types.ts'
 
@@ -162,6 +163,19 @@ export class TenantAdmission extends DurableObject<Env> {
   }
   listDeliveries(tenantId: string, batchId: string | null, limit: number): Promise<WebhookDeliveries> {
     return this.batches().listDeliveries(tenantId, batchId, limit)
+  }
+
+  /** Adds one edge request's counters (middleware/request-telemetry) to the minute's hashes. */
+  recordTelemetry(tenantId: string | null, fields: Record<string, number>): Promise<void> {
+    return recordTelemetry(this.conn(), this.prefix, tenantId, fields)
+  }
+
+  /** What the dashboard shows (dashboard/store.ts), read on this object's warm connection. */
+  dashboard(query: DashboardQuery): Promise<DashboardData> {
+    return readDashboard(
+      { redis: this.conn(), prefix: this.prefix, queue: (pool) => this.queue(pool) },
+      query,
+    )
   }
 
   async ping(): Promise<string> {

@@ -5,6 +5,8 @@ type CfTypes = typeof import('@cloudflare/workers-types/index.ts')
 declare global {
   type KVNamespace = import('@cloudflare/workers-types/index.ts').KVNamespace
   type R2Bucket = import('@cloudflare/workers-types/index.ts').R2Bucket
+  type AnalyticsEngineDataset = import('@cloudflare/workers-types/index.ts').AnalyticsEngineDataset
+  type AnalyticsEngineDataPoint = import('@cloudflare/workers-types/index.ts').AnalyticsEngineDataPoint
   type DurableObjectNamespace<T = undefined> = { get(id: unknown): T; idFromName(name: string): unknown }
 }
 

@@ -184,6 +184,7 @@ moe-edge is up
   API:      ${url}/v1   (OpenAI-compatible)
   API key:  ${seeded.apiKey}   (tenant ${seeded.tenantIds[0]})
   metrics:  http://127.0.0.1:${metricsBase}/metrics
+  dashboard: ${url}/dashboard   (sign in with the API key, or the admin token in .dev.vars)
   try:
     curl -N ${url}/v1/chat/completions \\
       -H "Authorization: Bearer ${seeded.apiKey}" -H "Content-Type: application/json" \\

@@ -57,7 +57,12 @@ function routeLive(c: Ctx, tenant: TenantConfig, endpoint: Endpoint, body: unkno
   c.header('x-moe-modality', classified.modality)
   const r = routeRequest(tenant, endpoint, req, classified)
   c.header('x-moe-pool', r.pool.name)
-  Object.assign(c.get('logFields'), { pool: r.pool.name, task: r.task.task, modality: r.modality })
+  Object.assign(c.get('logFields'), {
+    pool: r.pool.name,
+    task: r.task.task,
+    modality: r.modality,
+    via: r.via,
+  })
   return r
 }
 
@@ -164,7 +169,9 @@ export async function handleCompletion(
     idempotent: idem !== undefined,
     maxLiveStreams: asyncMode ? null : tenant.maxLiveStreams,
   }
+  const admitStart = Date.now()
   const admitted = await admission.admit(admit)
+  c.get('logFields').admission_ms = Date.now() - admitStart
   if (!admitted.ok) {
     throw new EdgeError(
       admitted.code,

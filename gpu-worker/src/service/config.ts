@@ -58,6 +58,8 @@ export const WorkerVariables = z.object({
   MOE_MAX_STALLED_COUNT: int(0, 100).default(2),
   MOE_DRAIN_TIMEOUT_MS: int(0, 3_600_000).default(30_000),
   MOE_CANCEL_POLL_MS: int(10, 600_000).default(1000),
+  /** How often a worker publishes its dashboard counts and heartbeat to Redis (0 = never). */
+  MOE_TELEMETRY_INTERVAL_MS: int(0, 600_000).default(1000),
   MOE_LOG_LEVEL: z.enum(['trace', 'debug', 'info', 'warn', 'error', 'fatal', 'silent']).default('info'),
   /** The batch coordinator and webhook delivery run beside the pool consumers unless 0. */
   MOE_BATCH_SERVICES: flag('1'),
@@ -113,6 +115,7 @@ export const WorkerEnv = WorkerVariables.transform((e, ctx) => {
     drainTimeoutMs: e.MOE_DRAIN_TIMEOUT_MS,
     cancelPollMs: e.MOE_CANCEL_POLL_MS,
     logLevel: e.MOE_LOG_LEVEL,
+    telemetryIntervalMs: e.MOE_TELEMETRY_INTERVAL_MS,
     batchServices: e.MOE_BATCH_SERVICES,
     webhooks: {
       attempts: e.MOE_WEBHOOK_ATTEMPTS,

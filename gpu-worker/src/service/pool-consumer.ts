@@ -19,6 +19,7 @@ import type { WorkerConfig } from './config.ts'
 import { doneEvent, type JobContext, JobError, type JobResult, jobResultOf } from './job-result.ts'
 import type { WorkerMetrics } from './metrics.ts'
 import type { ModelRuntime } from './model-runtime.ts'
+import type { TelemetryPublisher } from './telemetry.ts'
 import type { TokenStreamWriter } from './token-stream.ts'
 
 interface InFlight {
@@ -37,6 +38,7 @@ export class PoolConsumer {
   private readonly runtime: ModelRuntime
   private readonly streams: TokenStreamWriter
   private readonly metrics: WorkerMetrics
+  private readonly telemetry: TelemetryPublisher | null
   private readonly log: Logger
   private readonly worker: Worker
   private readonly queuePrefix: string
@@ -46,12 +48,19 @@ export class PoolConsumer {
   constructor(
     pool: ExpertPool,
     runtime: ModelRuntime,
-    deps: { config: WorkerConfig; streams: TokenStreamWriter; metrics: WorkerMetrics; log: Logger },
+    deps: {
+      config: WorkerConfig
+      streams: TokenStreamWriter
+      metrics: WorkerMetrics
+      telemetry?: TelemetryPublisher
+      log: Logger
+    },
   ) {
     this.pool = pool
     this.runtime = runtime
     this.streams = deps.streams
     this.metrics = deps.metrics
+    this.telemetry = deps.telemetry ?? null
     this.log = deps.log
     const c = deps.config
     this.queuePrefix = c.queuePrefix
@@ -143,6 +152,7 @@ export class PoolConsumer {
         this.streams.end(jobId, done)
         await this.streams.flush()
         this.metrics.requests.inc({ pool: pool.name, outcome: 'cancelled' })
+        this.telemetry?.ended(payload.tenantId, pool.name, 'cancelled')
         return jobResultOf(done)
       }
       if (resume.lastIndex >= 0)
@@ -170,6 +180,13 @@ export class PoolConsumer {
         if (payload.charge) void this.settle(payload, r.usage.promptTokens + r.usage.completionTokens)
         this.metrics.requests.inc({ pool: pool.name, outcome: r.finishReason })
         this.metrics.addExpertLoad(pool.name, r.expertLoad)
+        this.telemetry?.finished(
+          payload.tenantId,
+          pool.name,
+          r.finishReason,
+          r.usage.promptTokens,
+          r.expertLoad,
+        )
         this.metrics.promptTokens.inc({ pool: pool.name }, r.usage.promptTokens)
         this.metrics.requestDuration.observe(
           { pool: pool.name },
@@ -188,6 +205,8 @@ export class PoolConsumer {
       if (err instanceof WaitingError || err instanceof UnrecoverableError) throw err
       const e = err instanceof JobError ? err : new JobError('internal_error', (err as Error).message, false)
       this.metrics.requests.inc({ pool: pool.name, outcome: e.code })
+      const tenantId = (job.data as { tenantId?: unknown } | undefined)?.tenantId
+      if (typeof tenantId === 'string') this.telemetry?.ended(tenantId, pool.name, e.code)
       // A retryable failure with attempts left is not the end of the stream.
       const willRetry = !e.permanent && job.attemptsMade + 1 < (job.opts.attempts ?? 1)
       if (!willRetry && job.id) {
@@ -278,11 +297,17 @@ export class PoolConsumer {
           },
           onToken: (t) => {
             const now = performance.now()
-            if (t.index === 0)
-              this.metrics.timeToFirstToken.observe(labels, (Date.now() - ctx.takenAt) / 1000)
-            else this.metrics.interTokenLatency.observe(labels, (now - last) / 1000)
+            if (t.index === 0) {
+              const ttft = (Date.now() - ctx.takenAt) / 1000
+              this.metrics.timeToFirstToken.observe(labels, ttft)
+              this.telemetry?.firstToken(p.tenantId, labels.pool, ttft)
+            } else {
+              this.metrics.interTokenLatency.observe(labels, (now - last) / 1000)
+              this.telemetry?.interToken(p.tenantId, labels.pool, (now - last) / 1000)
+            }
             last = now
             this.metrics.generatedTokens.inc(labels)
+            this.telemetry?.generated(p.tenantId, labels.pool)
             // A retried job skips the indices its stream already holds.
             if (p.streamTokens && t.index > lastIndex)
               this.streams.token(p.requestId, {

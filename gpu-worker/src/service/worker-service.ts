@@ -14,6 +14,7 @@ import { startHealthServer } from './health-server.ts'
 import { WorkerMetrics } from './metrics.ts'
 import { loadModelRuntimes, type ModelRuntime, runtimeKey } from './model-runtime.ts'
 import { PoolConsumer } from './pool-consumer.ts'
+import { TelemetryPublisher } from './telemetry.ts'
 import { TokenStreamWriter } from './token-stream.ts'
 
 /**
@@ -29,6 +30,8 @@ export class WorkerService {
   /** Read-only handles on the pools' queues, for the queue-depth gauge. */
   private readonly queues: Queue[] = []
   private redis!: RedisClient
+  /** Per-tenant counts and the heartbeat the dashboard reads (telemetry.ts). */
+  telemetry!: TelemetryPublisher
   private subscriber: RedisClient | null = null
   private draining = false
   private ready = false
@@ -50,6 +53,14 @@ export class WorkerService {
     this.redis = connectRedis(c, { maxRetriesPerRequest: null, lazyConnect: false })
     this.redis.on('error', (err) => this.log.warn({ err: err.message }, 'redis connection error'))
     const streams = new TokenStreamWriter(this.redis)
+    this.telemetry = new TelemetryPublisher({
+      redis: this.redis,
+      prefix: c.queuePrefix,
+      snapshot: () => this.snapshot(),
+      registry: this.metrics.registry,
+      log: this.log,
+      intervalMs: c.telemetryIntervalMs,
+    })
     this.runtimes = await loadModelRuntimes(c, streams, this.metrics, this.log)
     for (const r of this.runtimes.values())
       if (r.engine instanceof ThreadedEngine) r.engine.onDeath((err) => this.engineDied(r, err))
@@ -61,7 +72,13 @@ export class WorkerService {
     for (const pool of c.pools) {
       const runtime = this.runtimes.get(runtimeKey(pool))!
       this.consumers.push(
-        new PoolConsumer(pool, runtime, { config: c, streams, metrics: this.metrics, log: this.log }),
+        new PoolConsumer(pool, runtime, {
+          config: c,
+          streams,
+          metrics: this.metrics,
+          telemetry: this.telemetry,
+          log: this.log,
+        }),
       )
     }
     for (const pool of c.pools)
@@ -71,6 +88,7 @@ export class WorkerService {
     this.healthPort = health.port
     this.closeHealth = () => new Promise((r) => health.server.close(() => r()))
     this.ready = true
+    this.telemetry.start()
     this.log.info({ pools: c.pools.map((p) => p.name), metricsPort: health.port }, 'gpu worker serving')
   }
 
@@ -112,6 +130,28 @@ export class WorkerService {
         running: r.scheduler.running,
         waiting: r.scheduler.waiting,
       })),
+    }
+  }
+
+  /** The heartbeat's picture of this worker: its batch per model. */
+  private snapshot() {
+    const pools = this.config.pools
+    return {
+      status: this.health().status,
+      pools: pools.map((p) => p.name),
+      models: [...this.runtimes.entries()].map(([key, r]) => {
+        const served = pools.filter((p) => runtimeKey(p) === key)
+        return {
+          model: served[0]?.modelId ?? r.modelDir,
+          pools: served.map((p) => p.name),
+          layers: r.engine.config.num_hidden_layers,
+          experts: r.engine.config.num_local_experts,
+          running: r.scheduler.running,
+          waiting: r.scheduler.waiting,
+          maxBatch: r.scheduler.maxBatch,
+          occupancy: r.scheduler.running / r.scheduler.maxBatch,
+        }
+      }),
     }
   }
 
@@ -158,6 +198,7 @@ export class WorkerService {
     for (const r of this.runtimes.values()) await r.scheduler.idle()
     while (this.inFlight > 0) await new Promise((r) => setTimeout(r, 10))
     await Promise.all(this.consumers.map((c) => c.close()))
+    await this.telemetry.close()
     await Promise.all(this.queues.map((q) => q.close()))
     await this.closeHealth?.()
     for (const r of this.runtimes.values()) await r.engine.close().catch(() => {})
