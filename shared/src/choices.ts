@@ -1,13 +1,16 @@
-import type { ChoiceResult, DoneEvent, SampledLogprob } from './stream.ts'
+import type { ChoiceResult, SampledLogprob } from './stream.ts'
 
 // A job's choices as OpenAI's response objects show them, for the edge's responses and the
 // worker's batch output lines alike: the choice list, and logprobs in the chat and the legacy
 // text-completion shapes.
 
 /** A finished job's choices: `choices` when the job wrote them, else its one choice. */
-export function answerChoices(
-  answer: Pick<DoneEvent, 'text' | 'finishReason' | 'usage'> & { choices?: ChoiceResult[] | undefined },
-): ChoiceResult[] {
+export function answerChoices<F extends string>(answer: {
+  text: string
+  finishReason: F
+  usage: { completionTokens: number }
+  choices?: ChoiceResult[] | undefined
+}): Array<Omit<ChoiceResult, 'finishReason'> & { finishReason: F | ChoiceResult['finishReason'] }> {
   if (answer.choices && answer.choices.length > 0) return answer.choices
   return [
     {
