@@ -101,7 +101,11 @@ export const ChatCompletionRequest = z.strictObject({
 })
 export type ChatCompletionRequest = z.infer<typeof ChatCompletionRequest>
 
-const TokenIds = z.array(z.number().int().min(0)).min(1)
+const TokenIds = z
+  .array(z.number().int().min(0, { error: 'token ids are non-negative integers' }), {
+    error: 'expected a string or an array of token ids',
+  })
+  .min(1, { error: 'a token-id prompt holds at least one token id' })
 
 /**
  * A text completion's prompt: a string, token ids, or an array of either (one choice per prompt, as
