@@ -270,7 +270,7 @@ export class PoolConsumer {
     lastIndex: number,
   ): Promise<SequenceOutcome & { choices?: ChoiceResult[] }> {
     try {
-      return this.submit(p, ctx, { id: p.requestId, promptIds, seed: ctx.seed }, (t) =>
+      return this.submit(p, { id: p.requestId, promptIds, seed: ctx.seed }, (t) =>
         this.streamToken(p, ctx, t, lastIndex),
       )
     } catch (e) {
@@ -306,7 +306,7 @@ export class PoolConsumer {
           seed: choiceSeed(ctx.seed, c),
         }
         outcomes.push(
-          this.submit(p, ctx, seq, (t) => {
+          this.submit(p, seq, (t) => {
             if (t.logprobs) {
               const piece = (id: number, logprob: number) => ({ ...tokenizer.tokenPiece(id), logprob })
               logprobs[c]!.push({
@@ -347,7 +347,6 @@ export class PoolConsumer {
   /** Hands one sequence to the scheduler; resolves with its outcome. Throws SchedulerError. */
   private submit(
     p: JobPayload,
-    ctx: JobContext,
     seq: { id: string; group?: string | undefined; promptIds: number[]; seed: number },
     onToken: (t: TokenOutput) => void,
   ): Promise<SequenceOutcome> {
