@@ -2,6 +2,8 @@ import { describe, expect, it } from 'vitest'
 import { LogitsProcessor } from '../src/engine/logits-processor.ts'
 import { Sampler, StepLogprobs } from '../src/engine/sampling.ts'
 import { type GenerationParams, Sequence, type TokenConstraint } from '../src/engine/sequence.ts'
+import { BYTE_TOKEN_OFFSET, byteLevelTokenizerFiles } from '../src/engine/tiny-tokenizer.ts'
+import { ChatTokenizer } from '../src/engine/tokenizer.ts'
 
 // Penalties, logit_bias, min_p and logprobs: each changes (or reports) the distribution the way
 // OpenAI's and vLLM's documentation say.
@@ -226,5 +228,16 @@ describe('logprobs', () => {
 
   it('are absent unless asked for', () => {
     expect(sequence({}).accept(Float32Array.from([1, 0, 0, 0, 0, 0]), 1).logprobs).toBeUndefined()
+  })
+})
+
+describe('token pieces for logprobs', () => {
+  it("a byte-level token reports its own bytes, even part of a character's", () => {
+    const { tokenizerJson, tokenizerConfig } = byteLevelTokenizerFiles()
+    const tok = new ChatTokenizer(tokenizerJson, tokenizerConfig)
+    // Byte b is token b + 3: 'A', a space, and the first byte of '€' (e2 82 ac).
+    expect(tok.tokenPiece(BYTE_TOKEN_OFFSET + 0x41)).toEqual({ token: 'A', bytes: [0x41] })
+    expect(tok.tokenPiece(BYTE_TOKEN_OFFSET + 0x20)).toEqual({ token: ' ', bytes: [0x20] })
+    expect(tok.tokenPiece(BYTE_TOKEN_OFFSET + 0xe2)).toEqual({ token: '\uFFFD', bytes: [0xe2] })
   })
 })
