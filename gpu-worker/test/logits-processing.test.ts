@@ -239,5 +239,7 @@ describe('token pieces for logprobs', () => {
     expect(tok.tokenPiece(BYTE_TOKEN_OFFSET + 0x41)).toEqual({ token: 'A', bytes: [0x41] })
     expect(tok.tokenPiece(BYTE_TOKEN_OFFSET + 0x20)).toEqual({ token: ' ', bytes: [0x20] })
     expect(tok.tokenPiece(BYTE_TOKEN_OFFSET + 0xe2)).toEqual({ token: '\uFFFD', bytes: [0xe2] })
+    // <s>: decoding skips special tokens, so its piece is empty and a choice's pieces spell its text.
+    expect(tok.tokenPiece(1)).toEqual({ token: '', bytes: [] })
   })
 })

@@ -269,14 +269,16 @@ export class ChatTokenizer {
 
   /**
    * One token's own text and bytes, as logprobs report it: a byte-level token's bytes may be part of
-   * a character (its text then holds U+FFFD); a SentencePiece byte token `<0xNN>` is that byte.
+   * a character (its text then holds U+FFFD); a SentencePiece byte token `<0xNN>` is that byte; a
+   * special token is empty.
    */
   tokenPiece(id: number): TokenPiece {
     let piece = this.#pieces.get(id)
     if (piece) return piece
     const vocab = this.idToToken(id) ?? ''
-    let bytes: number[] | null = null
-    if (this.#unicodeToByte && !this.specialTokenIds.has(id)) {
+    // Special tokens spell no text (decoding skips them), so the pieces of a choice add up to its text.
+    let bytes: number[] | null = this.specialTokenIds.has(id) ? [] : null
+    if (!bytes && this.#unicodeToByte) {
       const mapped = [...vocab].map((ch) => this.#unicodeToByte!.get(ch))
       if (mapped.every((b) => b !== undefined)) bytes = mapped as number[]
     }
