@@ -340,7 +340,9 @@ export class PoolConsumer {
       finished.map((o) => o.result),
       promptTokens,
     )
+    // Choices are cancelled together: a job with any cancelled choice is a cancelled job (not cached).
     const cancelled = finished.some((o) => o.kind === 'cancelled')
+    if (cancelled) result.finishReason = 'cancelled'
     return { kind: cancelled ? 'cancelled' : 'finished', result, choices }
   }
 
