@@ -56,6 +56,8 @@ describe('choices, logprobs and logits processing in the worker service', () => 
       // One logprobs entry per token but an ending EOS; each lists 2 alternatives, best first.
       const eos = alone.finishReason === 'stop' ? 1 : 0
       expect(choice.logprobs).toHaveLength(alone.outputIds.length - eos)
+      // The token events carry the same entries, each once.
+      expect(streamed.flatMap((t) => (t.logprobs ? [t.logprobs] : []))).toEqual(choice.logprobs)
       for (const lp of choice.logprobs!) {
         expect(lp.logprob).toBeLessThanOrEqual(0)
         expect(lp.top).toHaveLength(2)
@@ -70,6 +72,29 @@ describe('choices, logprobs and logits processing in the worker service', () => 
     expect(d.usage).toEqual({ promptTokens: 3 + 6, completionTokens: completion })
     const job = await client.queue('general').getJob(p.requestId!)
     expect(job!.returnvalue.choices).toHaveLength(4)
+  })
+
+  it('an ending EOS has no logprobs entry, in the token events or the result', async () => {
+    // logit_bias +100 on EOS (id 2): every choice ends at its first token.
+    const p = payload('general', {
+      sampling: {
+        maxTokens: 8,
+        temperature: 1,
+        topP: 1,
+        topK: 0,
+        seed: 3,
+        stop: [],
+        n: 2,
+        logprobs: 1,
+        logitBias: { '2': 100 },
+      },
+    })
+    await client.add(p)
+    const events = await client.events(p.requestId!)
+    expect(tokens(events)).toHaveLength(2)
+    for (const t of tokens(events)) expect(t.logprobs).toBeUndefined()
+    for (const c of done(events).choices!)
+      expect(c).toMatchObject({ completionTokens: 1, logprobs: [], finishReason: 'stop' })
   })
 
   it('applies penalties and logit_bias as engine.generate does with the same parameters', async () => {

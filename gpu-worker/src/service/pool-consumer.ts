@@ -297,6 +297,7 @@ export class PoolConsumer {
     const logprobs: SampledLogprob[][] = Array.from({ length: count }, () => [])
     const outcomes: Array<Promise<SequenceOutcome>> = []
     const tokenizer = this.runtime.engine.tokenizer
+    const piece = (id: number, logprob: number) => ({ ...tokenizer.tokenPiece(id), logprob })
     try {
       for (let c = 0; c < count; c++) {
         const seq = {
@@ -307,14 +308,13 @@ export class PoolConsumer {
         }
         outcomes.push(
           this.submit(p, seq, (t) => {
-            if (t.logprobs) {
-              const piece = (id: number, logprob: number) => ({ ...tokenizer.tokenPiece(id), logprob })
-              logprobs[c]!.push({
-                ...piece(t.tokenId, t.logprobs.logprob),
-                top: t.logprobs.top.map((x) => piece(x.tokenId, x.logprob)),
-              })
+            // The ending EOS has no logprobs entry.
+            const entry = t.logprobs && {
+              ...piece(t.tokenId, t.logprobs.logprob),
+              top: t.logprobs.top.map((x) => piece(x.tokenId, x.logprob)),
             }
-            this.streamToken(p, ctx, t, skip.get(c) ?? -1, multi ? c : undefined, logprobs[c]!.at(-1))
+            if (entry) logprobs[c]!.push(entry)
+            this.streamToken(p, ctx, t, skip.get(c) ?? -1, multi ? c : undefined, entry)
           }),
         )
       }
