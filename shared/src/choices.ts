@@ -49,7 +49,11 @@ export function completionLogprobs(lps: readonly SampledLogprob[] | undefined, t
   return {
     tokens: lps.map((lp) => lp.token),
     token_logprobs: lps.map((lp) => lp.logprob),
-    top_logprobs: lps.map((lp) => Object.fromEntries(lp.top.map((t) => [t.token, t.logprob]))),
+    // As OpenAI's: the sampled token is always among them, so up to logprobs + 1 entries.
+    top_logprobs: lps.map((lp) => ({
+      ...Object.fromEntries(lp.top.map((t) => [t.token, t.logprob])),
+      [lp.token]: lp.logprob,
+    })),
     text_offset,
   }
 }

@@ -76,5 +76,7 @@ describe('choices', () => {
     const lp = (token: string) => ({ token, bytes: [], logprob: -1, top: [] })
     expect(completionLogprobs([lp('ab'), lp('c')], 5)?.text_offset).toEqual([5, 7])
     expect(completionLogprobs(undefined)).toBeNull()
+    // logprobs 0 still lists the sampled token, as OpenAI does.
+    expect(completionLogprobs([lp('ab')])?.top_logprobs).toEqual([{ ab: -1 }])
   })
 })

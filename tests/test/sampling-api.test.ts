@@ -80,7 +80,11 @@ describe('logprobs', () => {
     const lp = choice.logprobs!
     expect(lp.tokens!.join('')).toBe(choice.text)
     expect(lp.token_logprobs).toHaveLength(lp.tokens!.length)
-    expect(lp.top_logprobs!.every((t) => Object.keys(t).length <= 2)).toBe(true)
+    // Up to logprobs + 1 entries: the sampled token is always listed.
+    for (const [i, top] of lp.top_logprobs!.entries()) {
+      expect(Object.keys(top).length).toBeLessThanOrEqual(3)
+      expect(top[lp.tokens![i]!]).toBe(lp.token_logprobs![i])
+    }
     let offset = 0
     for (const [i, token] of lp.tokens!.entries()) {
       expect(lp.text_offset![i]).toBe(offset)
