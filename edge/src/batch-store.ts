@@ -298,6 +298,29 @@ export class BatchStore {
     return { meta: m, content: withContent ? (content ?? '') : null }
   }
 
+  /**
+   * The tenant's output and error files (metadata only): those of its batches still on record,
+   * which live as long as the files do.
+   */
+  async listStoredFiles(tenantId: string): Promise<StoredFileMeta[]> {
+    const batchIds = await this.redis.zrevrange(tenantBatchesKey(this.prefix, tenantId), 0, -1)
+    if (batchIds.length === 0) return []
+    const pipe = this.redis.pipeline()
+    for (const id of batchIds) pipe.hmget(batchKey(this.prefix, id), 'output_file_id', 'error_file_id')
+    const fileIds = ((await pipe.exec()) ?? []).flatMap(([, v]) =>
+      ((v as Array<string | null>) ?? []).filter((id): id is string => typeof id === 'string' && id !== ''),
+    )
+    if (fileIds.length === 0) return []
+    const metas = await this.redis
+      .pipeline(fileIds.map((id) => ['hget', storedFileKey(this.prefix, id), 'meta']))
+      .exec()
+    return (metas ?? []).flatMap(([, raw]) => {
+      if (typeof raw !== 'string') return []
+      const m = JSON.parse(raw) as StoredFileMeta
+      return m.tenantId === tenantId ? [m] : []
+    })
+  }
+
   async deleteStoredFile(fileId: string, tenantId: string): Promise<boolean> {
     if (!(await this.getStoredFile(fileId, tenantId, false))) return false
     await this.redis.del(storedFileKey(this.prefix, fileId))

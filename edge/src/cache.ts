@@ -1,4 +1,10 @@
-import type { ChatCompletionRequest, ChatMessage, CompletionRequest, FinishReason } from '@moe/shared'
+import type {
+  ChatCompletionRequest,
+  ChatMessage,
+  ChoiceResult,
+  CompletionRequest,
+  FinishReason,
+} from '@moe/shared'
 import { sha256Hex } from './auth.ts'
 
 /** Sampling after defaults: what the key and the job both use. */
@@ -10,6 +16,15 @@ export interface EffectiveSampling {
   /** The request's seed, or null (the edge then derives one per request). */
   seed: number | null
   stop: string[]
+  /** Choices per prompt (absent: 1). */
+  n?: number
+  presencePenalty?: number
+  frequencyPenalty?: number
+  repetitionPenalty?: number
+  minP?: number
+  logitBias?: Record<string, number>
+  /** Alternatives per token reported with logprobs (absent: no logprobs). */
+  logprobs?: number
 }
 
 /** Only deterministic requests are cached: greedy decoding, or a fixed seed. */
@@ -56,7 +71,14 @@ export function canonicalRequest(
     maxTokens: s.maxTokens,
     temperature: s.temperature,
     stop: [...new Set(s.stop)].sort(),
-    ...(greedy ? {} : { topP: s.topP, topK: s.topK, seed: s.seed }),
+    ...(greedy ? {} : { topP: s.topP, topK: s.topK, seed: s.seed, minP: s.minP }),
+    // Processors change greedy answers too; n and logprobs change the response's shape.
+    n: s.n,
+    presencePenalty: s.presencePenalty,
+    frequencyPenalty: s.frequencyPenalty,
+    repetitionPenalty: s.repetitionPenalty,
+    logitBias: s.logitBias,
+    logprobs: s.logprobs,
   }
   return { kind, ...input, sampling }
 }
@@ -89,6 +111,8 @@ export interface CachedAnswer {
   text: string
   finishReason: FinishReason
   usage: { promptTokens: number; completionTokens: number }
+  /** Every choice, when there were several or logprobs were asked for. */
+  choices?: ChoiceResult[]
   requestId: string
   createdAt: number
   expiresAt: number

@@ -1,4 +1,15 @@
-import type { DoneEvent, FinishReason, RoutingStats, Timings, Usage } from '@moe/shared'
+import {
+  answerChoices,
+  type ChoiceResult,
+  chatLogprobs,
+  completionLogprobs,
+  type DoneEvent,
+  type FinishReason,
+  type RoutingStats,
+  type SampledLogprob,
+  type Timings,
+  type Usage,
+} from '@moe/shared'
 
 // Builds the OpenAI response objects (chat.completion, chat.completion.chunk, text_completion)
 // from a job's result. `moe` is an extra object OpenAI clients ignore.
@@ -22,6 +33,8 @@ export interface Answer {
   text: string
   finishReason: FinishReason
   usage: { promptTokens: number; completionTokens: number }
+  /** Every choice (n > 1, several prompts, logprobs); else the one above. */
+  choices?: ChoiceResult[] | undefined
 }
 
 /**
@@ -92,14 +105,12 @@ export function completionObject(
     return {
       ...base,
       object: 'chat.completion',
-      choices: [
-        {
-          index: 0,
-          message: { role: 'assistant', content: answer.text, refusal: null },
-          finish_reason: openAiFinishReason(answer.finishReason),
-          logprobs: null,
-        },
-      ],
+      choices: answerChoices(answer).map((ch) => ({
+        index: ch.index,
+        message: { role: 'assistant', content: ch.text, refusal: null },
+        finish_reason: openAiFinishReason(ch.finishReason),
+        logprobs: chatLogprobs(ch.logprobs),
+      })),
       usage,
       moe: answerSummary(answer, moe),
     }
@@ -107,18 +118,27 @@ export function completionObject(
   return {
     ...base,
     object: 'text_completion',
-    choices: [
-      { index: 0, text: answer.text, finish_reason: openAiFinishReason(answer.finishReason), logprobs: null },
-    ],
+    choices: answerChoices(answer).map((ch) => ({
+      index: ch.index,
+      text: ch.text,
+      finish_reason: openAiFinishReason(ch.finishReason),
+      logprobs: completionLogprobs(ch.logprobs),
+    })),
     usage,
     moe: answerSummary(answer, moe),
   }
 }
 
 export interface ChunkPart {
+  /** The choice this chunk belongs to (0 when absent). */
+  index?: number
   role?: 'assistant'
   text?: string
   finishReason?: FinishReason | null
+  /** The tokens this chunk's text came from, when logprobs were asked for. */
+  logprobs?: SampledLogprob[]
+  /** Where this chunk's text starts in its choice (text completions' text_offset). */
+  textOffset?: number
 }
 
 /** One streamed chunk; `delta` null with a finish reason closes the choice. */
@@ -140,14 +160,23 @@ export function chunkObject(
     return {
       ...base,
       object: 'chat.completion.chunk',
-      choices: [{ index: 0, delta, finish_reason: finish, logprobs: null }],
+      choices: [
+        { index: part.index ?? 0, delta, finish_reason: finish, logprobs: chatLogprobs(part.logprobs) },
+      ],
       ...usage,
     }
   }
   return {
     ...base,
     object: 'text_completion',
-    choices: [{ index: 0, text: part.text ?? '', finish_reason: finish, logprobs: null }],
+    choices: [
+      {
+        index: part.index ?? 0,
+        text: part.text ?? '',
+        finish_reason: finish,
+        logprobs: completionLogprobs(part.logprobs, part.textOffset),
+      },
+    ],
     ...usage,
   }
 }

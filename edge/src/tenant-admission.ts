@@ -9,6 +9,7 @@ import {
   lastJobEvent,
   poolQueueName,
   SETTLE_TOKENS_LUA,
+  type StoredFileMeta,
   signingEndpoint,
   tenantTokensKey,
   type WebhookEndpoint,
@@ -127,6 +128,9 @@ export class TenantAdmission extends DurableObject<Env> {
   }
   getStoredFile(fileId: string, tenantId: string, withContent: boolean): Promise<StoredFile | null> {
     return this.batches().getStoredFile(fileId, tenantId, withContent)
+  }
+  listStoredFiles(tenantId: string): Promise<StoredFileMeta[]> {
+    return this.batches().listStoredFiles(tenantId)
   }
   deleteStoredFile(fileId: string, tenantId: string): Promise<boolean> {
     return this.batches().deleteStoredFile(fileId, tenantId)

@@ -1,4 +1,11 @@
-import { ChatCompletionRequest, CompletionRequest, MoeError, UNSUPPORTED_PARAMETERS } from '@moe/shared'
+import {
+  ChatCompletionRequest,
+  CompletionRequest,
+  MAX_CHOICES,
+  MoeError,
+  promptList,
+  UNSUPPORTED_PARAMETERS,
+} from '@moe/shared'
 import type { z } from 'zod'
 
 export type Endpoint = 'chat' | 'completion'
@@ -27,17 +34,12 @@ const isEmptyObject = (v: unknown) =>
 const NEUTRAL: Partial<
   Record<(typeof UNSUPPORTED_PARAMETERS)[number], (v: unknown, body: Record<string, unknown>) => boolean>
 > = {
-  presence_penalty: (v) => v === 0,
-  frequency_penalty: (v) => v === 0,
   response_format: (v) => isEmptyObject(v) || (v as { type?: unknown })?.type === 'text',
   tools: (v) => Array.isArray(v) && v.length === 0,
   functions: (v) => Array.isArray(v) && v.length === 0,
   tool_choice: (v, body) => v === 'none' || (v === 'auto' && !hasTools(body)),
   // Without tools, whether calls may run in parallel asks nothing.
   parallel_tool_calls: (v, body) => typeof v === 'boolean' && !hasTools(body),
-  logprobs: (v) => v === false,
-  top_logprobs: (v) => v === 0,
-  logit_bias: isEmptyObject,
   echo: (v) => v === false,
   best_of: (v) => v === 1,
   store: (v) => v === false,
@@ -86,12 +88,10 @@ export function validateBody(endpoint: Endpoint, body: unknown): ChatCompletionR
     if (obj[k] === null || obj[k] === undefined || neutral?.(obj[k], sent)) delete obj[k]
     else unsupported.push(k)
   }
-  if (obj.n !== undefined && obj.n !== null && obj.n !== 1) unsupported.unshift('n')
   if (unsupported.length > 0) {
     throw new MoeError(
       'unsupported_parameter',
-      `Unsupported parameter${unsupported.length > 1 ? 's' : ''}: ${unsupported.join(', ')} ${unsupported.length > 1 ? 'are' : 'is'} not supported by this service` +
-        (unsupported.includes('n') ? ' (n must be 1)' : ''),
+      `Unsupported parameter${unsupported.length > 1 ? 's' : ''}: ${unsupported.join(', ')} ${unsupported.length > 1 ? 'are' : 'is'} not supported by this service`,
       unsupported[0]!,
     )
   }
@@ -99,8 +99,23 @@ export function validateBody(endpoint: Endpoint, body: unknown): ChatCompletionR
   const parsed = schema.safeParse(obj)
   if (!parsed.success) throw zodToMoeError(parsed.error)
   const data = parsed.data
+  if (endpoint === 'completion') {
+    const choices = promptList((data as CompletionRequest).prompt).length * (data.n ?? 1)
+    if (choices > MAX_CHOICES)
+      throw new MoeError(
+        'invalid_request',
+        `This request asks for ${choices} choices (prompts times n); at most ${MAX_CHOICES} are allowed`,
+        (data.n ?? 1) > 1 ? 'n' : 'prompt',
+      )
+  }
   if (endpoint === 'chat') {
     const chat = data as ChatCompletionRequest
+    if ((chat.top_logprobs ?? 0) > 0 && chat.logprobs !== true)
+      throw new MoeError(
+        'invalid_request',
+        'top_logprobs needs logprobs: set logprobs to true to get the most likely alternatives of each token',
+        'top_logprobs',
+      )
     if (
       chat.max_tokens != null &&
       chat.max_completion_tokens != null &&

@@ -1,5 +1,7 @@
 import { z } from 'zod'
+import { answerChoices, chatLogprobs, completionLogprobs } from './choices.ts'
 import { publicErrorMessage } from './errors.ts'
+import type { ChoiceResult } from './stream.ts'
 
 // Batch contracts shared by the edge (Files/Batches API, fan-out) and the Node-side batch
 // coordinator (finalisation, output files, webhook events). Key names live here too.
@@ -206,6 +208,8 @@ export interface ChildResult {
   finishReason: 'stop' | 'length' | 'cancelled'
   text: string
   usage: { promptTokens: number; completionTokens: number }
+  /** Every choice, when the line asked for n > 1, several prompts or logprobs. */
+  choices?: ChoiceResult[]
 }
 
 /** One line of the output file: `{id, custom_id, response: {status_code, request_id, body}, error: null}`. */
@@ -227,21 +231,24 @@ export function batchOutputLine(
           id: `chatcmpl-${line.j}`,
           object: 'chat.completion',
           ...base,
-          choices: [
-            {
-              index: 0,
-              message: { role: 'assistant', content: r.text, refusal: null },
-              finish_reason: r.finishReason,
-              logprobs: null,
-            },
-          ],
+          choices: answerChoices(r).map((ch) => ({
+            index: ch.index,
+            message: { role: 'assistant', content: ch.text, refusal: null },
+            finish_reason: ch.finishReason,
+            logprobs: chatLogprobs(ch.logprobs),
+          })),
           usage,
         }
       : {
           id: `cmpl-${line.j}`,
           object: 'text_completion',
           ...base,
-          choices: [{ index: 0, text: r.text, finish_reason: r.finishReason, logprobs: null }],
+          choices: answerChoices(r).map((ch) => ({
+            index: ch.index,
+            text: ch.text,
+            finish_reason: ch.finishReason,
+            logprobs: completionLogprobs(ch.logprobs),
+          })),
           usage,
         }
   return JSON.stringify({

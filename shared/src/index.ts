@@ -1,4 +1,5 @@
 export * from './batch.ts'
+export * from './choices.ts'
 export * from './config.ts'
 export * from './errors.ts'
 export * from './job.ts'

@@ -26,7 +26,8 @@ export async function* readJobStream(
 ): AsyncGenerator<StreamEvent> {
   const key = jobEventsKey(jobId)
   let cursor = '0'
-  let nextIndex = 0
+  // Per choice: a job with n > 1 interleaves the tokens of its choices.
+  const nextIndex = new Map<number, number>()
   for (;;) {
     const left = deadline - Date.now()
     if (left <= 0) throw new MoeError('deadline_exceeded', 'The model did not finish in time')
@@ -37,8 +38,9 @@ export async function* readJobStream(
       const event = streamEntryEvent(fields)
       if (!event) continue
       if (event.type === 'token') {
-        if (event.index < nextIndex) continue
-        nextIndex = event.index + 1
+        const choice = event.choice ?? 0
+        if (event.index < (nextIndex.get(choice) ?? 0)) continue
+        nextIndex.set(choice, event.index + 1)
       }
       yield event
       if (event.type !== 'token') return

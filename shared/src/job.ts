@@ -2,13 +2,21 @@ import type { JobsOptions } from 'bullmq'
 import { z } from 'zod'
 import { ErrorCode } from './errors.ts'
 import { JOB_STREAM_TTL_SECONDS } from './keys.ts'
-import { ChatMessage } from './openai.ts'
+import { ChatMessage, LogitBias, MAX_CHOICES, MAX_N, MAX_TOP_LOGPROBS } from './openai.ts'
 
 /** What the worker should generate from: chat messages (templated by the model) or a raw prompt. */
 export const JobInput = z.discriminatedUnion('kind', [
   z.object({ kind: z.literal('chat'), messages: z.array(ChatMessage).min(1) }),
   z.object({ kind: z.literal('text'), prompt: z.string() }),
   z.object({ kind: z.literal('tokens'), inputIds: z.array(z.number().int().min(0)).min(1) }),
+  /** Several text prompts (strings or token ids), each generating its own choices. */
+  z.object({
+    kind: z.literal('prompts'),
+    prompts: z
+      .array(z.union([z.string(), z.array(z.number().int().min(0)).min(1)]))
+      .min(1)
+      .max(MAX_CHOICES),
+  }),
 ])
 export type JobInput = z.infer<typeof JobInput>
 
@@ -27,6 +35,15 @@ export const SamplingParams = z.object({
   stop: z.array(z.string().min(1)).max(4),
   /** Generate past EOS until maxTokens (vLLM's ignore_eos); meant for benchmarks. */
   ignoreEos: z.boolean().optional(),
+  /** Choices per prompt; each after the first samples with its own seed (choiceSeed). */
+  n: z.number().int().min(1).max(MAX_N).optional(),
+  presencePenalty: z.number().min(-2).max(2).optional(),
+  frequencyPenalty: z.number().min(-2).max(2).optional(),
+  repetitionPenalty: z.number().gt(0).max(10).optional(),
+  minP: z.number().min(0).max(1).optional(),
+  logitBias: LogitBias.optional(),
+  /** Report each sampled token's log-probability, with this many most likely alternatives. */
+  logprobs: z.number().int().min(0).max(MAX_TOP_LOGPROBS).optional(),
 })
 export type SamplingParams = z.infer<typeof SamplingParams>
 
@@ -92,6 +109,22 @@ export function seedFromJobId(jobId: string): number {
   for (const byte of new TextEncoder().encode(jobId)) hash = ((hash ^ BigInt(byte)) * 0x100000001b3n) & MASK64
   return Number(hash >> 11n)
 }
+
+/**
+ * The seed of choice `index` of a job seeded with `seed`: choice 0 uses the job's seed (so n = 1 is
+ * unchanged), the others a SplitMix64 mix of both, top 53 bits. Deterministic: a retry repeats itself.
+ */
+export function choiceSeed(seed: number, index: number): number {
+  if (index === 0) return seed
+  let z = (BigInt(seed) + BigInt(index) * 0x9e3779b97f4a7c15n) & MASK64
+  z = ((z ^ (z >> 30n)) * 0xbf58476d1ce4e5b9n) & MASK64
+  z = ((z ^ (z >> 27n)) * 0x94d049bb133111ebn) & MASK64
+  return Number((z ^ (z >> 31n)) >> 11n)
+}
+
+/** How many choices a job generates: prompts times n. */
+export const choiceCount = (p: Pick<JobPayload, 'input' | 'sampling'>): number =>
+  (p.input.kind === 'prompts' ? p.input.prompts.length : 1) * (p.sampling.n ?? 1)
 
 /** Why a job failed, as it travels through BullMQ's `failedReason` (JSON of this shape). */
 export const JobFailure = z.object({ code: ErrorCode, message: z.string() })

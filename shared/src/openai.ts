@@ -40,6 +40,25 @@ export const Stop = z
   })
   .nullable()
 
+/** Most choices one request may ask for (prompts times n, for a text completion). */
+export const MAX_N = 8
+export const MAX_CHOICES = 32
+/** Most alternatives per token: chat's top_logprobs (OpenAI's limit), and text completions' logprobs. */
+export const MAX_TOP_LOGPROBS = 20
+export const MAX_COMPLETION_LOGPROBS = 5
+
+/** Token id (as a JSON object key) to a bias added to its logit: -100 bans it, 100 all but forces it. */
+export const LogitBias = z
+  .record(
+    z
+      .string()
+      .regex(/^(0|[1-9]\d{0,9})$/, { error: 'logit_bias keys must be token ids (non-negative integers)' }),
+    z.number().min(-100, { error: 'logit_bias values must be from -100 to 100' }).max(100, {
+      error: 'logit_bias values must be from -100 to 100',
+    }),
+  )
+  .refine((b) => Object.keys(b).length <= 1024, { error: 'logit_bias may name at most 1024 tokens' })
+
 /** Sampling parameters shared by chat and text completions. */
 const SamplingFields = {
   model: z.string().min(1).max(256),
@@ -54,19 +73,65 @@ const SamplingFields = {
   stream_options: z.object({ include_usage: z.boolean().optional() }).nullable().optional(),
   user: z.string().max(256).optional(),
   metadata: z.record(z.string().max(64), z.string().max(512)).nullable().optional(),
-  n: z.literal(1).nullable().optional(),
+  /** Choices to generate per prompt. */
+  n: z
+    .number()
+    .int()
+    .min(1)
+    .max(MAX_N, { error: `n must be at most ${MAX_N}` })
+    .nullable()
+    .optional(),
+  /** OpenAI semantics: subtracted once from the logit of every token already generated. */
+  presence_penalty: z.number().min(-2).max(2).nullable().optional(),
+  /** OpenAI semantics: subtracted from a token's logit once per time it was generated. */
+  frequency_penalty: z.number().min(-2).max(2).nullable().optional(),
+  /** vLLM/Hugging Face semantics, over prompt and generated tokens; 1 is off. Not in OpenAI's API. */
+  repetition_penalty: z.number().gt(0).max(10).nullable().optional(),
+  /** Drops tokens less likely than min_p times the most likely one (vLLM). Not in OpenAI's API. */
+  min_p: z.number().min(0).max(1).nullable().optional(),
+  logit_bias: LogitBias.nullable().optional(),
 }
 
 export const ChatCompletionRequest = z.strictObject({
   ...SamplingFields,
   messages: z.array(ChatMessage).min(1),
   max_completion_tokens: z.number().int().positive().nullable().optional(),
+  logprobs: z.boolean().nullable().optional(),
+  top_logprobs: z.number().int().min(0).max(MAX_TOP_LOGPROBS).nullable().optional(),
 })
 export type ChatCompletionRequest = z.infer<typeof ChatCompletionRequest>
 
+const TokenIds = z
+  .array(z.number().int().min(0, { error: 'token ids are non-negative integers' }), {
+    error: 'expected a string or an array of token ids',
+  })
+  .min(1, { error: 'a token-id prompt holds at least one token id' })
+
+/**
+ * A text completion's prompt: a string, token ids, or an array of either (one choice per prompt, as
+ * LangChain's text-completion class sends it).
+ */
+export const CompletionPrompt = z.union(
+  [z.string(), TokenIds, z.array(z.union([z.string(), TokenIds])).min(1)],
+  {
+    error:
+      'prompt must be a string, an array of token ids, or an array of prompts (strings or non-empty token-id arrays)',
+  },
+)
+export type CompletionPrompt = z.infer<typeof CompletionPrompt>
+
+/** The prompts of a text completion, one per choice group: a single token-id array is one prompt. */
+export function promptList(prompt: CompletionPrompt): Array<string | number[]> {
+  if (typeof prompt === 'string') return [prompt]
+  if (prompt.every((p) => typeof p === 'number')) return [prompt as number[]]
+  return prompt as Array<string | number[]>
+}
+
 export const CompletionRequest = z.strictObject({
   ...SamplingFields,
-  prompt: z.union([z.string(), z.array(z.number().int().min(0)).min(1)]),
+  prompt: CompletionPrompt,
+  /** Legacy logprobs: how many alternatives to list per token (0 lists only the sampled one). */
+  logprobs: z.number().int().min(0).max(MAX_COMPLETION_LOGPROBS).nullable().optional(),
 })
 export type CompletionRequest = z.infer<typeof CompletionRequest>
 
@@ -76,9 +141,6 @@ export const UNSUPPORTED_PARAMETERS = [
   'tool_choice',
   'functions',
   'function_call',
-  'logprobs',
-  'top_logprobs',
-  'logit_bias',
   'response_format',
   'audio',
   'modalities',
@@ -86,8 +148,6 @@ export const UNSUPPORTED_PARAMETERS = [
   'best_of',
   'echo',
   'suffix',
-  'presence_penalty',
-  'frequency_penalty',
   'parallel_tool_calls',
   'web_search_options',
   'store',

@@ -1,5 +1,6 @@
 import { MoeError } from '@moe/shared'
 import { Hono } from 'hono'
+import { z } from 'zod'
 import { randomBase62 } from '../auth.ts'
 import { type AppEnv, admissionOf } from '../http.ts'
 import { tenantAuth } from '../middleware/tenant-auth/index.ts'
@@ -99,6 +100,81 @@ files.post('/files', async (c) => {
   })
   c.get('logFields').file = id
   return c.json(fileObject(id, bytes, createdAt, file.name || 'batch.jsonl', 'batch'))
+})
+
+/** GET /v1/files query: OpenAI's pagination (`after`, `limit`, `order`) and `purpose` filter. */
+const FileListQuery = z.strictObject({
+  after: z.string().regex(FILE_ID, { error: 'after must be a file id (file-...)' }).optional(),
+  limit: z.coerce
+    .number({ error: 'limit must be an integer from 1 to 10000' })
+    .int({ error: 'limit must be an integer from 1 to 10000' })
+    .min(1, { error: 'limit must be an integer from 1 to 10000' })
+    .max(10_000, { error: 'limit must be an integer from 1 to 10000' })
+    .default(10_000),
+  order: z.enum(['asc', 'desc'], { error: "order must be 'asc' or 'desc'" }).default('desc'),
+  purpose: z.string().min(1).max(64).optional(),
+})
+
+/** Most uploaded files one listing reads from R2 (1,000 per page). */
+const R2_LIST_PAGES = 20
+
+/** Every file of a tenant: uploads from R2, output and error files of its batches from Redis. */
+async function tenantFiles(env: Env, tenantId: string): Promise<FileObject[]> {
+  const uploads: FileObject[] = []
+  let cursor: string | undefined
+  for (let page = 0; page < R2_LIST_PAGES; page++) {
+    const listed = await env.FILES.list({
+      prefix: r2Key(tenantId, ''),
+      include: ['customMetadata'],
+      ...(cursor ? { cursor } : {}),
+    })
+    for (const o of listed.objects) {
+      const m = o.customMetadata ?? {}
+      const id = o.key.slice(r2Key(tenantId, '').length)
+      if (FILE_ID.test(id))
+        uploads.push(fileObject(id, o.size, Number(m.created_at), m.filename ?? '', m.purpose ?? 'batch'))
+    }
+    if (!listed.truncated) break
+    cursor = listed.cursor
+  }
+  const stored = await admissionOf(env, tenantId).listStoredFiles(tenantId)
+  return [...uploads, ...stored.map((m) => fileObject(m.id, m.bytes, m.created_at, m.filename, m.purpose))]
+}
+
+files.get('/files', async (c) => {
+  const tenant = c.get('principal').tenant
+  const parsed = FileListQuery.safeParse(c.req.query())
+  if (!parsed.success) {
+    const issue = parsed.error.issues[0]!
+    const param = issue.path.map(String).join('.') || null
+    throw new MoeError(
+      'invalid_request',
+      issue.code === 'unrecognized_keys'
+        ? `Unrecognized query parameter: ${(issue as { keys: string[] }).keys.join(', ')}`
+        : `Invalid value for '${param}': ${issue.message}`,
+      param,
+    )
+  }
+  const { after, limit, order, purpose } = parsed.data
+  // Oldest first by creation time, then id: a stable order for cursors.
+  const all = (await tenantFiles(c.env, tenant.id))
+    .filter((f) => purpose === undefined || f.purpose === purpose)
+    .sort((a, b) => a.created_at - b.created_at || (a.id < b.id ? -1 : a.id > b.id ? 1 : 0))
+  if (order === 'desc') all.reverse()
+  let start = 0
+  if (after !== undefined) {
+    const i = all.findIndex((f) => f.id === after)
+    if (i < 0) throw new MoeError('not_found', `No such File object: ${after}`, 'after')
+    start = i + 1
+  }
+  const data = all.slice(start, start + limit)
+  return c.json({
+    object: 'list',
+    data,
+    first_id: data[0]?.id ?? null,
+    last_id: data.at(-1)?.id ?? null,
+    has_more: start + limit < all.length,
+  })
 })
 
 /** A tenant's file: an uploaded one from R2, else an output or error file from Redis. */

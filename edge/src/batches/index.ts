@@ -1,7 +1,7 @@
 import { BATCH_ENDPOINTS, type BatchEndpoint, type BatchLine, type BatchStatic, MoeError } from '@moe/shared'
 import { Hono } from 'hono'
 import { randomBase62 } from '../auth.ts'
-import { jobPayload, promptTokenEstimate } from '../completions/submit.ts'
+import { jobPayload, tokenCostOf } from '../completions/submit.ts'
 import { type AppEnv, admissionOf, type Ctx, jsonBody, limitBody, requireJson } from '../http.ts'
 import { tenantAuth } from '../middleware/tenant-auth/index.ts'
 import { findFile } from './files.ts'
@@ -88,7 +88,7 @@ batches.post('/batches', async (c) => {
     parent: { batchId, tenantId: tenant.id, endpoint: endpoint as BatchEndpoint, lines: parentLines },
     children,
     windowMs,
-    tokens: lines.reduce((sum, l) => sum + promptTokenEstimate(l.req) + l.sampling.maxTokens, 0),
+    tokens: lines.reduce((sum, l) => sum + tokenCostOf(l.req, l.sampling), 0),
     queueTokenLimit: tenant.batchQueueTokens,
   })
   c.get('logFields').batch = batchId

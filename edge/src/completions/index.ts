@@ -31,9 +31,9 @@ import {
   classifyRequest,
   effectiveSampling,
   jobPayload,
-  promptTokenEstimate,
   type Routed,
   routeRequest,
+  tokenCostOf,
 } from './submit.ts'
 
 // POST /v1/chat/completions and /v1/completions (live, streamed or not, or asynchronous with
@@ -163,7 +163,7 @@ export async function handleCompletion(
     payload,
     meta,
     limits: tenant.rateLimits,
-    tokenCost: promptTokenEstimate(r.req) + sampling.maxTokens,
+    tokenCost: tokenCostOf(r.req, sampling),
     maxQueueDepth: r.pool.maxQueueDepth,
     tenantQueueDepth: Math.max(1, Math.floor(r.pool.maxQueueDepth * tenant.queueShare)),
     idempotent: idem !== undefined,
@@ -226,6 +226,7 @@ export async function handleCompletion(
         text: done.text,
         finishReason: done.finishReason,
         usage: done.usage,
+        ...(done.choices ? { choices: done.choices } : {}),
         requestId,
         createdAt: Date.now(),
         expiresAt: Date.now() + tenant.cacheTtlSeconds * 1000,

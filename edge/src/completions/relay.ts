@@ -1,4 +1,12 @@
-import { type DoneEvent, type ErrorEvent, MoeError, publicErrorMessage, type StreamEvent } from '@moe/shared'
+import {
+  answerChoices,
+  type DoneEvent,
+  type ErrorEvent,
+  MoeError,
+  publicErrorMessage,
+  type SampledLogprob,
+  type StreamEvent,
+} from '@moe/shared'
 import { type SSEStreamingApi, streamSSE } from 'hono/streaming'
 import { type Ctx, log } from '../http.ts'
 import { closeReader, jobEvents } from '../job-events.ts'
@@ -58,9 +66,63 @@ const writeChunk = (sse: SSEStreamingApi, f: SseFrame, part: ChunkPart) =>
     data: JSON.stringify(chunkObject(f.endpoint, f.id, f.created, f.model, part, f.includeUsage)),
   })
 
-/** The closing chunk, the usage chunk when asked for, and [DONE]. */
-async function writeEnd(sse: SSEStreamingApi, f: SseFrame, answer: Answer, moe: MoeSummary) {
-  await writeChunk(sse, f, { finishReason: answer.finishReason })
+/** What one choice of a streamed answer has sent so far. */
+interface ChoiceState {
+  started: boolean
+  sent: string
+  /** Logprobs of tokens whose text has not been sent yet (a partial character, a held stop string). */
+  pending: SampledLogprob[]
+  logprobsSent: number
+}
+
+class ChoiceStates {
+  readonly #states = new Map<number, ChoiceState>()
+  get(index: number): ChoiceState {
+    let st = this.#states.get(index)
+    if (!st) {
+      st = { started: false, sent: '', pending: [], logprobsSent: 0 }
+      this.#states.set(index, st)
+    }
+    return st
+  }
+}
+
+/** A choice's first chunk carries the assistant role, as OpenAI's do. */
+async function startChoice(sse: SSEStreamingApi, f: SseFrame, index: number, st: ChoiceState) {
+  if (st.started) return
+  st.started = true
+  await writeChunk(sse, f, { index, role: 'assistant', text: '' })
+}
+
+/** A text delta of one choice, with the logprobs of the tokens it completes. */
+async function writeText(sse: SSEStreamingApi, f: SseFrame, index: number, st: ChoiceState, text: string) {
+  const logprobs = st.pending.length > 0 ? st.pending : undefined
+  await writeChunk(sse, f, { index, text, textOffset: st.sent.length, ...(logprobs ? { logprobs } : {}) })
+  st.sent += text
+  st.logprobsSent += st.pending.length
+  st.pending = []
+}
+
+/**
+ * Each choice's rest (text the stream did not carry: a stream trimmed by retention, a cached answer)
+ * and closing chunk, the usage chunk when asked for, and [DONE].
+ */
+async function writeEnd(
+  sse: SSEStreamingApi,
+  f: SseFrame,
+  answer: Answer,
+  moe: MoeSummary,
+  states = new ChoiceStates(),
+) {
+  for (const ch of answerChoices(answer)) {
+    const st = states.get(ch.index)
+    await startChoice(sse, f, ch.index, st)
+    const rest =
+      ch.text.length > st.sent.length && ch.text.startsWith(st.sent) ? ch.text.slice(st.sent.length) : ''
+    if (ch.logprobs) st.pending = ch.logprobs.slice(st.logprobsSent)
+    if (rest !== '' || st.pending.length > 0) await writeText(sse, f, ch.index, st, rest)
+    await writeChunk(sse, f, { index: ch.index, finishReason: ch.finishReason })
+  }
   if (f.includeUsage) {
     await sse.writeSSE({
       data: JSON.stringify(
@@ -94,26 +156,27 @@ export function relaySse(c: Ctx, f: SseFrame, job: LiveJob): Response {
       if (!started && !sse.aborted) void sse.write(': waiting\n\n')
     }, 1000)
     sse.onAbort(() => clearInterval(keepAlive))
-    // What the client has been sent: a stream trimmed to its final event (retention) holds no
+    // What each choice has been sent: a stream trimmed to its final event (retention) holds no
     // tokens, and the `done` event's text supplies the rest.
-    let sent = ''
+    const choices = new ChoiceStates()
     try {
       for await (const ev of jobEvents(reader, job.jobId, job.deadline)) {
         if (sse.aborted) break
         if (!started) {
           started = true
-          await writeChunk(sse, f, { role: 'assistant', text: '' })
+          await startChoice(sse, f, 0, choices.get(0))
         }
         if (ev.type === 'token') {
+          const index = ev.choice ?? 0
+          const st = choices.get(index)
+          await startChoice(sse, f, index, st)
+          if (ev.logprobs) st.pending.push(ev.logprobs)
           // The detokeniser may hold text back (a partial UTF-8 sequence): OpenAI sends no empty deltas.
           if (ev.text === '') continue
-          sent += ev.text
-          await writeChunk(sse, f, { text: ev.text })
+          await writeText(sse, f, index, st, ev.text)
         } else if (ev.type === 'done') {
           finished = true
-          if (ev.text.length > sent.length && ev.text.startsWith(sent))
-            await writeChunk(sse, f, { text: ev.text.slice(sent.length) })
-          await writeEnd(sse, f, ev, job.summary(ev))
+          await writeEnd(sse, f, ev, job.summary(ev), choices)
           job.finished(ev)
         } else {
           finished = true
@@ -165,9 +228,5 @@ export async function awaitAnswer(c: Ctx, job: LiveJob): Promise<DoneEvent> {
 
 /** A cached answer as the SSE stream a live one would have been. */
 export function replaySse(c: Ctx, f: SseFrame, hit: Answer, moe: MoeSummary): Response {
-  return streamSSE(c, async (sse) => {
-    await writeChunk(sse, f, { role: 'assistant', text: '' })
-    if (hit.text !== '') await writeChunk(sse, f, { text: hit.text })
-    await writeEnd(sse, f, hit, moe)
-  })
+  return streamSSE(c, async (sse) => writeEnd(sse, f, hit, moe))
 }

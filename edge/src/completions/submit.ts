@@ -6,6 +6,7 @@ import {
   type JobPayload,
   type Modality,
   MoeError,
+  promptList,
   seedFromJobId,
   type TenantConfig,
 } from '@moe/shared'
@@ -41,7 +42,7 @@ export interface Routed {
 /** The request's task (hint, or the tenant's router) and modality. */
 export function classifyRequest(tenant: TenantConfig, req: CompletionBody, taskHint?: string): Classified {
   const messages = 'messages' in req ? req.messages : undefined
-  const prompt = 'prompt' in req ? req.prompt : undefined
+  const prompt = 'prompt' in req ? routingPrompt(req.prompt) : undefined
   const task = decideTask(routerFor(tenant), {
     messages,
     prompt,
@@ -49,6 +50,13 @@ export function classifyRequest(tenant: TenantConfig, req: CompletionBody, taskH
   })
   const { modality, required } = modalitiesOf({ messages })
   return { task, modality, required }
+}
+
+/** What the task router reads of a text completion: its prompt, or its text prompts together. */
+function routingPrompt(prompt: CompletionRequest['prompt']): string | number[] {
+  const prompts = promptList(prompt)
+  if (prompts.length === 1) return prompts[0]!
+  return prompts.filter((p) => typeof p === 'string').join('\n')
 }
 
 /** The tenant's pool for a classified request. */
@@ -79,7 +87,29 @@ export function effectiveSampling(r: Pick<Routed, 'req' | 'pool'>): EffectiveSam
     topK: r.req.top_k ?? 0,
     seed: r.req.seed ?? null,
     stop,
+    ...processingOf(r.req),
   }
+}
+
+/** Choices, penalties, bias and logprobs of a request, each left out at its neutral value. */
+function processingOf(req: CompletionBody): Partial<EffectiveSampling> {
+  const out: Partial<EffectiveSampling> = {}
+  if (req.n != null && req.n > 1) out.n = req.n
+  if (req.presence_penalty) out.presencePenalty = req.presence_penalty
+  if (req.frequency_penalty) out.frequencyPenalty = req.frequency_penalty
+  if (req.repetition_penalty != null && req.repetition_penalty !== 1)
+    out.repetitionPenalty = req.repetition_penalty
+  if (req.min_p) out.minP = req.min_p
+  if (req.logit_bias && Object.keys(req.logit_bias).length > 0) out.logitBias = req.logit_bias
+  if ('messages' in req) {
+    if (req.logprobs === true) out.logprobs = req.top_logprobs ?? 0
+  } else if (req.logprobs != null) out.logprobs = req.logprobs
+  return out
+}
+
+/** How many choices a request generates: prompts times n. */
+export function choicesOf(req: CompletionBody): number {
+  return ('prompt' in req ? promptList(req.prompt).length : 1) * (req.n ?? 1)
 }
 
 const utf8 = new TextEncoder()
@@ -92,7 +122,10 @@ const utf8 = new TextEncoder()
  */
 export function promptTokenEstimate(req: CompletionBody): number {
   if ('prompt' in req)
-    return typeof req.prompt === 'string' ? utf8.encode(req.prompt).length : req.prompt.length
+    return promptList(req.prompt).reduce(
+      (sum, p) => sum + (typeof p === 'string' ? utf8.encode(p).length : p.length),
+      0,
+    )
   let tokens = 0
   for (const m of req.messages) {
     tokens += 8
@@ -102,12 +135,17 @@ export function promptTokenEstimate(req: CompletionBody): number {
   return tokens
 }
 
-export const inputOf = (req: CompletionBody): JobInput =>
-  'messages' in req
-    ? { kind: 'chat', messages: req.messages }
-    : typeof req.prompt === 'string'
-      ? { kind: 'text', prompt: req.prompt }
-      : { kind: 'tokens', inputIds: req.prompt }
+export function inputOf(req: CompletionBody): JobInput {
+  if ('messages' in req) return { kind: 'chat', messages: req.messages }
+  const prompts = promptList(req.prompt)
+  if (prompts.length > 1) return { kind: 'prompts', prompts }
+  const only = prompts[0]!
+  return typeof only === 'string' ? { kind: 'text', prompt: only } : { kind: 'tokens', inputIds: only }
+}
+
+/** What admission charges before the job runs: the prompts, and max_tokens for every choice. */
+export const tokenCostOf = (req: CompletionBody, sampling: EffectiveSampling): number =>
+  promptTokenEstimate(req) + sampling.maxTokens * choicesOf(req)
 
 /**
  * The job for a routed request; a request without a seed gets one derived from the job id.

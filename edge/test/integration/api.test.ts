@@ -150,17 +150,17 @@ describe('hygiene', () => {
       await post(
         full,
         '/v1/chat/completions',
-        chatBody('hi', { tools: [{ type: 'function' }], logprobs: true }),
+        chatBody('hi', { tools: [{ type: 'function' }], audio: { voice: 'alloy' } }),
       ),
       400,
       'unsupported_parameter',
     )
     expect(e.message).toContain('tools')
-    expect(e.message).toContain('logprobs')
+    expect(e.message).toContain('audio')
     const n = await expectError(
-      await post(full, '/v1/chat/completions', chatBody('hi', { n: 2 })),
+      await post(full, '/v1/chat/completions', chatBody('hi', { n: 9 })),
       400,
-      'unsupported_parameter',
+      'invalid_request',
     )
     expect(n.param).toBe('n')
     const u = await expectError(

@@ -20,15 +20,15 @@ const chat = { model: 'auto', messages: [{ role: 'user', content: 'hi' }] }
 
 describe('request validation and error mapping', () => {
   it('names unsupported OpenAI parameters in a 400', () => {
-    const e = thrown(() => validateBody('chat', { ...chat, tools: [{}], logprobs: true }))
+    const e = thrown(() => validateBody('chat', { ...chat, tools: [{}], audio: { voice: 'x' } }))
     expect(e.status).toBe(400)
     expect(e.code).toBe('unsupported_parameter')
     expect(e.message).toContain('tools')
-    expect(e.message).toContain('logprobs')
+    expect(e.message).toContain('audio')
     expect(e.param).toBe('tools')
-    const n = thrown(() => validateBody('chat', { ...chat, n: 3 }))
+    const n = thrown(() => validateBody('chat', { ...chat, n: 9 }))
     expect(n.param).toBe('n')
-    expect(n.message).toContain('n must be 1')
+    expect(n.message).toContain('at most 8')
     expect(validateBody('chat', { ...chat, n: 1, tools: null }).n).toBe(1)
   })
 
@@ -52,7 +52,7 @@ describe('request validation and error mapping', () => {
       'x',
     )
     for (const [k, v] of [
-      ['frequency_penalty', 0.5],
+      ['echo', true],
       ['response_format', { type: 'json_object' }],
       ['tools', [{ type: 'function', function: { name: 'f' } }]],
       ['store', true],

@@ -9,6 +9,8 @@ export interface SamplingParams {
   topK: number
   /** A non-negative safe integer; the same seed and logits give the same tokens on any machine. */
   seed: number
+  /** Drop tokens less likely than minP times the most likely one, after temperature (0 = off). */
+  minP?: number
 }
 
 // Scratch space shared by every sampler: sampling is synchronous, so one call never overlaps another.
@@ -57,6 +59,7 @@ export class Sampler {
 
   constructor(params: SamplingParams) {
     const { temperature, topP, topK, seed } = params
+    const minP = params.minP ?? 0
     if (!(Number.isFinite(temperature) && temperature >= 0))
       throw new Error(`temperature must be a finite number >= 0 (got ${temperature})`)
     if (!(topP > 0 && topP <= 1)) throw new Error(`topP must be in (0, 1] (got ${topP})`)
@@ -64,7 +67,8 @@ export class Sampler {
       throw new Error(`topK must be an integer >= 0, 0 meaning off (got ${topK})`)
     if (!(Number.isSafeInteger(seed) && seed >= 0))
       throw new Error(`seed must be an integer from 0 to ${Number.MAX_SAFE_INTEGER} (got ${seed})`)
-    this.params = { temperature, topP, topK, seed }
+    if (!(minP >= 0 && minP <= 1)) throw new Error(`minP must be in [0, 1] (got ${minP})`)
+    this.params = { temperature, topP, topK, seed, minP }
     this.#random = new SeededRandom(seed)
   }
 
@@ -86,6 +90,12 @@ export class Sampler {
 
     scratch(vocab)
     const invT = 1 / temperature
+    const minP = this.params.minP ?? 0
+    // p_i / p_max = exp((x_i - max) / T) < minP: those tokens are out (in place; the sampled one keeps its logit).
+    if (minP > 0) {
+      const floor = max + Math.log(minP) * temperature
+      for (let i = 0; i < vocab; i++) if (logits[i]! < floor) logits[i] = Number.NEGATIVE_INFINITY
+    }
     if (topK > 0 && topK < vocab) return this.#sampleSorted(logits, selectTopK(logits, topK), max, invT, u)
     if (topP < 1) return this.#sampleNucleus(logits, max, invT, u)
 
@@ -163,6 +173,58 @@ export class Sampler {
       if (cumulative > target) return last
     }
     return last // rounding put the draw a hair past the end
+  }
+}
+
+/** A token's log-probability. */
+export interface TokenLogprobValue {
+  tokenId: number
+  logprob: number
+}
+
+/**
+ * Log-probabilities under the distribution a sampler at `temperature` draws from, before its top-k,
+ * top-p and min-p truncation: log-softmax of logits / T (T = 1 when greedy, whose distribution is the
+ * model's own). Tokens at -Infinity (masked, banned) have logprob -Infinity and are never listed.
+ */
+export class StepLogprobs {
+  readonly #max: number
+  readonly #invT: number
+  readonly #logZ: number
+  /** The `count` most likely tokens, best first (lowest id first among equals). */
+  readonly top: TokenLogprobValue[]
+
+  constructor(logits: Float32Array, temperature: number, count: number) {
+    const invT = temperature < GREEDY_BELOW_TEMPERATURE ? 1 : 1 / temperature
+    let max = Number.NEGATIVE_INFINITY
+    for (let i = 0; i < logits.length; i++) if (logits[i]! > max) max = logits[i]!
+    let total = 0
+    for (let i = 0; i < logits.length; i++) total += Math.exp((nanToNegInf(logits[i]!) - max) * invT)
+    this.#max = max
+    this.#invT = invT
+    this.#logZ = Math.log(total)
+    // Insertion into a short sorted list: most tokens cost one comparison with its worst entry.
+    const ids: number[] = []
+    for (let i = 0; i < logits.length && count > 0; i++) {
+      const x = nanToNegInf(logits[i]!)
+      if (x === Number.NEGATIVE_INFINITY) continue
+      if (ids.length === count && x <= logits[ids[count - 1]!]!) continue
+      let j = Math.min(ids.length, count - 1)
+      ids[j] = i
+      while (j > 0 && logits[ids[j - 1]!]! < x) {
+        ids[j] = ids[j - 1]!
+        ids[j - 1] = i
+        j--
+      }
+    }
+    this.top = ids.map((tokenId) => ({ tokenId, logprob: this.of(logits[tokenId]!) }))
+  }
+
+  /** The log-probability of a token whose (processed) logit is `logit`. */
+  of(logit: number): number {
+    const x = nanToNegInf(logit)
+    if (x === Number.NEGATIVE_INFINITY) return Number.NEGATIVE_INFINITY
+    return (x - this.#max) * this.#invT - this.#logZ
   }
 }
 

@@ -1,9 +1,10 @@
 import { IncrementalDetokenizer, StopMatcher, type TokenDecoder } from './detokenizer.ts'
-import { Sampler } from './sampling.ts'
+import { type LogitsProcessingParams, LogitsProcessor } from './logits-processor.ts'
+import { Sampler, StepLogprobs, type TokenLogprobValue } from './sampling.ts'
 
 export type FinishReason = 'stop' | 'length'
 
-export interface GenerationParams {
+export interface GenerationParams extends LogitsProcessingParams {
   maxTokens: number
   temperature: number
   topP: number
@@ -14,6 +15,10 @@ export interface GenerationParams {
   allowedExperts: readonly number[] | null
   /** Keep generating past EOS (vLLM's ignore_eos): for benchmarks that need fixed lengths. */
   ignoreEos?: boolean
+  /** Drop tokens less likely than minP times the most likely one (0 = off). */
+  minP?: number
+  /** Report each token's log-probability with this many most likely alternatives (absent = none). */
+  logprobs?: number
 }
 
 /**
@@ -32,6 +37,8 @@ export interface TokenOutput {
   tokenId: number
   /** Text this token completes (may be empty while a character or stop string is pending). */
   text: string
+  /** When asked for (params.logprobs), and the token is not the EOS that ends the sequence. */
+  logprobs?: { logprob: number; top: TokenLogprobValue[] }
 }
 
 /**
@@ -61,6 +68,7 @@ export class Sequence {
   private readonly isEos: (id: number) => boolean
   private readonly maxContext: number
   private readonly constraint: TokenConstraint | null
+  private readonly processor: LogitsProcessor | null
 
   constructor(opts: {
     id: string
@@ -83,6 +91,7 @@ export class Sequence {
     this.isEos = (id) => opts.tokenizer.isEos(id)
     this.expertLoad = new Uint32Array(opts.layers * opts.experts)
     this.constraint = opts.constraint ?? null
+    this.processor = LogitsProcessor.create(opts.params, opts.promptIds)
   }
 
   get finished(): boolean {
@@ -100,28 +109,37 @@ export class Sequence {
    */
   accept(logits: Float32Array, consumed: number): TokenOutput {
     this.pastLength += consumed
+    // Penalties and biases first, then the constraint's mask: logprobs describe what is sampled from.
+    this.processor?.apply(logits)
     this.constraint?.mask(logits)
+    const step =
+      this.params.logprobs === undefined
+        ? null
+        : new StepLogprobs(logits, this.params.temperature, this.params.logprobs)
     const tokenId = this.sampler.sample(logits)
+    this.processor?.accept(tokenId)
     this.constraint?.advance(tokenId)
+    // Truncation (top-k, top-p, min-p) never touches the sampled token's logit.
+    const logprobs = step ? { logprob: step.of(logits[tokenId]!), top: step.top } : undefined
     const index = this.outputIds.length
     this.outputIds.push(tokenId)
     this.firstTokenAt ??= performance.now()
-    let text = ''
     if (this.isEos(tokenId) && !this.params.ignoreEos) {
-      text = this.drain()
+      // The EOS that ends the sequence is no part of the answer: no text, no logprobs entry.
+      const text = this.drain()
       this.finish('stop')
-    } else {
-      const { emit, stopped } = this.stopMatcher.push(this.detokenizer.push(tokenId))
-      text = emit
-      if (stopped) this.finish('stop')
-      else if (this.outputIds.length >= this.params.maxTokens || this.pastLength + 1 >= this.maxContext) {
-        const rest = this.drain()
-        text += rest
-        this.finish(this.finishReason ?? 'length')
-      }
+      this.text += text
+      return { index, tokenId, text }
+    }
+    const { emit, stopped } = this.stopMatcher.push(this.detokenizer.push(tokenId))
+    let text = emit
+    if (stopped) this.finish('stop')
+    else if (this.outputIds.length >= this.params.maxTokens || this.pastLength + 1 >= this.maxContext) {
+      text += this.drain()
+      this.finish(this.finishReason ?? 'length')
     }
     this.text += text
-    return { index, tokenId, text }
+    return logprobs ? { index, tokenId, text, logprobs } : { index, tokenId, text }
   }
 
   /** Emits what the detokeniser and stop matcher still hold; a stop string completed here ends as 'stop'. */

@@ -4,6 +4,7 @@ import { join } from 'node:path'
 import { Template } from '@huggingface/jinja'
 import { Tokenizer } from '@huggingface/tokenizers'
 import { z } from 'zod'
+import { byteToUnicode } from './tiny-tokenizer.ts'
 
 export interface ChatContentPart {
   type: string
@@ -74,6 +75,21 @@ export function messageText(content: ChatMessage['content']): string {
     .join('\n')
 }
 
+export interface TokenPiece {
+  token: string
+  bytes: number[]
+}
+
+const utf8 = new TextEncoder()
+const lossyUtf8 = new TextDecoder('utf-8', { fatal: false })
+
+/** Whether tokenizer.json decodes with GPT-2's byte-level map (alone or inside a Sequence decoder). */
+function isByteLevel(tokenizerJson: unknown): boolean {
+  const decoder = (tokenizerJson as { decoder?: { type?: string; decoders?: Array<{ type?: string }> } })
+    ?.decoder
+  return decoder?.type === 'ByteLevel' || (decoder?.decoders ?? []).some((d) => d?.type === 'ByteLevel')
+}
+
 export interface DecodeOptions {
   /** Drop bos, eos and other special tokens from the text (default true, as for generated output). */
   skipSpecialTokens?: boolean
@@ -95,6 +111,9 @@ export class ChatTokenizer {
   readonly #specialTexts: string[]
   readonly #template: Template | null
   readonly #cleanUpSpaces: boolean
+  /** GPT-2's byte-to-unicode map reversed, when the vocabulary is byte-level; else null. */
+  readonly #unicodeToByte: ReadonlyMap<string, number> | null
+  readonly #pieces = new Map<number, TokenPiece>()
 
   /**
    * Builds a tokenizer from the parsed `tokenizer.json` and `tokenizer_config.json` of a model directory.
@@ -170,6 +189,10 @@ export class ChatTokenizer {
     this.specialTokenIds = new Set(specials.map((t) => t.id))
     this.#specialTexts = specials.map((t) => t.content).sort((a, b) => b.length - a.length)
 
+    this.#unicodeToByte = isByteLevel(tokenizerJson)
+      ? new Map(byteToUnicode().map((symbol, byte) => [symbol, byte]))
+      : null
+
     const templateSource = options.chatTemplate ?? pickTemplate(cfg.chat_template)
     try {
       this.#template = templateSource == null ? null : new Template(templateSource)
@@ -242,6 +265,29 @@ export class ChatTokenizer {
   /** The token's string in the vocabulary (e.g. `<s>`, or `Ġ` for a byte-level space). */
   idToToken(id: number): string | undefined {
     return this.#tokenizer.id_to_token(id)
+  }
+
+  /**
+   * One token's own text and bytes, as logprobs report it: a byte-level token's bytes may be part of
+   * a character (its text then holds U+FFFD); a SentencePiece byte token `<0xNN>` is that byte; a
+   * special token is empty.
+   */
+  tokenPiece(id: number): TokenPiece {
+    let piece = this.#pieces.get(id)
+    if (piece) return piece
+    const vocab = this.idToToken(id) ?? ''
+    // Special tokens spell no text (decoding skips them), so the pieces of a choice add up to its text.
+    let bytes: number[] | null = this.specialTokenIds.has(id) ? [] : null
+    if (!bytes && this.#unicodeToByte) {
+      const mapped = [...vocab].map((ch) => this.#unicodeToByte!.get(ch))
+      if (mapped.every((b) => b !== undefined)) bytes = mapped as number[]
+    }
+    const byteToken = /^<0x([0-9A-Fa-f]{2})>$/.exec(vocab)
+    if (!bytes && byteToken) bytes = [Number.parseInt(byteToken[1]!, 16)]
+    bytes ??= [...utf8.encode(this.decode([id], { skipSpecialTokens: false }))]
+    piece = { token: lossyUtf8.decode(new Uint8Array(bytes)), bytes }
+    this.#pieces.set(id, piece)
+    return piece
   }
 
   tokenToId(token: string): number | undefined {

@@ -11,6 +11,8 @@ import { FairQueue } from './fair-queue.ts'
 /** A request the scheduler batches: prompt ids, sampling, and where its tokens go. */
 export interface ScheduledRequest {
   id: string
+  /** The job this sequence is one choice of (n > 1): cancelling the group cancels each of them. */
+  group?: string
   tenantId: string
   pool: string
   promptIds: readonly number[]
@@ -172,7 +174,11 @@ export class BatchScheduler {
 
   /** Asks for a sequence to leave; applied at the next step boundary. Unknown ids are ignored. */
   cancel(id: string): void {
-    if (this.known.has(id)) this.pendingCancels.add(id)
+    if (this.known.has(id) || this.entries().some((e) => e.request.group === id)) this.pendingCancels.add(id)
+  }
+
+  private entries(): Entry[] {
+    return [...this.runningList, ...this.waitingQueue]
   }
 
   /** Resolves when nothing is running or waiting. */
@@ -186,9 +192,9 @@ export class BatchScheduler {
       const plan = this.schedule()
       if (!plan) break
       // Waiting requests too: a cancel whose publish was missed must not wait for admission.
-      const poll = this.hooks.pollCancels?.(
-        [...this.runningList, ...this.waitingQueue].map((e) => e.request.id),
-      )
+      const poll = this.hooks.pollCancels?.([
+        ...new Set(this.entries().map((e) => e.request.group ?? e.request.id)),
+      ])
       let outputs: SequenceOutput[]
       try {
         const out = await this.engine.forward(plan.rows)
@@ -286,7 +292,9 @@ export class BatchScheduler {
 
   private applyCancels(): void {
     if (this.pendingCancels.size === 0) return
-    const cancelled = (e: Entry) => this.pendingCancels.has(e.request.id)
+    const cancelled = (e: Entry) =>
+      this.pendingCancels.has(e.request.id) ||
+      (e.request.group !== undefined && this.pendingCancels.has(e.request.group))
     for (const e of this.waitingQueue.remove(cancelled)) this.finishCancelled(e)
     for (const e of this.runningList.filter(cancelled)) {
       this.leave(e, { kind: 'cancelled', result: this.cancelledResult(e) })

@@ -1,4 +1,4 @@
-import type { DoneEvent, ErrorCode, ExpertPool } from '@moe/shared'
+import type { ChoiceResult, DoneEvent, ErrorCode, ExpertPool } from '@moe/shared'
 import type { GenerationResult } from '../engine/engine.ts'
 
 /** What a completed job returns to BullMQ (the stream's `done` event carries the rest). */
@@ -6,6 +6,8 @@ export interface JobResult {
   finishReason: DoneEvent['finishReason']
   text: string
   usage: { promptTokens: number; completionTokens: number }
+  /** Every choice, when the job had several or logprobs were asked for (batch output lines). */
+  choices?: ChoiceResult[]
 }
 
 /** A job failure with a stable code; permanent ones are never retried. */
@@ -32,7 +34,12 @@ export interface JobContext {
  * The one place a `done` event is built: from a generation's result, or, for a job cancelled
  * before it started (`result` null), with no output and the prompt's length as usage.
  */
-export function doneEvent(ctx: JobContext, result: GenerationResult | null, promptTokens = 0): DoneEvent {
+export function doneEvent(
+  ctx: JobContext,
+  result: GenerationResult | null,
+  promptTokens = 0,
+  choices?: ChoiceResult[],
+): DoneEvent {
   return {
     type: 'done',
     finishReason: result?.finishReason ?? 'cancelled',
@@ -46,6 +53,7 @@ export function doneEvent(ctx: JobContext, result: GenerationResult | null, prom
     },
     routing: { expertLoad: result?.expertLoad ?? [], allowedExperts: ctx.pool.experts },
     seed: ctx.seed,
+    ...(choices ? { choices } : {}),
   }
 }
 
@@ -54,4 +62,5 @@ export const jobResultOf = (done: DoneEvent): JobResult => ({
   finishReason: done.finishReason,
   text: done.text,
   usage: done.usage,
+  ...(done.choices ? { choices: done.choices } : {}),
 })

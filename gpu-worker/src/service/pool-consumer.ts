@@ -1,4 +1,7 @@
 import {
+  type ChoiceResult,
+  choiceCount,
+  choiceSeed,
   connectRedis,
   type ExpertPool,
   encodeJobFailure,
@@ -6,6 +9,7 @@ import {
   JobPayload as JobPayloadSchema,
   poolQueueName,
   type RedisClient,
+  type SampledLogprob,
   SETTLE_TOKENS_LUA,
   seedFromJobId,
   tenantQueuedKey,
@@ -13,7 +17,8 @@ import {
 } from '@moe/shared'
 import { type Job, UnrecoverableError, WaitingError, Worker } from 'bullmq'
 import type { Logger } from 'pino'
-import type { StepEngine } from '../engine/engine.ts'
+import type { GenerationResult, StepEngine } from '../engine/engine.ts'
+import type { TokenOutput } from '../engine/sequence.ts'
 import { SchedulerError, type SequenceOutcome } from '../scheduler/batch-scheduler.ts'
 import type { WorkerConfig } from './config.ts'
 import { doneEvent, type JobContext, JobError, type JobResult, jobResultOf } from './job-result.ts'
@@ -44,6 +49,8 @@ export class PoolConsumer {
   private readonly queuePrefix: string
   private readonly accounting: RedisClient
   readonly inFlight = new Map<string, InFlight>()
+  /** When each running job's latest token came (inter-token latency). */
+  readonly #lastTokenAt = new Map<string, number>()
 
   constructor(
     pool: ExpertPool,
@@ -138,7 +145,8 @@ export class PoolConsumer {
         takenAt,
         seed: payload.sampling.seed ?? seedFromJobId(payload.requestId),
       }
-      const promptIds = tokenize(this.runtime.engine, payload)
+      const prompts = tokenizePrompts(this.runtime.engine, payload)
+      const promptIds = prompts[0]!
       const resume = await this.streams.resumePoint(jobId)
       if (resume.end?.type === 'done') {
         // A previous run finished the stream but died before BullMQ heard: report, don't redo.
@@ -163,7 +171,11 @@ export class PoolConsumer {
       const entry: InFlight = { job, token, handBack: false }
       this.inFlight.set(jobId, entry)
       try {
-        const outcome = await this.generate(payload, ctx, promptIds, resume.lastIndex)
+        const choices = choiceCount(payload)
+        const outcome =
+          choices === 1 && payload.sampling.logprobs === undefined
+            ? await this.generate(payload, ctx, promptIds, resume.lastIndex)
+            : await this.generateChoices(payload, ctx, prompts, resume.lastIndex)
         if (outcome.kind === 'failed') throw new JobError('internal_error', outcome.error.message, false)
         if (outcome.kind === 'cancelled' && entry.handBack) {
           // The last step's tokens must be in Redis before another worker reads where to resume.
@@ -174,7 +186,7 @@ export class PoolConsumer {
           throw new WaitingError()
         }
         const r = outcome.result
-        const done = doneEvent(ctx, r)
+        const done = doneEvent(ctx, r, 0, outcome.choices)
         this.streams.end(jobId, done)
         await this.streams.flush()
         if (payload.charge) void this.settle(payload, r.usage.promptTokens + r.usage.completionTokens)
@@ -199,6 +211,7 @@ export class PoolConsumer {
         return jobResultOf(done)
       } finally {
         this.inFlight.delete(jobId)
+        this.#lastTokenAt.delete(jobId)
         this.streams.forget(jobId)
       }
     } catch (err) {
@@ -275,60 +288,198 @@ export class PoolConsumer {
     ctx: JobContext,
     promptIds: number[],
     lastIndex: number,
-  ): Promise<SequenceOutcome> {
-    return new Promise((resolve, reject) => {
-      let last = 0
-      const labels = { pool: this.pool.name }
-      try {
-        this.runtime.scheduler.submit({
-          id: p.requestId,
-          tenantId: p.tenantId,
-          pool: this.pool.name,
-          promptIds,
-          params: {
-            maxTokens: p.sampling.maxTokens,
-            temperature: p.sampling.temperature,
-            topP: p.sampling.topP,
-            topK: p.sampling.topK,
-            seed: ctx.seed,
-            stop: p.sampling.stop,
-            ignoreEos: p.sampling.ignoreEos ?? false,
-            allowedExperts: this.pool.experts,
-          },
-          onToken: (t) => {
-            const now = performance.now()
-            if (t.index === 0) {
-              const ttft = (Date.now() - ctx.takenAt) / 1000
-              this.metrics.timeToFirstToken.observe(labels, ttft)
-              this.telemetry?.firstToken(p.tenantId, labels.pool, ttft)
-            } else {
-              this.metrics.interTokenLatency.observe(labels, (now - last) / 1000)
-              this.telemetry?.interToken(p.tenantId, labels.pool, (now - last) / 1000)
-            }
-            last = now
-            this.metrics.generatedTokens.inc(labels)
-            this.telemetry?.generated(p.tenantId, labels.pool)
-            // A retried job skips the indices its stream already holds.
-            if (p.streamTokens && t.index > lastIndex)
-              this.streams.token(p.requestId, {
-                type: 'token',
-                index: t.index,
-                text: t.text,
-                tokenId: t.tokenId,
-              })
-          },
-          onFinish: resolve,
-        })
-      } catch (e) {
-        if (e instanceof SchedulerError) reject(new JobError(e.code, e.message))
-        else reject(e)
-      }
-    })
+  ): Promise<SequenceOutcome & { choices?: ChoiceResult[] }> {
+    try {
+      return this.submit(p, { id: p.requestId, promptIds, seed: ctx.seed }, (t) =>
+        this.streamToken(p, ctx, t, lastIndex),
+      )
+    } catch (e) {
+      return Promise.reject(e instanceof SchedulerError ? new JobError(e.code, e.message) : e)
+    }
   }
+
+  /**
+   * Several choices (n > 1, several prompts) or logprobs: one sequence per choice, each with its own
+   * seed, all cancelled together under the job's id. Resolves when the last one leaves the batch.
+   */
+  private async generateChoices(
+    p: JobPayload,
+    ctx: JobContext,
+    prompts: number[][],
+    lastIndex: number,
+  ): Promise<SequenceOutcome & { choices?: ChoiceResult[] }> {
+    const n = p.sampling.n ?? 1
+    const count = prompts.length * n
+    const multi = count > 1
+    // A retried job skips, per choice, the tokens its stream already holds.
+    const skip =
+      multi && lastIndex >= 0 ? await this.streams.lastIndices(p.requestId) : new Map([[0, lastIndex]])
+    const logprobs: SampledLogprob[][] = Array.from({ length: count }, () => [])
+    const outcomes: Array<Promise<SequenceOutcome>> = []
+    const tokenizer = this.runtime.engine.tokenizer
+    const piece = (id: number, logprob: number) => ({ ...tokenizer.tokenPiece(id), logprob })
+    try {
+      for (let c = 0; c < count; c++) {
+        const seq = {
+          id: multi ? `${p.requestId}:${c}` : p.requestId,
+          group: multi ? p.requestId : undefined,
+          promptIds: prompts[Math.floor(c / n)]!,
+          seed: choiceSeed(ctx.seed, c),
+        }
+        outcomes.push(
+          this.submit(p, seq, (t) => {
+            // The ending EOS has no logprobs entry.
+            const entry = t.logprobs && {
+              ...piece(t.tokenId, t.logprobs.logprob),
+              top: t.logprobs.top.map((x) => piece(x.tokenId, x.logprob)),
+            }
+            if (entry) logprobs[c]!.push(entry)
+            this.streamToken(p, ctx, t, skip.get(c) ?? -1, multi ? c : undefined, entry)
+          }),
+        )
+      }
+    } catch (e) {
+      this.runtime.scheduler.cancel(p.requestId)
+      await Promise.all(outcomes)
+      throw e instanceof SchedulerError ? new JobError(e.code, e.message) : e
+    }
+    const results = await Promise.all(outcomes)
+    const failed = results.find((o) => o.kind === 'failed')
+    if (failed) return failed
+    const finished = results as Array<Exclude<SequenceOutcome, { kind: 'failed' }>>
+    const choices: ChoiceResult[] = finished.map((o, c) => ({
+      index: c,
+      text: o.result.text,
+      finishReason: o.result.finishReason,
+      completionTokens: o.result.usage.completionTokens,
+      ...(p.sampling.logprobs !== undefined ? { logprobs: logprobs[c]! } : {}),
+    }))
+    // Each prompt's tokens count once, however many choices it has (OpenAI's usage).
+    const promptTokens = prompts.reduce((a, ids) => a + ids.length, 0)
+    const result = combineResults(
+      finished.map((o) => o.result),
+      promptTokens,
+    )
+    // Choices are cancelled together: a job with any cancelled choice is a cancelled job (not cached).
+    const cancelled = finished.some((o) => o.kind === 'cancelled')
+    if (cancelled) result.finishReason = 'cancelled'
+    return { kind: cancelled ? 'cancelled' : 'finished', result, choices }
+  }
+
+  /** Hands one sequence to the scheduler; resolves with its outcome. Throws SchedulerError. */
+  private submit(
+    p: JobPayload,
+    seq: { id: string; group?: string | undefined; promptIds: number[]; seed: number },
+    onToken: (t: TokenOutput) => void,
+  ): Promise<SequenceOutcome> {
+    const s = p.sampling
+    for (const id of Object.keys(s.logitBias ?? {}))
+      if (Number(id) >= this.runtime.engine.config.vocab_size)
+        throw new SchedulerError(
+          'invalid_request',
+          `logit_bias names token ${id}, but the model's vocabulary has ${this.runtime.engine.config.vocab_size} tokens`,
+        )
+    // Submitted synchronously, so a request the scheduler refuses throws here.
+    let resolve!: (o: SequenceOutcome) => void
+    const promise = new Promise<SequenceOutcome>((r) => {
+      resolve = r
+    })
+    this.runtime.scheduler.submit({
+      id: seq.id,
+      ...(seq.group ? { group: seq.group } : {}),
+      tenantId: p.tenantId,
+      pool: this.pool.name,
+      promptIds: seq.promptIds,
+      params: {
+        maxTokens: s.maxTokens,
+        temperature: s.temperature,
+        topP: s.topP,
+        topK: s.topK,
+        seed: seq.seed,
+        stop: s.stop,
+        ignoreEos: s.ignoreEos ?? false,
+        allowedExperts: this.pool.experts,
+        presencePenalty: s.presencePenalty,
+        frequencyPenalty: s.frequencyPenalty,
+        repetitionPenalty: s.repetitionPenalty,
+        minP: s.minP,
+        logitBias: s.logitBias,
+        logprobs: s.logprobs,
+      },
+      onToken: (t) => onToken(t),
+      onFinish: resolve,
+    })
+    return promise
+  }
+
+  /** Metrics for one token, and its stream event unless a retried job's stream already holds it. */
+  private streamToken(
+    p: JobPayload,
+    ctx: JobContext,
+    t: TokenOutput,
+    lastIndex: number,
+    choice?: number,
+    logprobs?: SampledLogprob,
+  ): void {
+    const labels = { pool: this.pool.name }
+    const now = performance.now()
+    const last = this.#lastTokenAt.get(p.requestId)
+    if (t.index === 0 && !choice) {
+      const ttft = (Date.now() - ctx.takenAt) / 1000
+      this.metrics.timeToFirstToken.observe(labels, ttft)
+      this.telemetry?.firstToken(p.tenantId, labels.pool, ttft)
+    } else if (last !== undefined) {
+      this.metrics.interTokenLatency.observe(labels, (now - last) / 1000)
+      this.telemetry?.interToken(p.tenantId, labels.pool, (now - last) / 1000)
+    }
+    this.#lastTokenAt.set(p.requestId, now)
+    this.metrics.generatedTokens.inc(labels)
+    this.telemetry?.generated(p.tenantId, labels.pool)
+    if (p.streamTokens && t.index > lastIndex)
+      this.streams.token(p.requestId, {
+        type: 'token',
+        index: t.index,
+        text: t.text,
+        tokenId: t.tokenId,
+        ...(choice !== undefined ? { choice } : {}),
+        ...(logprobs ? { logprobs } : {}),
+      })
+  }
+}
+
+/** One result for a job's choices: choice 0's text, usage and timings over all of them. */
+function combineResults(results: GenerationResult[], promptTokens: number): GenerationResult {
+  const first = results[0]!
+  const completionTokens = results.reduce((a, r) => a + r.usage.completionTokens, 0)
+  const totalMs = Math.max(...results.map((r) => r.timings.totalMs))
+  const expertLoad = first.expertLoad.map((layer, l) =>
+    layer.map((_, e) => results.reduce((a, r) => a + (r.expertLoad[l]?.[e] ?? 0), 0)),
+  )
+  return {
+    ...first,
+    usage: { promptTokens, completionTokens },
+    timings: {
+      timeToFirstTokenMs: Math.min(...results.map((r) => r.timings.timeToFirstTokenMs)),
+      totalMs,
+      tokensPerSecond: totalMs > 0 ? (completionTokens * 1000) / totalMs : 0,
+      decodeTokensPerSecond: results.reduce((a, r) => a + r.timings.decodeTokensPerSecond, 0),
+    },
+    expertLoad,
+  }
+}
+
+/** The prompt of each choice group: one, or one per prompt of a `prompts` input. */
+function tokenizePrompts(engine: StepEngine, p: JobPayload): number[][] {
+  if (p.input.kind !== 'prompts') return [tokenize(engine, p)]
+  return p.input.prompts.map((prompt) =>
+    typeof prompt === 'string' ? engine.tokenizer.encodePrompt(prompt) : prompt,
+  )
 }
 
 function tokenize(engine: StepEngine, p: JobPayload): number[] {
   switch (p.input.kind) {
+    case 'prompts':
+      return tokenizePrompts(engine, p)[0]!
     case 'chat':
       return engine.tokenizer.encodeChat(p.input.messages)
     case 'text':

@@ -53,6 +53,20 @@ export class TokenStreamWriter {
     return { lastIndex: lastToken?.type === 'token' ? lastToken.index : -1, end, cancelled: cancelled === 1 }
   }
 
+  /**
+   * The last token index already written for each choice of a job with several (a retried job skips
+   * them); one pass over the stream, read only when a job with choices is retried.
+   */
+  async lastIndices(jobId: string): Promise<Map<number, number>> {
+    const entries = await this.redis.xrange(jobEventsKey(jobId), '-', '+')
+    const last = new Map<number, number>()
+    for (const [, fields] of entries) {
+      const e = streamEntryEvent(fields)
+      if (e?.type === 'token') last.set(e.choice ?? 0, Math.max(last.get(e.choice ?? 0) ?? -1, e.index))
+    }
+    return last
+  }
+
   /** Drops what this writer remembers about a job that left this worker (retry, hand-back, end). */
   forget(jobId: string): void {
     this.withTtl.delete(jobId)
