@@ -1,4 +1,4 @@
-import type { DoneEvent, FinishReason, RoutingStats, Timings, Usage } from '@moe/shared'
+import type { DoneEvent, FinishReason, RoutingStats, Timings, ToolCall, Usage } from '@moe/shared'
 
 // Builds the OpenAI response objects (chat.completion, chat.completion.chunk, text_completion)
 // from a job's result. `moe` is an extra object OpenAI clients ignore.
@@ -22,6 +22,8 @@ export interface Answer {
   text: string
   finishReason: FinishReason
   usage: { promptTokens: number; completionTokens: number }
+  /** The answer is these tool calls (its text was their document): finish_reason "tool_calls". */
+  toolCalls?: ToolCall[]
 }
 
 /**
@@ -95,8 +97,10 @@ export function completionObject(
       choices: [
         {
           index: 0,
-          message: { role: 'assistant', content: answer.text, refusal: null },
-          finish_reason: openAiFinishReason(answer.finishReason),
+          message: answer.toolCalls
+            ? { role: 'assistant', content: null, refusal: null, tool_calls: answer.toolCalls }
+            : { role: 'assistant', content: answer.text, refusal: null },
+          finish_reason: answer.toolCalls ? 'tool_calls' : openAiFinishReason(answer.finishReason),
           logprobs: null,
         },
       ],
@@ -115,10 +119,19 @@ export function completionObject(
   }
 }
 
+/** A streamed piece of a tool call: the first names it, the next carry its arguments. */
+export interface ToolCallDelta {
+  index: number
+  id?: string
+  type?: 'function'
+  function: { name?: string; arguments: string }
+}
+
 export interface ChunkPart {
   role?: 'assistant'
   text?: string
-  finishReason?: FinishReason | null
+  toolCalls?: ToolCallDelta[]
+  finishReason?: FinishReason | 'tool_calls' | null
 }
 
 /** One streamed chunk; `delta` null with a finish reason closes the choice. */
@@ -130,13 +143,19 @@ export function chunkObject(
   part: ChunkPart,
   includeUsage: boolean,
 ): Record<string, unknown> {
-  const finish = part.finishReason ? openAiFinishReason(part.finishReason) : null
+  const finish =
+    part.finishReason === 'tool_calls'
+      ? 'tool_calls'
+      : part.finishReason
+        ? openAiFinishReason(part.finishReason)
+        : null
   const base = { id, created, model, system_fingerprint: null }
   const usage = includeUsage ? { usage: null } : {}
   if (kind === 'chat') {
     const delta: Record<string, unknown> = {}
     if (part.role) delta.role = part.role
     if (part.text !== undefined) delta.content = part.text
+    if (part.toolCalls) delta.tool_calls = part.toolCalls
     return {
       ...base,
       object: 'chat.completion.chunk',
@@ -171,4 +190,19 @@ export function usageChunk(
     usage: usageOf(usage),
     moe,
   }
+}
+
+/** OpenAI streams each call as a chunk naming it, then chunks of its arguments. */
+export function toolCallDeltas(calls: readonly ToolCall[]): ToolCallDelta[][] {
+  return calls.flatMap((call, index) => [
+    [
+      {
+        index,
+        id: call.id,
+        type: 'function' as const,
+        function: { name: call.function.name, arguments: '' },
+      },
+    ],
+    [{ index, function: { arguments: call.function.arguments } }],
+  ])
 }

@@ -1,4 +1,10 @@
-import { ChatCompletionRequest, CompletionRequest, MoeError, UNSUPPORTED_PARAMETERS } from '@moe/shared'
+import {
+  ChatCompletionRequest,
+  CompletionRequest,
+  MoeError,
+  UNSUPPORTED_PARAMETERS,
+  unsupportedSchemaPart,
+} from '@moe/shared'
 import type { z } from 'zod'
 
 export type Endpoint = 'chat' | 'completion'
@@ -29,12 +35,7 @@ const NEUTRAL: Partial<
 > = {
   presence_penalty: (v) => v === 0,
   frequency_penalty: (v) => v === 0,
-  response_format: (v) => isEmptyObject(v) || (v as { type?: unknown })?.type === 'text',
-  tools: (v) => Array.isArray(v) && v.length === 0,
   functions: (v) => Array.isArray(v) && v.length === 0,
-  tool_choice: (v, body) => v === 'none' || (v === 'auto' && !hasTools(body)),
-  // Without tools, whether calls may run in parallel asks nothing.
-  parallel_tool_calls: (v, body) => typeof v === 'boolean' && !hasTools(body),
   logprobs: (v) => v === false,
   top_logprobs: (v) => v === 0,
   logit_bias: isEmptyObject,
@@ -42,10 +43,6 @@ const NEUTRAL: Partial<
   best_of: (v) => v === 1,
   store: (v) => v === false,
   service_tier: (v) => v === 'auto' || v === 'default',
-}
-
-function hasTools(body: Record<string, unknown>): boolean {
-  return Array.isArray(body.tools) && body.tools.length > 0
 }
 
 /** A zod issue as an OpenAI-style message and param path. */
@@ -112,6 +109,7 @@ export function validateBody(endpoint: Endpoint, body: unknown): ChatCompletionR
         'max_completion_tokens',
       )
     }
+    validateStructured(chat)
   }
   return data
 }
@@ -120,4 +118,54 @@ export function validateBody(endpoint: Endpoint, body: unknown): ChatCompletionR
 export function requestedMaxTokens(req: ChatCompletionRequest | CompletionRequest): number | null {
   if ('max_completion_tokens' in req && req.max_completion_tokens != null) return req.max_completion_tokens
   return req.max_tokens ?? null
+}
+
+/**
+ * Checks what constrained decoding will enforce: every schema uses only keywords it supports,
+ * and tool_choice names an offered function.
+ */
+function validateStructured(req: ChatCompletionRequest): void {
+  const format = req.response_format
+  if (format?.type === 'json_schema' && format.json_schema.schema !== undefined) {
+    const problem = unsupportedSchemaPart(format.json_schema.schema)
+    if (problem)
+      throw new MoeError(
+        'invalid_request',
+        `Invalid schema for response_format '${format.json_schema.name}': ${problem.message}`,
+        'response_format.json_schema.schema',
+      )
+  }
+  const tools = req.tools ?? []
+  const names = new Set<string>()
+  tools.forEach((tool, i) => {
+    const f = tool.function
+    if (names.has(f.name))
+      throw new MoeError(
+        'invalid_request',
+        `Duplicate function name '${f.name}' in tools`,
+        `tools.${i}.function.name`,
+      )
+    names.add(f.name)
+    if (f.parameters === undefined) return
+    const problem = unsupportedSchemaPart(f.parameters)
+    if (problem)
+      throw new MoeError(
+        'invalid_request',
+        `Invalid schema for function '${f.name}': ${problem.message}`,
+        `tools.${i}.function.parameters`,
+      )
+  })
+  const choice = req.tool_choice
+  if (choice === 'required' && tools.length === 0)
+    throw new MoeError(
+      'invalid_request',
+      "tool_choice 'required' needs at least one tool in tools",
+      'tool_choice',
+    )
+  if (typeof choice === 'object' && choice !== null && !names.has(choice.function.name))
+    throw new MoeError(
+      'invalid_request',
+      `tool_choice names function '${choice.function.name}', which is not in tools`,
+      'tool_choice',
+    )
 }

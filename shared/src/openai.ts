@@ -1,4 +1,5 @@
 import { z } from 'zod'
+import { FunctionTool, ResponseFormat, ToolCall, ToolChoice } from './structured.ts'
 
 // The OpenAI-compatible request bodies the service accepts. Parameters that
 // OpenAI has but we do not implement are listed so a request using them gets a
@@ -18,12 +19,28 @@ export type ContentPart = z.infer<typeof ContentPart>
 
 export const ChatMessage = z
   .object({
-    role: z.enum(['system', 'developer', 'user', 'assistant']),
+    role: z.enum(['system', 'developer', 'user', 'assistant', 'tool']),
     // OpenAI allows an assistant turn with null content (it carried tool calls); it reads as empty.
     content: z.union([z.string(), z.array(ContentPart).min(1)]).nullable(),
     name: z.string().max(256).optional(),
+    /** The calls an assistant turn made (history of a tool-call round trip). */
+    tool_calls: z.array(ToolCall).optional(),
+    /** Which call a `tool` message answers. */
+    tool_call_id: z.string().min(1).max(256).optional(),
   })
   .superRefine((m, ctx) => {
+    if (m.role === 'tool' && m.tool_call_id === undefined)
+      ctx.addIssue({
+        code: 'custom',
+        path: ['tool_call_id'],
+        message: 'a tool message needs the tool_call_id of the call it answers',
+      })
+    if (m.tool_calls !== undefined && m.role !== 'assistant')
+      ctx.addIssue({
+        code: 'custom',
+        path: ['tool_calls'],
+        message: 'only assistant messages carry tool_calls',
+      })
     if (m.content === null && m.role !== 'assistant')
       ctx.addIssue({
         code: 'custom',
@@ -61,6 +78,10 @@ export const ChatCompletionRequest = z.strictObject({
   ...SamplingFields,
   messages: z.array(ChatMessage).min(1),
   max_completion_tokens: z.number().int().positive().nullable().optional(),
+  response_format: ResponseFormat.nullable().optional(),
+  tools: z.array(FunctionTool).max(128).nullable().optional(),
+  tool_choice: ToolChoice.nullable().optional(),
+  parallel_tool_calls: z.boolean().nullable().optional(),
 })
 export type ChatCompletionRequest = z.infer<typeof ChatCompletionRequest>
 
@@ -72,14 +93,11 @@ export type CompletionRequest = z.infer<typeof CompletionRequest>
 
 /** OpenAI parameters we know but do not support; a request that sets one gets a 400 naming it. */
 export const UNSUPPORTED_PARAMETERS = [
-  'tools',
-  'tool_choice',
   'functions',
   'function_call',
   'logprobs',
   'top_logprobs',
   'logit_bias',
-  'response_format',
   'audio',
   'modalities',
   'prediction',
@@ -88,7 +106,6 @@ export const UNSUPPORTED_PARAMETERS = [
   'suffix',
   'presence_penalty',
   'frequency_penalty',
-  'parallel_tool_calls',
   'web_search_options',
   'store',
   'service_tier',

@@ -1,4 +1,4 @@
-import type { DoneEvent, TenantConfig } from '@moe/shared'
+import { type DoneEvent, structuredPlan, type TenantConfig } from '@moe/shared'
 import { Hono } from 'hono'
 import { sha256Hex } from '../auth.ts'
 import {
@@ -25,6 +25,7 @@ import { openReader } from '../job-events.ts'
 import { tenantAuth } from '../middleware/tenant-auth/index.ts'
 import { completionId, completionObject, type MoeSummary, moeSummary } from '../openai-format.ts'
 import type { AdmitRequest, JobMeta } from '../tenant-admission.ts'
+import { readToolCalls, type ToolReading, toolReading } from '../tool-calls.ts'
 import { type Endpoint, validateBody } from '../validate.ts'
 import { awaitAnswer, type LiveJob, relaySse, replaySse, type SseFrame } from './relay.ts'
 import {
@@ -100,6 +101,11 @@ export async function handleCompletion(
     created: Math.floor(Date.now() / 1000),
     model: r.pool.modelId,
     includeUsage: stream && r.req.stream_options?.include_usage === true,
+    tools: 'messages' in r.req ? toolReading(structuredPlan(r.req), requestId) : undefined,
+  }
+  const withCalls = <T extends { text: string }>(answer: T): T => {
+    const toolCalls = frame.tools ? readToolCalls(answer.text, frame.tools) : null
+    return toolCalls ? { ...answer, toolCalls } : answer
   }
 
   // Cache: deterministic requests only, keyed per tenant.
@@ -125,7 +131,7 @@ export async function handleCompletion(
       c.get('logFields').cache = 'HIT'
       const moe = { ...(hit.moe as unknown as MoeSummary), request_id: requestId, cache: 'HIT' as const }
       if (stream) return replaySse(c, frame, hit, moe)
-      return c.json(completionObject(endpoint, frame.id, frame.created, frame.model, hit, moe))
+      return c.json(completionObject(endpoint, frame.id, frame.created, frame.model, withCalls(hit), moe))
     }
   }
 
@@ -238,7 +244,9 @@ export async function handleCompletion(
   }
   if (stream) return relaySse(c, frame, job)
   const done = await awaitAnswer(c, job)
-  return c.json(completionObject(endpoint, frame.id, frame.created, frame.model, done, job.summary(done)))
+  return c.json(
+    completionObject(endpoint, frame.id, frame.created, frame.model, withCalls(done), job.summary(done)),
+  )
 }
 
 const preferAsync = (c: Ctx): boolean =>

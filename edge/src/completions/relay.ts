@@ -8,8 +8,10 @@ import {
   type ChunkPart,
   chunkObject,
   type MoeSummary,
+  toolCallDeltas,
   usageChunk,
 } from '../openai-format.ts'
+import { readToolCalls, ToolCallStream, type ToolReading } from '../tool-calls.ts'
 import type { Endpoint } from '../validate.ts'
 
 // Relays a job's token stream to the client as OpenAI-style SSE chunks, waits for a non-streamed
@@ -23,6 +25,8 @@ export interface SseFrame {
   created: number
   model: string
   includeUsage: boolean
+  /** The answer may be tool calls (chat with tools): how to read it. */
+  tools?: ToolReading
 }
 
 /** A live job this request reads: its stream, what to do when it ends, how to cancel it. */
@@ -60,7 +64,9 @@ const writeChunk = (sse: SSEStreamingApi, f: SseFrame, part: ChunkPart) =>
 
 /** The closing chunk, the usage chunk when asked for, and [DONE]. */
 async function writeEnd(sse: SSEStreamingApi, f: SseFrame, answer: Answer, moe: MoeSummary) {
-  await writeChunk(sse, f, { finishReason: answer.finishReason })
+  if (answer.toolCalls)
+    for (const delta of toolCallDeltas(answer.toolCalls)) await writeChunk(sse, f, { toolCalls: delta })
+  await writeChunk(sse, f, { finishReason: answer.toolCalls ? 'tool_calls' : answer.finishReason })
   if (f.includeUsage) {
     await sse.writeSSE({
       data: JSON.stringify(
@@ -97,6 +103,7 @@ export function relaySse(c: Ctx, f: SseFrame, job: LiveJob): Response {
     // What the client has been sent: a stream trimmed to its final event (retention) holds no
     // tokens, and the `done` event's text supplies the rest.
     let sent = ''
+    const toolStream = f.tools ? new ToolCallStream(f.tools) : null
     try {
       for await (const ev of jobEvents(reader, job.jobId, job.deadline)) {
         if (sse.aborted) break
@@ -108,12 +115,22 @@ export function relaySse(c: Ctx, f: SseFrame, job: LiveJob): Response {
           // The detokeniser may hold text back (a partial UTF-8 sequence): OpenAI sends no empty deltas.
           if (ev.text === '') continue
           sent += ev.text
-          await writeChunk(sse, f, { text: ev.text })
+          const text = toolStream ? toolStream.push(ev.text) : ev.text
+          if (text !== '') await writeChunk(sse, f, { text })
         } else if (ev.type === 'done') {
           finished = true
-          if (ev.text.length > sent.length && ev.text.startsWith(sent))
-            await writeChunk(sse, f, { text: ev.text.slice(sent.length) })
-          await writeEnd(sse, f, ev, job.summary(ev))
+          let rest =
+            ev.text.length > sent.length && ev.text.startsWith(sent) ? ev.text.slice(sent.length) : ''
+          let answer: Answer = ev
+          if (toolStream) {
+            const end = toolStream.finish(ev.text)
+            if ('toolCalls' in end) {
+              answer = { ...ev, toolCalls: end.toolCalls }
+              rest = ''
+            } else rest = end.text + rest
+          }
+          if (rest !== '') await writeChunk(sse, f, { text: rest })
+          await writeEnd(sse, f, answer, job.summary(ev))
           job.finished(ev)
         } else {
           finished = true
@@ -167,7 +184,8 @@ export async function awaitAnswer(c: Ctx, job: LiveJob): Promise<DoneEvent> {
 export function replaySse(c: Ctx, f: SseFrame, hit: Answer, moe: MoeSummary): Response {
   return streamSSE(c, async (sse) => {
     await writeChunk(sse, f, { role: 'assistant', text: '' })
-    if (hit.text !== '') await writeChunk(sse, f, { text: hit.text })
-    await writeEnd(sse, f, hit, moe)
+    const toolCalls = f.tools ? readToolCalls(hit.text, f.tools) : null
+    if (hit.text !== '' && !toolCalls) await writeChunk(sse, f, { text: hit.text })
+    await writeEnd(sse, f, toolCalls ? { ...hit, toolCalls } : hit, moe)
   })
 }

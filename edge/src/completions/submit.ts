@@ -7,6 +7,7 @@ import {
   type Modality,
   MoeError,
   seedFromJobId,
+  structuredPlan,
   type TenantConfig,
 } from '@moe/shared'
 import type { EffectiveSampling } from '../cache.ts'
@@ -122,6 +123,7 @@ export function jobPayload(
   priority: JobPayload['priority'],
   streamTokens = true,
 ): JobPayload {
+  const plan = 'messages' in r.req ? structuredPlan(r.req) : {}
   return {
     version: 1,
     requestId: jobId,
@@ -134,5 +136,7 @@ export function jobPayload(
     createdAt,
     priority,
     streamTokens,
+    ...(plan.json ? { jsonOutput: plan.json } : {}),
+    ...(plan.tools ? { tools: plan.tools } : {}),
   }
 }

@@ -12,7 +12,9 @@ import {
 import { type Job, UnrecoverableError, WaitingError, Worker } from 'bullmq'
 import { Redis } from 'ioredis'
 import type { Logger } from 'pino'
+import { GrammarError, type JsonConstraint, jsonGrammarFor } from '../engine/constrained/json-grammar.ts'
 import type { StepEngine } from '../engine/engine.ts'
+import { encodeToolChat } from '../engine/tool-prompt.ts'
 import { SchedulerError, type SequenceOutcome } from '../scheduler/batch-scheduler.ts'
 import type { WorkerConfig } from './config.ts'
 import { doneEvent, type JobContext, JobError, type JobResult, jobResultOf } from './job-result.ts'
@@ -149,10 +151,11 @@ export class PoolConsumer {
           { lastIndex: resume.lastIndex },
           'resuming a retried job: known tokens are not streamed again',
         )
+      const constraint = await outputConstraint(this.runtime.engine, payload)
       const entry: InFlight = { job, token, handBack: false }
       this.inFlight.set(jobId, entry)
       try {
-        const outcome = await this.generate(payload, ctx, promptIds, resume.lastIndex)
+        const outcome = await this.generate(payload, ctx, promptIds, resume.lastIndex, constraint)
         if (outcome.kind === 'failed') throw new JobError('internal_error', outcome.error.message, false)
         if (outcome.kind === 'cancelled' && entry.handBack) {
           // The last step's tokens must be in Redis before another worker reads where to resume.
@@ -180,6 +183,7 @@ export class PoolConsumer {
         )
         return jobResultOf(done)
       } finally {
+        constraint?.dispose()
         this.inFlight.delete(jobId)
         this.streams.forget(jobId)
       }
@@ -255,6 +259,7 @@ export class PoolConsumer {
     ctx: JobContext,
     promptIds: number[],
     lastIndex: number,
+    constraint: JsonConstraint | undefined,
   ): Promise<SequenceOutcome> {
     return new Promise((resolve, reject) => {
       let last = 0
@@ -275,6 +280,7 @@ export class PoolConsumer {
             ignoreEos: p.sampling.ignoreEos ?? false,
             allowedExperts: this.pool.experts,
           },
+          constraint,
           onToken: (t) => {
             const now = performance.now()
             if (t.index === 0)
@@ -304,10 +310,21 @@ export class PoolConsumer {
 function tokenize(engine: StepEngine, p: JobPayload): number[] {
   switch (p.input.kind) {
     case 'chat':
-      return engine.tokenizer.encodeChat(p.input.messages)
+      return encodeToolChat(engine.tokenizer, p.input.messages, p.tools)
     case 'text':
       return engine.tokenizer.encodePrompt(p.input.prompt)
     case 'tokens':
       return p.input.inputIds
+  }
+}
+
+/** The grammar a job's output is held to (structured output, forced tool calls), if any. */
+async function outputConstraint(engine: StepEngine, p: JobPayload): Promise<JsonConstraint | undefined> {
+  if (!p.jsonOutput) return undefined
+  try {
+    return await jsonGrammarFor(engine.tokenizer, engine.config.vocab_size).constraint(p.jsonOutput)
+  } catch (e) {
+    if (e instanceof GrammarError) throw new JobError('invalid_request', e.message)
+    throw e
   }
 }

@@ -125,6 +125,18 @@ export class JsonGrammar {
   }
 }
 
+const grammars = new WeakMap<ChatTokenizer, JsonGrammar>()
+
+/** The JSON grammars of a model's tokenizer, made once per tokenizer. */
+export function jsonGrammarFor(tokenizer: ChatTokenizer, vocabSize: number): JsonGrammar {
+  let grammar = grammars.get(tokenizer)
+  if (!grammar) {
+    grammar = new JsonGrammar(tokenizer, vocabSize)
+    grammars.set(tokenizer, grammar)
+  }
+  return grammar
+}
+
 /** The embind vector GrammarMatcher's handle returns; read word by word, then deleted. */
 interface IntVector {
   size(): number
