@@ -223,13 +223,19 @@ function resolveLocalRef(root: unknown, ref: string): unknown {
   return node
 }
 
+/**
+ * Most calls in one parallel tool-call answer. Without a bound the array could grow until
+ * max_tokens cuts it, and a cut document is no call at all.
+ */
+export const MAX_PARALLEL_TOOL_CALLS = 4
+
 /** A function's parameters when it declares none: an empty object. */
 const NO_PARAMETERS: JsonSchema = { type: 'object', properties: {}, additionalProperties: false }
 
 /**
  * The document a tool call is generated as: a JSON array of `{"name", "arguments"}` objects, each
  * naming one of `tools` with arguments valid for its parameters; one call only when calls may not
- * run in parallel.
+ * run in parallel, at most MAX_PARALLEL_TOOL_CALLS when they may.
  */
 export function toolCallSchema(tools: readonly FunctionDefinition[], parallel: boolean): JsonSchema {
   const call = (f: FunctionDefinition): JsonSchema => ({
@@ -239,7 +245,7 @@ export function toolCallSchema(tools: readonly FunctionDefinition[], parallel: b
     additionalProperties: false,
   })
   const items = tools.length === 1 ? call(tools[0]!) : { anyOf: tools.map(call) }
-  return { type: 'array', items, minItems: 1, ...(parallel ? {} : { maxItems: 1 }) }
+  return { type: 'array', items, minItems: 1, maxItems: parallel ? MAX_PARALLEL_TOOL_CALLS : 1 }
 }
 
 export interface GeneratedCall {
