@@ -2,6 +2,7 @@ import { Ajv } from 'ajv'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
 import { encodedVocabulary, JsonGrammar } from '../src/engine/constrained/json-grammar.ts'
 import type { MoeEngine } from '../src/engine/engine.ts'
+import { byteLevelTokenizerFiles } from '../src/engine/tiny-tokenizer.ts'
 import { ChatTokenizer } from '../src/engine/tokenizer.ts'
 import { DEMO_MODEL_DIR, loadTinyEngine, TINY_MODEL_DIR } from './fixtures.ts'
 
@@ -106,6 +107,66 @@ describe('JSON grammar masks over a byte-level vocabulary', () => {
         .sort(),
     ).toEqual(['f', 't'])
     c.dispose()
+  })
+})
+
+describe('a BPE vocabulary with multi-byte tokens', () => {
+  // The byte-level vocabulary plus merged tokens, as real BPE vocabularies have: a token may span
+  // several JSON tokens, or end in the middle of a UTF-8 character.
+  const files = byteLevelTokenizerFiles() as { tokenizerJson: { model: { vocab: Record<string, number> } } }
+  const merged = ['{"', '{"x', 'ok', '":', 'Ġtrue', 'true}', 'Ã©', 'aÃ', '"}']
+  const vocab = { ...files.tokenizerJson.model.vocab }
+  merged.forEach((t, i) => {
+    vocab[t] = 259 + i
+  })
+  const tokenizer = new ChatTokenizer(
+    { ...files.tokenizerJson, model: { ...files.tokenizerJson.model, vocab } },
+    byteLevelTokenizerFiles().tokenizerConfig,
+  )
+  const id = (t: string) => tokenizer.tokenToId(t)!
+  const byte = (s: string) => tokenizer.encode(s)[0]!
+  const grammar = new JsonGrammar(tokenizer, 259 + merged.length)
+
+  it('allows a merged token only where all of its bytes fit', async () => {
+    const c = await grammar.constraint({
+      schema: {
+        type: 'object',
+        properties: { ok: { type: 'boolean' } },
+        required: ['ok'],
+        additionalProperties: false,
+      },
+    })
+    try {
+      expect(c.allowed().sort((a, b) => a - b)).toEqual([byte('{'), id('{"')])
+      c.advance(id('{"'))
+      expect(c.allowed()).toContain(id('ok'))
+      expect(c.allowed()).not.toContain(id('Ġtrue'))
+      for (const t of ['ok', '":']) c.advance(id(t))
+      // `"ok":` is followed by one space, then the value: " true" is a single token here.
+      expect(c.allowed()).toContain(id('Ġtrue'))
+      expect(c.allowed()).not.toContain(id('true}'))
+      c.advance(id('Ġtrue'))
+      expect(c.allowed()).toEqual([byte('}')])
+    } finally {
+      c.dispose()
+    }
+  })
+
+  it('inside a string, a token that ends mid-character must be followed by its continuation', async () => {
+    const c = await grammar.constraint({ schema: { type: 'string' } })
+    try {
+      c.advance(byte('"'))
+      expect(c.allowed()).toContain(id('Ã©'))
+      expect(c.allowed()).toContain(id('aÃ'))
+      c.advance(id('aÃ'))
+      const next = c.allowed()
+      expect(next).not.toContain(byte('"'))
+      expect(next).not.toContain(id('Ã©'))
+      // Only continuation bytes 0x80..0xBF.
+      expect(next.every((t) => t >= 0x80 + 3 && t <= 0xbf + 3)).toBe(true)
+    } finally {
+      c.dispose()
+    }
   })
 })
 

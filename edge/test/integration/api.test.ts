@@ -150,12 +150,12 @@ describe('hygiene', () => {
       await post(
         full,
         '/v1/chat/completions',
-        chatBody('hi', { tools: [{ type: 'function' }], logprobs: true }),
+        chatBody('hi', { functions: [{ name: 'f' }], logprobs: true }),
       ),
       400,
       'unsupported_parameter',
     )
-    expect(e.message).toContain('tools')
+    expect(e.message).toContain('functions')
     expect(e.message).toContain('logprobs')
     const n = await expectError(
       await post(full, '/v1/chat/completions', chatBody('hi', { n: 2 })),
