@@ -210,6 +210,58 @@ describe('tools', () => {
     expect(JSON.parse(call.function.arguments)).toHaveProperty('city')
   })
 
+  it('streamed chunks: a delta naming each call, then deltas of its arguments, then finish_reason tool_calls', async () => {
+    const stream = await client.chat.completions.create({
+      model: 'auto',
+      messages: [ask],
+      tools: [weatherTool],
+      tool_choice: 'required',
+      parallel_tool_calls: false,
+      stream: true,
+      seed: 3,
+    })
+    const deltas: OpenAI.ChatCompletionChunk.Choice.Delta.ToolCall[] = []
+    const finishes: (string | null)[] = []
+    for await (const chunk of stream) {
+      const choice = chunk.choices[0]
+      if (!choice) continue
+      // No text while the answer is a call.
+      expect(choice.delta.content ?? '').toBe('')
+      deltas.push(...(choice.delta.tool_calls ?? []))
+      finishes.push(choice.finish_reason)
+    }
+    expect(finishes.at(-1)).toBe('tool_calls')
+    expect(deltas[0]).toMatchObject({
+      index: 0,
+      type: 'function',
+      function: { name: 'get_weather', arguments: '' },
+    })
+    expect(deltas[0]!.id).toMatch(/^call_/)
+    const args = deltas
+      .slice(1)
+      .map((d) => d.function?.arguments ?? '')
+      .join('')
+    expect(deltas.slice(1).every((d) => d.index === 0 && d.id === undefined)).toBe(true)
+    expect(JSON.parse(args)).toHaveProperty('unit')
+  })
+
+  it('tool_choice auto: a text answer stays text', async () => {
+    const res = await client.chat.completions.create({
+      model: 'auto',
+      messages: [{ role: 'user', content: 'Say hello.' }],
+      tools: [weatherTool],
+      temperature: 0,
+      max_tokens: 16,
+    })
+    const choice = res.choices[0]!
+    // The small model does not write call documents unasked; what it writes is its answer.
+    if (choice.finish_reason === 'tool_calls') expect(choice.message.tool_calls!.length).toBeGreaterThan(0)
+    else {
+      expect(choice.message.tool_calls).toBeUndefined()
+      expect(typeof choice.message.content).toBe('string')
+    }
+  })
+
   it('LangChain bindTools with a forced tool gives tool_calls with parsed arguments', async () => {
     const model = new ChatOpenAI({
       model: 'auto',
