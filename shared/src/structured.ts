@@ -187,7 +187,7 @@ export function unsupportedSchemaPart(
     if (typeof s.properties !== 'object' || s.properties === null || Array.isArray(s.properties))
       return { keyword: 'properties', pointer: at, message: `'properties' at ${at} must be an object` }
     for (const [k, v] of Object.entries(s.properties))
-      children.push([v, `${pointer}/properties/${escape(k)}`])
+      children.push([v, `${pointer}/properties/${escapePointer(k)}`])
   }
   if (s.items !== undefined) children.push([s.items, `${pointer}/items`])
   for (const key of ['$defs', 'definitions'] as const) {
@@ -195,12 +195,12 @@ export function unsupportedSchemaPart(
     if (defs === undefined) continue
     if (typeof defs !== 'object' || defs === null || Array.isArray(defs))
       return { keyword: key, pointer: at, message: `'${key}' at ${at} must be an object` }
-    for (const [k, v] of Object.entries(defs)) children.push([v, `${pointer}/${key}/${escape(k)}`])
+    for (const [k, v] of Object.entries(defs)) children.push([v, `${pointer}/${key}/${escapePointer(k)}`])
   }
   if (s.anyOf !== undefined) {
     if (!Array.isArray(s.anyOf) || s.anyOf.length === 0)
       return { keyword: 'anyOf', pointer: at, message: `'anyOf' at ${at} must be a non-empty array` }
-    s.anyOf.forEach((v, i) => children.push([v, `${pointer}/anyOf/${i}`]))
+    for (const [i, v] of s.anyOf.entries()) children.push([v, `${pointer}/anyOf/${i}`])
   }
   for (const [child, p] of children) {
     const problem = unsupportedSchemaPart(child, root, p)
@@ -209,7 +209,7 @@ export function unsupportedSchemaPart(
   return null
 }
 
-const escape = (k: string) => k.replaceAll('~', '~0').replaceAll('/', '~1')
+const escapePointer = (k: string) => k.replaceAll('~', '~0').replaceAll('/', '~1')
 
 function resolveLocalRef(root: unknown, ref: string): unknown {
   if (ref === '#') return root

@@ -25,7 +25,7 @@ import { openReader } from '../job-events.ts'
 import { tenantAuth } from '../middleware/tenant-auth/index.ts'
 import { completionId, completionObject, type MoeSummary, moeSummary } from '../openai-format.ts'
 import type { AdmitRequest, JobMeta } from '../tenant-admission.ts'
-import { readToolCalls, type ToolReading, toolReading } from '../tool-calls.ts'
+import { readToolCalls, toolReading } from '../tool-calls.ts'
 import { type Endpoint, validateBody } from '../validate.ts'
 import { awaitAnswer, type LiveJob, relaySse, replaySse, type SseFrame } from './relay.ts'
 import {
