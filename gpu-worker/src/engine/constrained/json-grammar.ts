@@ -202,12 +202,15 @@ export class JsonConstraint implements TokenConstraint {
     for (let w = 0; w < words.length; w++) {
       const bits = words[w]!
       if (bits === -1) continue
-      const end = Math.min(n, (w + 1) * 32)
-      for (let t = w * 32; t < end; t++)
-        if (((bits >>> (t & 31)) & 1) === 0) logits[t] = Number.NEGATIVE_INFINITY
+      const start = w * 32
+      const end = Math.min(n, start + 32)
+      if (bits === 0) logits.fill(Number.NEGATIVE_INFINITY, start, end)
+      else
+        for (let t = start; t < end; t++)
+          if (((bits >>> (t & 31)) & 1) === 0) logits[t] = Number.NEGATIVE_INFINITY
     }
     // Logit rows padded past the grammar's vocabulary hold no real token.
-    for (let t = n; t < logits.length; t++) logits[t] = Number.NEGATIVE_INFINITY
+    if (logits.length > n) logits.fill(Number.NEGATIVE_INFINITY, n)
   }
 
   advance(tokenId: number): void {

@@ -83,6 +83,8 @@ const BYTE_LEVEL = byteLevelDecoder()
 /** Per token, the UTF-8 state after it from each state (DEAD where it would be invalid). */
 export class Utf8Guard {
   readonly #next: Int8Array
+  /** Per state, a bitmask over the vocabulary of the tokens that may follow it. */
+  readonly #allowed: Int32Array[]
   readonly vocabSize: number
 
   constructor(vocab: readonly string[], type: VocabType, eosIds: readonly number[]) {
@@ -106,13 +108,22 @@ export class Utf8Guard {
         this.#next[base + s] = state
       }
     }
+    const words = Math.ceil(vocab.length / 32)
+    this.#allowed = Array.from({ length: STATES }, (_, s) => {
+      const mask = new Int32Array(words)
+      for (let t = 0; t < vocab.length; t++)
+        if (this.#next[t * STATES + s] !== DEAD) mask[t >> 5]! |= 1 << (t & 31)
+      return mask
+    })
   }
 
   /** Clears, in a bitmask over the vocabulary, the tokens that cannot follow `state`. */
   restrict(words: Int32Array, state: number): void {
-    const next = this.#next
-    const n = Math.min(this.vocabSize, words.length * 32)
-    for (let t = 0; t < n; t++) if (next[t * STATES + state] === DEAD) words[t >> 5]! &= ~(1 << (t & 31))
+    const allowed = this.#allowed[state]!
+    const n = Math.min(words.length, allowed.length)
+    for (let w = 0; w < n; w++) words[w]! &= allowed[w]!
+    // Bits past the guard's vocabulary name no token.
+    for (let w = n; w < words.length; w++) words[w] = 0
   }
 
   /** The state after `token`; DEAD if it cannot follow. */
