@@ -97,7 +97,10 @@ describe('JSON grammar masks over a byte-level vocabulary', () => {
 
   it('answers a clear error for a schema xgrammar cannot compile, and keeps working', async () => {
     await expect(grammar.constraint({ schema: { $ref: '#/$defs/missing' } })).rejects.toThrow(
-      /could not be compiled/,
+      /could not be compiled into a grammar: .*Cannot find field \$defs/,
+    )
+    await expect(grammar.constraint({ schema: { type: 'string', pattern: '(?=a)a' } })).rejects.toThrow(
+      /Lookahead is not supported/,
     )
     const c = await grammar.constraint({ schema: { type: 'boolean' } })
     expect(

@@ -166,6 +166,13 @@ export function unsupportedSchemaPart(
         message: `'pattern' at ${at} is not a valid regular expression`,
       }
     }
+    // The grammar engine compiles regular languages only.
+    if (/\(\?<?[=!]|\\[1-9]|\\k</.test(s.pattern as string))
+      return {
+        keyword: 'pattern',
+        pointer: at,
+        message: `'pattern' at ${at} uses lookaround or a backreference, which constrained decoding does not support`,
+      }
   }
   for (const k of ['minItems', 'maxItems', 'minLength', 'maxLength'])
     if (k in s && !(Number.isInteger(s[k]) && (s[k] as number) >= 0))

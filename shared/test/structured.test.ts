@@ -48,6 +48,9 @@ describe('the JSON Schema subset constrained decoding enforces', () => {
     )
     expect(unsupportedSchemaPart({ $ref: '#/$defs/missing' })?.keyword).toBe('$ref')
     expect(unsupportedSchemaPart({ type: 'strng' })?.keyword).toBe('type')
+    expect(unsupportedSchemaPart({ type: 'string', pattern: '^(?!x)' })?.message).toContain('lookaround')
+    expect(unsupportedSchemaPart({ type: 'string', pattern: '(a)\\1' })?.keyword).toBe('pattern')
+    expect(unsupportedSchemaPart({ type: 'string', pattern: '^[a-z]+(?:-[a-z]+)*$' })).toBeNull()
     expect(unsupportedSchemaPart({ type: 'array', items: { uniqueItems: true } })).toMatchObject({
       keyword: 'uniqueItems',
       pointer: '/items',

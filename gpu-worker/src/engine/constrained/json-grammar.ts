@@ -54,6 +54,8 @@ export class JsonGrammar {
   readonly vocabSize: number
   readonly #eos: number[]
   #runtime: { xgr: XGrammar; compiler: GrammarCompiler } | null = null
+  /** The last failed internal check xgrammar printed (it aborts with no message of its own). */
+  #lastFatal = ''
   readonly #compiled = new Map<string, CompiledGrammar>()
   readonly #guard: Utf8Guard
   readonly #vocab: { vocab: string[]; type: VocabType }
@@ -71,7 +73,20 @@ export class JsonGrammar {
     if (this.#runtime) return this.#runtime
     const xgr = loadXGrammar()
     const { vocab, type } = this.#vocab
-    const info = await xgr.TokenizerInfo.createTokenizerInfo(vocab, type, false, this.vocabSize, this.#eos)
+    // The module binds console.error as its stderr when it starts (on this first call): bound to
+    // this sink, a failed check's text becomes the error message instead of a stray stderr line.
+    const original = console.error
+    console.error = (...args: unknown[]) => {
+      const line = args.map(String).join(' ')
+      if (line.startsWith('[FATAL]')) this.#lastFatal = line.replace(/^\[FATAL\] \S+:\d+: /, '')
+      else if (line !== 'Aborted()') original(...args)
+    }
+    let info: Awaited<ReturnType<XGrammar['TokenizerInfo']['createTokenizerInfo']>>
+    try {
+      info = await xgr.TokenizerInfo.createTokenizerInfo(vocab, type, false, this.vocabSize, this.#eos)
+    } finally {
+      console.error = original
+    }
     const compiler = await xgr.GrammarCompiler.createGrammarCompiler(info)
     this.#runtime = { xgr, compiler }
     return this.#runtime
@@ -88,6 +103,7 @@ export class JsonGrammar {
       return { xgr: runtime.xgr, grammar: hit }
     }
     let grammar: CompiledGrammar
+    this.#lastFatal = ''
     try {
       grammar = await runtime.compiler.compileJSONSchema(
         spec.schema === null ? '{"type": "object"}' : key,
@@ -101,7 +117,9 @@ export class JsonGrammar {
       // A failed internal check aborts the call and may leave the instance's memory inconsistent:
       // the next request starts over on a fresh one.
       this.#dropRuntime()
-      throw new GrammarError(`The JSON schema could not be compiled into a grammar: ${String(error)}`)
+      throw new GrammarError(
+        `The JSON schema could not be compiled into a grammar: ${this.#lastFatal || String(error)}`,
+      )
     }
     this.#compiled.set(key, grammar)
     if (this.#compiled.size > CACHE_LIMIT) {
