@@ -1,7 +1,7 @@
 import { createOpenAICompatible } from '@ai-sdk/openai-compatible'
 import { tool } from '@langchain/core/tools'
 import { ChatOpenAI } from '@langchain/openai'
-import { generateObject } from 'ai'
+import { generateObject, streamObject } from 'ai'
 import OpenAI from 'openai'
 import { beforeAll, describe, expect, inject, it } from 'vitest'
 import { z } from 'zod'
@@ -74,6 +74,20 @@ describe('response_format', () => {
       expect(finishReason).toBe('stop')
       expect(Person.parse(object)).toEqual(object)
     }
+    // streamObject reads the same document from streamed content deltas.
+    const streamed = streamObject({
+      model: provider.chatModel('auto'),
+      schema: Person,
+      prompt: 'Describe a person.',
+      temperature: 1,
+      seed: 4,
+      maxRetries: 0,
+    })
+    const partials: unknown[] = []
+    for await (const partial of streamed.partialObjectStream) partials.push(partial)
+    const object = await streamed.object
+    expect(Person.parse(object)).toEqual(object)
+    expect(partials.length).toBeGreaterThan(1)
   })
 
   it('LangChain withStructuredOutput, by JSON schema and by function calling', async () => {
