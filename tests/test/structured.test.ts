@@ -259,6 +259,31 @@ describe('tools', () => {
     expect(JSON.parse(args)).toHaveProperty('unit')
   })
 
+  it('an asynchronous job (Prefer: respond-async) reads its answer as tool calls too', async () => {
+    const { data } = await client.chat.completions
+      .create(
+        {
+          model: 'auto',
+          messages: [ask],
+          tools: [weatherTool],
+          tool_choice: 'required',
+          parallel_tool_calls: false,
+        },
+        { headers: { prefer: 'respond-async' } },
+      )
+      .withResponse()
+    const id = (data as unknown as { id: string }).id
+    let job: { status: string; result?: OpenAI.ChatCompletion } = { status: 'queued' }
+    for (let i = 0; i < 240 && (job.status === 'queued' || job.status === 'running'); i++) {
+      await new Promise((r) => setTimeout(r, 250))
+      job = await client.get(`/jobs/${id}`)
+    }
+    expect(job.status).toBe('completed')
+    const choice = job.result!.choices[0]!
+    expect(choice.finish_reason).toBe('tool_calls')
+    expect(choice.message.tool_calls).toHaveLength(1)
+  })
+
   it('tool_choice auto: a text answer stays text', async () => {
     const res = await client.chat.completions.create({
       model: 'auto',

@@ -159,6 +159,16 @@ export async function handleCompletion(
     async: asyncMode,
     // What an Idempotency-Key is bound to: the request as validated, and how it was asked for.
     bodyHash: idem ? await sha256Hex(stableStringify({ endpoint, asyncMode, req: r.req })) : undefined,
+    // An async job's result is read later from this record: what reading it as tool calls needs.
+    ...(asyncMode && frame.tools
+      ? {
+          tools: {
+            mode: frame.tools.mode,
+            idBase: frame.tools.idBase,
+            names: frame.tools.tools.map((t) => t.name),
+          },
+        }
+      : {}),
   }
   const admit: AdmitRequest = {
     payload,
