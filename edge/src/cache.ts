@@ -1,9 +1,10 @@
-import type {
-  ChatCompletionRequest,
-  ChatMessage,
-  ChoiceResult,
-  CompletionRequest,
-  FinishReason,
+import {
+  type ChatCompletionRequest,
+  type ChatMessage,
+  type ChoiceResult,
+  type CompletionRequest,
+  type FinishReason,
+  structuredPlan,
 } from '@moe/shared'
 import { sha256Hex } from './auth.ts'
 
@@ -53,7 +54,14 @@ function canonicalMessage(m: ChatMessage): unknown {
     const only = parts.length === 1 ? (parts[0] as { type: string; text?: string }) : undefined
     content = only?.type === 'text' ? only.text : parts
   }
-  return m.name === undefined ? { role: m.role, content } : { role: m.role, content, name: m.name }
+  // Tool-call history decides the answer too: the calls made and which one a tool message answers.
+  return {
+    role: m.role,
+    content,
+    ...(m.name === undefined ? {} : { name: m.name }),
+    ...(m.tool_calls === undefined ? {} : { tool_calls: m.tool_calls }),
+    ...(m.tool_call_id === undefined ? {} : { tool_call_id: m.tool_call_id }),
+  }
 }
 
 /**
@@ -80,7 +88,9 @@ export function canonicalRequest(
     logitBias: s.logitBias,
     logprobs: s.logprobs,
   }
-  return { kind, ...input, sampling }
+  // Structured output and tools change what is generated: the schema and functions are in the key.
+  const structured = 'messages' in req ? structuredPlan(req) : {}
+  return { kind, ...input, sampling, ...(Object.keys(structured).length > 0 ? { structured } : {}) }
 }
 
 /** JSON with object keys sorted at every level, so key order never changes the cache key. */

@@ -6,6 +6,7 @@ import { type AppEnv, admissionOf, jsonBody, limitBody, requireJson } from './ht
 import { tenantAuth } from './middleware/tenant-auth/index.ts'
 import { completionId, completionObject, doneSummary } from './openai-format.ts'
 import type { JobStatus } from './tenant-admission.ts'
+import { readToolCalls } from './tool-calls.ts'
 
 // Asynchronous jobs: submit one, read its status and result, cancel it.
 
@@ -42,12 +43,14 @@ function jobObject(jobId: string, s: JobStatus): Record<string, unknown> {
   }
   if (s.final?.type === 'done') {
     const done = s.final
+    const t = s.meta.tools
+    const toolCalls = t ? readToolCalls(done.text, { ...t, tools: t.names.map((name) => ({ name })) }) : null
     out.result = completionObject(
       s.meta.endpoint,
       completionId(s.meta.endpoint, jobId),
       Math.floor(s.meta.createdAt / 1000),
       s.meta.model,
-      done,
+      toolCalls ? { ...done, toolCalls } : done,
       { request_id: jobId, pool: s.meta.pool, task: '', modality: '', cache: 'BYPASS', ...doneSummary(done) },
     )
   } else if (s.final?.type === 'error') {

@@ -8,6 +8,7 @@ import {
   type RoutingStats,
   type SampledLogprob,
   type Timings,
+  type ToolCall,
   type Usage,
 } from '@moe/shared'
 
@@ -35,6 +36,8 @@ export interface Answer {
   usage: { promptTokens: number; completionTokens: number }
   /** Every choice (n > 1, several prompts, logprobs); else the one above. */
   choices?: ChoiceResult[] | undefined
+  /** The answer is these tool calls (its text was their document): finish_reason "tool_calls". */
+  toolCalls?: ToolCall[]
 }
 
 /**
@@ -107,8 +110,13 @@ export function completionObject(
       object: 'chat.completion',
       choices: answerChoices(answer).map((ch) => ({
         index: ch.index,
-        message: { role: 'assistant', content: ch.text, refusal: null },
-        finish_reason: openAiFinishReason(ch.finishReason),
+        // A single answer whose document was read as tool calls carries them instead of text.
+        message:
+          answer.toolCalls && ch.index === 0
+            ? { role: 'assistant', content: null, refusal: null, tool_calls: answer.toolCalls }
+            : { role: 'assistant', content: ch.text, refusal: null },
+        finish_reason:
+          answer.toolCalls && ch.index === 0 ? 'tool_calls' : openAiFinishReason(ch.finishReason),
         logprobs: chatLogprobs(ch.logprobs),
       })),
       usage,
@@ -129,16 +137,25 @@ export function completionObject(
   }
 }
 
+/** A streamed piece of a tool call: the first names it, the next carry its arguments. */
+export interface ToolCallDelta {
+  index: number
+  id?: string
+  type?: 'function'
+  function: { name?: string; arguments: string }
+}
+
 export interface ChunkPart {
   /** The choice this chunk belongs to (0 when absent). */
   index?: number
   role?: 'assistant'
   text?: string
-  finishReason?: FinishReason | null
+  finishReason?: FinishReason | 'tool_calls' | null
   /** The tokens this chunk's text came from, when logprobs were asked for. */
   logprobs?: SampledLogprob[]
   /** Where this chunk's text starts in its choice (text completions' text_offset). */
   textOffset?: number
+  toolCalls?: ToolCallDelta[]
 }
 
 /** One streamed chunk; `delta` null with a finish reason closes the choice. */
@@ -150,13 +167,19 @@ export function chunkObject(
   part: ChunkPart,
   includeUsage: boolean,
 ): Record<string, unknown> {
-  const finish = part.finishReason ? openAiFinishReason(part.finishReason) : null
+  const finish =
+    part.finishReason === 'tool_calls'
+      ? 'tool_calls'
+      : part.finishReason
+        ? openAiFinishReason(part.finishReason)
+        : null
   const base = { id, created, model, system_fingerprint: null }
   const usage = includeUsage ? { usage: null } : {}
   if (kind === 'chat') {
     const delta: Record<string, unknown> = {}
     if (part.role) delta.role = part.role
     if (part.text !== undefined) delta.content = part.text
+    if (part.toolCalls) delta.tool_calls = part.toolCalls
     return {
       ...base,
       object: 'chat.completion.chunk',
@@ -200,4 +223,19 @@ export function usageChunk(
     usage: usageOf(usage),
     moe,
   }
+}
+
+/** OpenAI streams each call as a chunk naming it, then chunks of its arguments. */
+export function toolCallDeltas(calls: readonly ToolCall[]): ToolCallDelta[][] {
+  return calls.flatMap((call, index) => [
+    [
+      {
+        index,
+        id: call.id,
+        type: 'function' as const,
+        function: { name: call.function.name, arguments: '' },
+      },
+    ],
+    [{ index, function: { arguments: call.function.arguments } }],
+  ])
 }

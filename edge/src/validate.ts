@@ -5,6 +5,7 @@ import {
   MoeError,
   promptList,
   UNSUPPORTED_PARAMETERS,
+  unsupportedSchemaPart,
 } from '@moe/shared'
 import type { z } from 'zod'
 
@@ -34,20 +35,11 @@ const isEmptyObject = (v: unknown) =>
 const NEUTRAL: Partial<
   Record<(typeof UNSUPPORTED_PARAMETERS)[number], (v: unknown, body: Record<string, unknown>) => boolean>
 > = {
-  response_format: (v) => isEmptyObject(v) || (v as { type?: unknown })?.type === 'text',
-  tools: (v) => Array.isArray(v) && v.length === 0,
-  functions: (v) => Array.isArray(v) && v.length === 0,
-  tool_choice: (v, body) => v === 'none' || (v === 'auto' && !hasTools(body)),
-  // Without tools, whether calls may run in parallel asks nothing.
-  parallel_tool_calls: (v, body) => typeof v === 'boolean' && !hasTools(body),
   echo: (v) => v === false,
   best_of: (v) => v === 1,
   store: (v) => v === false,
   service_tier: (v) => v === 'auto' || v === 'default',
-}
-
-function hasTools(body: Record<string, unknown>): boolean {
-  return Array.isArray(body.tools) && body.tools.length > 0
+  functions: (v) => Array.isArray(v) && v.length === 0,
 }
 
 /** A zod issue as an OpenAI-style message and param path. */
@@ -127,6 +119,7 @@ export function validateBody(endpoint: Endpoint, body: unknown): ChatCompletionR
         'max_completion_tokens',
       )
     }
+    validateStructured(chat)
   }
   return data
 }
@@ -135,4 +128,61 @@ export function validateBody(endpoint: Endpoint, body: unknown): ChatCompletionR
 export function requestedMaxTokens(req: ChatCompletionRequest | CompletionRequest): number | null {
   if ('max_completion_tokens' in req && req.max_completion_tokens != null) return req.max_completion_tokens
   return req.max_tokens ?? null
+}
+
+/**
+ * Checks what constrained decoding will enforce: every schema uses only keywords it supports,
+ * and tool_choice names an offered function.
+ */
+function validateStructured(req: ChatCompletionRequest): void {
+  const format = req.response_format
+  if (format?.type === 'json_schema' && format.json_schema.schema !== undefined) {
+    const problem = unsupportedSchemaPart(format.json_schema.schema)
+    if (problem)
+      throw new MoeError(
+        'invalid_request',
+        `Invalid schema for response_format '${format.json_schema.name}': ${problem.message}`,
+        'response_format.json_schema.schema',
+      )
+  }
+  const tools = req.tools ?? []
+  const names = new Set<string>()
+  tools.forEach((tool, i) => {
+    const f = tool.function
+    if (names.has(f.name))
+      throw new MoeError(
+        'invalid_request',
+        `Duplicate function name '${f.name}' in tools`,
+        `tools.${i}.function.name`,
+      )
+    names.add(f.name)
+    if (f.parameters === undefined) return
+    const problem = unsupportedSchemaPart(f.parameters)
+    if (problem)
+      throw new MoeError(
+        'invalid_request',
+        `Invalid schema for function '${f.name}': ${problem.message}`,
+        `tools.${i}.function.parameters`,
+      )
+  })
+  const choice = req.tool_choice
+  // Tool calls are read from one answer's document; several choices each calling tools is not built.
+  if (tools.length > 0 && choice !== 'none' && (req.n ?? 1) > 1)
+    throw new MoeError(
+      'invalid_request',
+      'n > 1 cannot be combined with tools; send n: 1, or tool_choice: "none" to answer in text',
+      'n',
+    )
+  if (choice === 'required' && tools.length === 0)
+    throw new MoeError(
+      'invalid_request',
+      "tool_choice 'required' needs at least one tool in tools",
+      'tool_choice',
+    )
+  if (typeof choice === 'object' && choice !== null && !names.has(choice.function.name))
+    throw new MoeError(
+      'invalid_request',
+      `tool_choice names function '${choice.function.name}', which is not in tools`,
+      'tool_choice',
+    )
 }

@@ -4,6 +4,8 @@ import { ErrorCode } from './errors.ts'
 import { JOB_STREAM_TTL_SECONDS } from './keys.ts'
 import { ChatMessage, LogitBias, MAX_CHOICES, MAX_N, MAX_TOP_LOGPROBS } from './openai.ts'
 
+import { FunctionDefinition } from './structured.ts'
+
 /** What the worker should generate from: chat messages (templated by the model) or a raw prompt. */
 export const JobInput = z.discriminatedUnion('kind', [
   z.object({ kind: z.literal('chat'), messages: z.array(ChatMessage).min(1) }),
@@ -74,6 +76,13 @@ export const JobPayload = z.object({
    * to the real usage when the job is done.
    */
   charge: z.object({ window: z.number().int().min(0), tokens: z.number().int().min(0) }).optional(),
+  /**
+   * Structured output: the completion must be a JSON document valid for `schema` (null: any JSON
+   * object), enforced token by token. Absent: free text.
+   */
+  jsonOutput: z.object({ schema: z.record(z.string(), z.unknown()).nullable() }).optional(),
+  /** Functions offered to the model: rendered by its chat template, or described in a system message. */
+  tools: z.array(FunctionDefinition).optional(),
 })
 export type JobPayload = z.infer<typeof JobPayload>
 export type JobPayloadInput = z.input<typeof JobPayload>

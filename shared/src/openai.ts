@@ -1,4 +1,5 @@
 import { z } from 'zod'
+import { FunctionTool, ResponseFormat, ToolCall, ToolChoice } from './structured.ts'
 
 // The OpenAI-compatible request bodies the service accepts. Parameters that
 // OpenAI has but we do not implement are listed so a request using them gets a
@@ -18,12 +19,28 @@ export type ContentPart = z.infer<typeof ContentPart>
 
 export const ChatMessage = z
   .object({
-    role: z.enum(['system', 'developer', 'user', 'assistant']),
+    role: z.enum(['system', 'developer', 'user', 'assistant', 'tool']),
     // OpenAI allows an assistant turn with null content (it carried tool calls); it reads as empty.
     content: z.union([z.string(), z.array(ContentPart).min(1)]).nullable(),
     name: z.string().max(256).optional(),
+    /** The calls an assistant turn made (history of a tool-call round trip). */
+    tool_calls: z.array(ToolCall).optional(),
+    /** Which call a `tool` message answers. */
+    tool_call_id: z.string().min(1).max(256).optional(),
   })
   .superRefine((m, ctx) => {
+    if (m.role === 'tool' && m.tool_call_id === undefined)
+      ctx.addIssue({
+        code: 'custom',
+        path: ['tool_call_id'],
+        message: 'a tool message needs the tool_call_id of the call it answers',
+      })
+    if (m.tool_calls !== undefined && m.role !== 'assistant')
+      ctx.addIssue({
+        code: 'custom',
+        path: ['tool_calls'],
+        message: 'only assistant messages carry tool_calls',
+      })
     if (m.content === null && m.role !== 'assistant')
       ctx.addIssue({
         code: 'custom',
@@ -98,6 +115,10 @@ export const ChatCompletionRequest = z.strictObject({
   max_completion_tokens: z.number().int().positive().nullable().optional(),
   logprobs: z.boolean().nullable().optional(),
   top_logprobs: z.number().int().min(0).max(MAX_TOP_LOGPROBS).nullable().optional(),
+  response_format: ResponseFormat.nullable().optional(),
+  tools: z.array(FunctionTool).max(128).nullable().optional(),
+  tool_choice: ToolChoice.nullable().optional(),
+  parallel_tool_calls: z.boolean().nullable().optional(),
 })
 export type ChatCompletionRequest = z.infer<typeof ChatCompletionRequest>
 
@@ -137,18 +158,14 @@ export type CompletionRequest = z.infer<typeof CompletionRequest>
 
 /** OpenAI parameters we know but do not support; a request that sets one gets a 400 naming it. */
 export const UNSUPPORTED_PARAMETERS = [
-  'tools',
-  'tool_choice',
   'functions',
   'function_call',
-  'response_format',
   'audio',
   'modalities',
   'prediction',
   'best_of',
   'echo',
   'suffix',
-  'parallel_tool_calls',
   'web_search_options',
   'store',
   'service_tier',

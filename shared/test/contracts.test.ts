@@ -39,7 +39,7 @@ describe('contracts', () => {
     const bad = ChatCompletionRequest.safeParse({
       model: 'm',
       messages: [{ role: 'user', content: 'hi' }],
-      tools: [],
+      functions: [],
     })
     expect(bad.success).toBe(false)
   })

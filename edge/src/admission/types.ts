@@ -17,6 +17,8 @@ export interface JobMeta {
   async: boolean
   /** SHA-256 of the canonical request: an Idempotency-Key is bound to the body it first came with. */
   bodyHash?: string
+  /** A chat with tools: how its answer is read as tool calls (function names only). */
+  tools?: { mode: 'forced' | 'auto'; names: string[]; idBase: string }
 }
 
 export interface AdmitRequest {

@@ -1,4 +1,4 @@
-import type { DoneEvent, TenantConfig } from '@moe/shared'
+import { type DoneEvent, structuredPlan, type TenantConfig } from '@moe/shared'
 import { Hono } from 'hono'
 import { sha256Hex } from '../auth.ts'
 import {
@@ -25,6 +25,7 @@ import { openReader } from '../job-events.ts'
 import { tenantAuth } from '../middleware/tenant-auth/index.ts'
 import { completionId, completionObject, type MoeSummary, moeSummary } from '../openai-format.ts'
 import type { AdmitRequest, JobMeta } from '../tenant-admission.ts'
+import { readToolCalls, toolReading } from '../tool-calls.ts'
 import { type Endpoint, validateBody } from '../validate.ts'
 import { awaitAnswer, type LiveJob, relaySse, replaySse, type SseFrame } from './relay.ts'
 import {
@@ -105,6 +106,11 @@ export async function handleCompletion(
     created: Math.floor(Date.now() / 1000),
     model: r.pool.modelId,
     includeUsage: stream && r.req.stream_options?.include_usage === true,
+    tools: 'messages' in r.req ? toolReading(structuredPlan(r.req), requestId) : undefined,
+  }
+  const withCalls = <T extends { text: string }>(answer: T): T => {
+    const toolCalls = frame.tools ? readToolCalls(answer.text, frame.tools) : null
+    return toolCalls ? { ...answer, toolCalls } : answer
   }
 
   // Cache: deterministic requests only, keyed per tenant.
@@ -130,7 +136,7 @@ export async function handleCompletion(
       c.get('logFields').cache = 'HIT'
       const moe = { ...(hit.moe as unknown as MoeSummary), request_id: requestId, cache: 'HIT' as const }
       if (stream) return replaySse(c, frame, hit, moe)
-      return c.json(completionObject(endpoint, frame.id, frame.created, frame.model, hit, moe))
+      return c.json(completionObject(endpoint, frame.id, frame.created, frame.model, withCalls(hit), moe))
     }
   }
 
@@ -158,6 +164,16 @@ export async function handleCompletion(
     async: asyncMode,
     // What an Idempotency-Key is bound to: the request as validated, and how it was asked for.
     bodyHash: idem ? await sha256Hex(stableStringify({ endpoint, asyncMode, req: r.req })) : undefined,
+    // An async job's result is read later from this record: what reading it as tool calls needs.
+    ...(asyncMode && frame.tools
+      ? {
+          tools: {
+            mode: frame.tools.mode,
+            idBase: frame.tools.idBase,
+            names: frame.tools.tools.map((t) => t.name),
+          },
+        }
+      : {}),
   }
   const admit: AdmitRequest = {
     payload,
@@ -246,7 +262,9 @@ export async function handleCompletion(
   }
   if (stream) return relaySse(c, frame, job)
   const done = await awaitAnswer(c, job)
-  return c.json(completionObject(endpoint, frame.id, frame.created, frame.model, done, job.summary(done)))
+  return c.json(
+    completionObject(endpoint, frame.id, frame.created, frame.model, withCalls(done), job.summary(done)),
+  )
 }
 
 const preferAsync = (c: Ctx): boolean =>

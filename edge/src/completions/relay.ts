@@ -16,8 +16,10 @@ import {
   type ChunkPart,
   chunkObject,
   type MoeSummary,
+  toolCallDeltas,
   usageChunk,
 } from '../openai-format.ts'
+import { readToolCalls, ToolCallStream, type ToolReading } from '../tool-calls.ts'
 import type { Endpoint } from '../validate.ts'
 
 // Relays a job's token stream to the client as OpenAI-style SSE chunks, waits for a non-streamed
@@ -31,6 +33,8 @@ export interface SseFrame {
   created: number
   model: string
   includeUsage: boolean
+  /** The answer may be tool calls (chat with tools): how to read it. */
+  tools?: ToolReading
 }
 
 /** A live job this request reads: its stream, what to do when it ends, how to cancel it. */
@@ -117,6 +121,13 @@ async function writeEnd(
   for (const ch of answerChoices(answer)) {
     const st = states.get(ch.index)
     await startChoice(sse, f, ch.index, st)
+    if (answer.toolCalls && ch.index === 0) {
+      // The answer's document became tool calls: they are sent instead of its text.
+      for (const delta of toolCallDeltas(answer.toolCalls))
+        await writeChunk(sse, f, { index: 0, toolCalls: delta })
+      await writeChunk(sse, f, { index: 0, finishReason: 'tool_calls' })
+      continue
+    }
     const rest =
       ch.text.length > st.sent.length && ch.text.startsWith(st.sent) ? ch.text.slice(st.sent.length) : ''
     if (ch.logprobs) st.pending = ch.logprobs.slice(st.logprobsSent)
@@ -159,6 +170,8 @@ export function relaySse(c: Ctx, f: SseFrame, job: LiveJob): Response {
     // What each choice has been sent: a stream trimmed to its final event (retention) holds no
     // tokens, and the `done` event's text supplies the rest.
     const choices = new ChoiceStates()
+    // Text that may be a tool-call document is held back until it is known to be text.
+    const toolStream = f.tools ? new ToolCallStream(f.tools) : null
     try {
       for await (const ev of jobEvents(reader, job.jobId, job.deadline)) {
         if (sse.aborted) break
@@ -173,10 +186,13 @@ export function relaySse(c: Ctx, f: SseFrame, job: LiveJob): Response {
           if (ev.logprobs) st.pending.push(ev.logprobs)
           // The detokeniser may hold text back (a partial UTF-8 sequence): OpenAI sends no empty deltas.
           if (ev.text === '') continue
-          await writeText(sse, f, index, st, ev.text)
+          const text = toolStream ? toolStream.push(ev.text) : ev.text
+          if (text !== '') await writeText(sse, f, index, st, text)
         } else if (ev.type === 'done') {
           finished = true
-          await writeEnd(sse, f, ev, job.summary(ev), choices)
+          const end = toolStream?.finish(ev.text)
+          const answer: Answer = end && 'toolCalls' in end ? { ...ev, toolCalls: end.toolCalls } : ev
+          await writeEnd(sse, f, answer, job.summary(ev), choices)
           job.finished(ev)
         } else {
           finished = true
@@ -228,5 +244,6 @@ export async function awaitAnswer(c: Ctx, job: LiveJob): Promise<DoneEvent> {
 
 /** A cached answer as the SSE stream a live one would have been. */
 export function replaySse(c: Ctx, f: SseFrame, hit: Answer, moe: MoeSummary): Response {
-  return streamSSE(c, async (sse) => writeEnd(sse, f, hit, moe))
+  const toolCalls = f.tools ? readToolCalls(hit.text, f.tools) : null
+  return streamSSE(c, async (sse) => writeEnd(sse, f, toolCalls ? { ...hit, toolCalls } : hit, moe))
 }

@@ -8,6 +8,7 @@ import {
   MoeError,
   promptList,
   seedFromJobId,
+  structuredPlan,
   type TenantConfig,
 } from '@moe/shared'
 import type { EffectiveSampling } from '../cache.ts'
@@ -160,6 +161,7 @@ export function jobPayload(
   priority: JobPayload['priority'],
   streamTokens = true,
 ): JobPayload {
+  const plan = 'messages' in r.req ? structuredPlan(r.req) : {}
   return {
     version: 1,
     requestId: jobId,
@@ -172,5 +174,7 @@ export function jobPayload(
     createdAt,
     priority,
     streamTokens,
+    ...(plan.json ? { jsonOutput: plan.json } : {}),
+    ...(plan.tools ? { tools: plan.tools } : {}),
   }
 }

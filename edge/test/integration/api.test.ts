@@ -150,12 +150,12 @@ describe('hygiene', () => {
       await post(
         full,
         '/v1/chat/completions',
-        chatBody('hi', { tools: [{ type: 'function' }], audio: { voice: 'alloy' } }),
+        chatBody('hi', { functions: [{ name: 'f' }], audio: { voice: 'alloy' } }),
       ),
       400,
       'unsupported_parameter',
     )
-    expect(e.message).toContain('tools')
+    expect(e.message).toContain('functions')
     expect(e.message).toContain('audio')
     const n = await expectError(
       await post(full, '/v1/chat/completions', chatBody('hi', { n: 9 })),

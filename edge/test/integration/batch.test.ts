@@ -207,9 +207,9 @@ describe('batches, files and webhooks', () => {
         [
           ok(1),
           ok(2),
-          { ...ok(3), body: { model: 'auto', tools: [{}], messages: [{ role: 'user', content: 'x' }] } },
+          { ...ok(3), body: { model: 'auto', functions: [{}], messages: [{ role: 'user', content: 'x' }] } },
         ],
-        /^Line 3: Unsupported parameter: tools/,
+        /^Line 3: Unsupported parameter: functions/,
       ],
       [
         'max_tokens over the pool limit',

@@ -20,16 +20,16 @@ const chat = { model: 'auto', messages: [{ role: 'user', content: 'hi' }] }
 
 describe('request validation and error mapping', () => {
   it('names unsupported OpenAI parameters in a 400', () => {
-    const e = thrown(() => validateBody('chat', { ...chat, tools: [{}], audio: { voice: 'x' } }))
+    const e = thrown(() => validateBody('chat', { ...chat, functions: [{}], audio: { voice: 'x' } }))
     expect(e.status).toBe(400)
     expect(e.code).toBe('unsupported_parameter')
-    expect(e.message).toContain('tools')
+    expect(e.message).toContain('functions')
     expect(e.message).toContain('audio')
-    expect(e.param).toBe('tools')
+    expect(e.param).toBe('functions')
     const n = thrown(() => validateBody('chat', { ...chat, n: 9 }))
     expect(n.param).toBe('n')
     expect(n.message).toContain('at most 8')
-    expect(validateBody('chat', { ...chat, n: 1, tools: null }).n).toBe(1)
+    expect(validateBody('chat', { ...chat, n: 1, functions: null }).n).toBe(1)
   })
 
   it('accepts the neutral defaults clients send on every request, and still refuses real asks', () => {
@@ -53,8 +53,6 @@ describe('request validation and error mapping', () => {
     )
     for (const [k, v] of [
       ['echo', true],
-      ['response_format', { type: 'json_object' }],
-      ['tools', [{ type: 'function', function: { name: 'f' } }]],
       ['store', true],
       ['service_tier', 'flex'],
     ] as const) {

@@ -4,7 +4,13 @@ import { dirname, join } from 'node:path'
 import { assertFits, type MemoryPlan } from './memory-plan.ts'
 import type { ModelDir } from './model-dir.ts'
 import type { ExportDtype } from './onnx-export.ts'
-import { type FinishReason, type GenerationParams, Sequence, type TokenOutput } from './sequence.ts'
+import {
+  type FinishReason,
+  type GenerationParams,
+  Sequence,
+  type TokenConstraint,
+  type TokenOutput,
+} from './sequence.ts'
 import type { ExecutionProviderChoice } from './session.ts'
 import type { ChatTokenizer } from './tokenizer.ts'
 
@@ -58,6 +64,8 @@ export interface StepOutput {
 export interface GenerateRequest extends Partial<GenerationParams> {
   inputIds: readonly number[]
   onToken?: (token: TokenOutput) => void
+  /** Restricts the tokens sampled (structured output). */
+  constraint?: TokenConstraint
 }
 
 export interface GenerationResult {
@@ -151,8 +159,10 @@ export abstract class StepEngine {
     id: string,
     promptIds: readonly number[],
     params: Partial<GenerationParams> & { seed: number },
+    constraint?: TokenConstraint,
   ): Sequence {
     return new Sequence({
+      constraint,
       id,
       promptIds,
       params: { ...DEFAULT_GENERATION, ...params },
@@ -195,13 +205,13 @@ export abstract class StepEngine {
 
   /** Decodes one sequence alone (slot 0). Not for use while a scheduler drives this engine. */
   async generate(req: GenerateRequest): Promise<GenerationResult> {
-    const { inputIds, onToken, ...params } = req
+    const { inputIds, onToken, constraint, ...params } = req
     this.validateExperts(params.allowedExperts ?? null)
     if (inputIds.length >= this.maxContext)
       throw new Error(
         `prompt of ${inputIds.length} tokens leaves no room in the context of ${this.maxContext}`,
       )
-    const seq = this.createSequence('generate', inputIds, { ...params, seed: params.seed ?? 0 })
+    const seq = this.createSequence('generate', inputIds, { ...params, seed: params.seed ?? 0 }, constraint)
     seq.slot = 0
     while (!seq.finished) {
       const row: StepRow = {

@@ -14,6 +14,17 @@ export interface ChatContentPart {
 export interface ChatMessage {
   role: string
   content: string | ChatContentPart[]
+  /** Tool-call history, passed to templates that render it (arguments as objects, as HF expects). */
+  tool_calls?: unknown[]
+  tool_call_id?: string
+  name?: string
+}
+
+/** Options for rendering a chat: the generation prompt, and function tools for templates that take them. */
+export interface ChatRenderOptions {
+  addGenerationPrompt?: boolean
+  /** OpenAI-style tools (`{type: 'function', function: {...}}`), the `tools` variable of HF templates. */
+  tools?: readonly unknown[]
 }
 
 /** Where the two parsed objects came from, so validation errors name the file to fix. */
@@ -110,6 +121,7 @@ export class ChatTokenizer {
   /** Special tokens' texts, longest first (so `<|im_start|>` wins over a prefix of it). */
   readonly #specialTexts: string[]
   readonly #template: Template | null
+  readonly #templateSource: string | null
   readonly #cleanUpSpaces: boolean
   /** GPT-2's byte-to-unicode map reversed, when the vocabulary is byte-level; else null. */
   readonly #unicodeToByte: ReadonlyMap<string, number> | null
@@ -194,6 +206,7 @@ export class ChatTokenizer {
       : null
 
     const templateSource = options.chatTemplate ?? pickTemplate(cfg.chat_template)
+    this.#templateSource = templateSource
     try {
       this.#template = templateSource == null ? null : new Template(templateSource)
     } catch (error) {
@@ -217,6 +230,11 @@ export class ChatTokenizer {
 
   get hasChatTemplate(): boolean {
     return this.#template !== null
+  }
+
+  /** Whether the chat template renders function tools (reads a `tools` variable), as HF's tool-use templates do. */
+  get templateRendersTools(): boolean {
+    return this.#templateSource !== null && /\btools\b/.test(this.#templateSource)
   }
 
   /**
@@ -295,10 +313,7 @@ export class ChatTokenizer {
   }
 
   /** Renders the chat template. Content parts are flattened to text first, which every template accepts. */
-  applyChatTemplate(
-    messages: readonly ChatMessage[],
-    options: { addGenerationPrompt?: boolean } = {},
-  ): string {
+  applyChatTemplate(messages: readonly ChatMessage[], options: ChatRenderOptions = {}): string {
     if (this.#template === null)
       throw new Error(
         'This model has no chat_template in tokenizer_config.json (nor chat_template.jinja); use a text completion instead',
@@ -309,6 +324,7 @@ export class ChatTokenizer {
         bos_token: this.bosToken ?? '',
         eos_token: this.eosToken ?? '',
         add_generation_prompt: options.addGenerationPrompt ?? true,
+        ...(options.tools && options.tools.length > 0 ? { tools: options.tools } : {}),
       })
     } catch (error) {
       // raise_exception in a template surfaces here with the template's own message.
@@ -322,7 +338,7 @@ export class ChatTokenizer {
    * those the users wrote stay text; the text between control tokens is encoded whole, so
    * merges across the template's and the message's text are as the model was trained.
    */
-  encodeChat(messages: readonly ChatMessage[], options: { addGenerationPrompt?: boolean } = {}): number[] {
+  encodeChat(messages: readonly ChatMessage[], options: ChatRenderOptions = {}): number[] {
     const nonce =
       Math.random()
         .toString(36)

@@ -5,7 +5,7 @@ import {
   type StepRow,
   sequenceResult,
 } from '../engine/engine.ts'
-import type { GenerationParams, Sequence, TokenOutput } from '../engine/sequence.ts'
+import type { GenerationParams, Sequence, TokenConstraint, TokenOutput } from '../engine/sequence.ts'
 import { FairQueue } from './fair-queue.ts'
 
 /** A request the scheduler batches: prompt ids, sampling, and where its tokens go. */
@@ -17,6 +17,8 @@ export interface ScheduledRequest {
   pool: string
   promptIds: readonly number[]
   params: GenerationParams
+  /** Restricts the tokens sampled (structured output, tool calls). */
+  constraint?: TokenConstraint
   /** Each token, right after the step that produced it. */
   onToken(token: TokenOutput): void
   /** Once, when the sequence leaves the batch. */
@@ -149,7 +151,7 @@ export class BatchScheduler {
     } catch (e) {
       throw new SchedulerError('invalid_request', (e as Error).message)
     }
-    const seq = this.engine.createSequence(request.id, promptIds, params)
+    const seq = this.engine.createSequence(request.id, promptIds, params, request.constraint)
     this.known.add(request.id)
     this.waitingQueue.push({ request, seq, tenantId: request.tenantId })
     this.ensureLoop()

@@ -17,8 +17,10 @@ import {
 } from '@moe/shared'
 import { type Job, UnrecoverableError, WaitingError, Worker } from 'bullmq'
 import type { Logger } from 'pino'
+import { GrammarError, type JsonConstraint, jsonGrammarFor } from '../engine/constrained/json-grammar.ts'
 import type { GenerationResult, StepEngine } from '../engine/engine.ts'
 import type { TokenOutput } from '../engine/sequence.ts'
+import { encodeToolChat } from '../engine/tool-prompt.ts'
 import { SchedulerError, type SequenceOutcome } from '../scheduler/batch-scheduler.ts'
 import type { WorkerConfig } from './config.ts'
 import { doneEvent, type JobContext, JobError, type JobResult, jobResultOf } from './job-result.ts'
@@ -168,14 +170,23 @@ export class PoolConsumer {
           { lastIndex: resume.lastIndex },
           'resuming a retried job: known tokens are not streamed again',
         )
+      // One grammar state per choice: each sequence walks its own document.
+      const constraints: JsonConstraint[] = []
+      const nextConstraint = payload.jsonOutput
+        ? async () => {
+            const c = await outputConstraint(this.runtime.engine, payload)
+            if (c) constraints.push(c)
+            return c
+          }
+        : undefined
       const entry: InFlight = { job, token, handBack: false }
       this.inFlight.set(jobId, entry)
       try {
         const choices = choiceCount(payload)
         const outcome =
           choices === 1 && payload.sampling.logprobs === undefined
-            ? await this.generate(payload, ctx, promptIds, resume.lastIndex)
-            : await this.generateChoices(payload, ctx, prompts, resume.lastIndex)
+            ? await this.generate(payload, ctx, promptIds, resume.lastIndex, await nextConstraint?.())
+            : await this.generateChoices(payload, ctx, prompts, resume.lastIndex, nextConstraint)
         if (outcome.kind === 'failed') throw new JobError('internal_error', outcome.error.message, false)
         if (outcome.kind === 'cancelled' && entry.handBack) {
           // The last step's tokens must be in Redis before another worker reads where to resume.
@@ -210,6 +221,7 @@ export class PoolConsumer {
         )
         return jobResultOf(done)
       } finally {
+        for (const c of constraints) c.dispose()
         this.inFlight.delete(jobId)
         this.#lastTokenAt.delete(jobId)
         this.streams.forget(jobId)
@@ -288,9 +300,10 @@ export class PoolConsumer {
     ctx: JobContext,
     promptIds: number[],
     lastIndex: number,
+    constraint: JsonConstraint | undefined,
   ): Promise<SequenceOutcome & { choices?: ChoiceResult[] }> {
     try {
-      return this.submit(p, { id: p.requestId, promptIds, seed: ctx.seed }, (t) =>
+      return this.submit(p, { id: p.requestId, promptIds, seed: ctx.seed, constraint }, (t) =>
         this.streamToken(p, ctx, t, lastIndex),
       )
     } catch (e) {
@@ -307,6 +320,7 @@ export class PoolConsumer {
     ctx: JobContext,
     prompts: number[][],
     lastIndex: number,
+    nextConstraint: (() => Promise<JsonConstraint | undefined>) | undefined,
   ): Promise<SequenceOutcome & { choices?: ChoiceResult[] }> {
     const n = p.sampling.n ?? 1
     const count = prompts.length * n
@@ -325,6 +339,7 @@ export class PoolConsumer {
           group: multi ? p.requestId : undefined,
           promptIds: prompts[Math.floor(c / n)]!,
           seed: choiceSeed(ctx.seed, c),
+          constraint: await nextConstraint?.(),
         }
         outcomes.push(
           this.submit(p, seq, (t) => {
@@ -369,7 +384,13 @@ export class PoolConsumer {
   /** Hands one sequence to the scheduler; resolves with its outcome. Throws SchedulerError. */
   private submit(
     p: JobPayload,
-    seq: { id: string; group?: string | undefined; promptIds: number[]; seed: number },
+    seq: {
+      id: string
+      group?: string | undefined
+      promptIds: number[]
+      seed: number
+      constraint?: JsonConstraint | undefined
+    },
     onToken: (t: TokenOutput) => void,
   ): Promise<SequenceOutcome> {
     const s = p.sampling
@@ -390,6 +411,7 @@ export class PoolConsumer {
       tenantId: p.tenantId,
       pool: this.pool.name,
       promptIds: seq.promptIds,
+      ...(seq.constraint ? { constraint: seq.constraint } : {}),
       params: {
         maxTokens: s.maxTokens,
         temperature: s.temperature,
@@ -481,10 +503,21 @@ function tokenize(engine: StepEngine, p: JobPayload): number[] {
     case 'prompts':
       return tokenizePrompts(engine, p)[0]!
     case 'chat':
-      return engine.tokenizer.encodeChat(p.input.messages)
+      return encodeToolChat(engine.tokenizer, p.input.messages, p.tools)
     case 'text':
       return engine.tokenizer.encodePrompt(p.input.prompt)
     case 'tokens':
       return p.input.inputIds
+  }
+}
+
+/** The grammar a job's output is held to (structured output, forced tool calls), if any. */
+async function outputConstraint(engine: StepEngine, p: JobPayload): Promise<JsonConstraint | undefined> {
+  if (!p.jsonOutput) return undefined
+  try {
+    return await jsonGrammarFor(engine.tokenizer, engine.config.vocab_size).constraint(p.jsonOutput)
+  } catch (e) {
+    if (e instanceof GrammarError) throw new JobError('invalid_request', e.message)
+    throw e
   }
 }
