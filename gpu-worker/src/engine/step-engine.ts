@@ -133,6 +133,16 @@ export abstract class StepEngine {
   abstract forward(rows: readonly StepRow[]): Promise<StepOutput>
   /** Copies one KV slot over another (ordered before the next forward pass). */
   abstract moveSlot(from: number, to: number, length: number): void
+  /**
+   * Keeps slots 0..slots-1 allocated with room for `length` positions, across passes whose
+   * rows do not cover them (a prompt prefilled in chunks between decode steps). 0 releases.
+   */
+  abstract reserve(slots: number, length: number): void
+  /** Copies a slot's first `length` positions into stored prefix `key` (outside the batch's slots). */
+  abstract savePrefix(key: number, slot: number, length: number): void
+  /** Copies stored prefix `key`'s first `length` positions into a slot (reserve() it first). */
+  abstract loadPrefix(key: number, slot: number, length: number): void
+  abstract dropPrefix(key: number): void
   abstract close(): Promise<void>
 
   constructor(init: { model: ModelDir; tokenizer: ChatTokenizer; maxBatch: number; maxContext: number }) {
@@ -187,10 +197,20 @@ export abstract class StepEngine {
   /** acceptStep for row `i` alone, so one bad row can fail without the others. */
   acceptRow(seq: Sequence, row: StepRow, out: StepOutput, i: number): TokenOutput {
     const V = this.config.vocab_size
+    this.addExpertCounts(seq, out, i)
+    return seq.accept(out.logits.subarray(i * V, (i + 1) * V), row.tokens.length)
+  }
+
+  /** For row `i` that fed part of a prompt (a chunk): its positions are cached, nothing is sampled. */
+  acceptChunk(seq: Sequence, row: StepRow, out: StepOutput, i: number): void {
+    this.addExpertCounts(seq, out, i)
+    seq.pastLength += row.tokens.length
+  }
+
+  private addExpertCounts(seq: Sequence, out: StepOutput, i: number): void {
     const LE = this.config.num_hidden_layers * this.config.num_local_experts
     const counts = out.expertCounts.subarray(i * LE, (i + 1) * LE)
     for (let j = 0; j < LE; j++) seq.expertLoad[j]! += counts[j]!
-    return seq.accept(out.logits.subarray(i * V, (i + 1) * V), row.tokens.length)
   }
 
   /** Decodes one sequence alone (slot 0). Not for use while a scheduler drives this engine. */
