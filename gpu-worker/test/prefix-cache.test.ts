@@ -1,5 +1,5 @@
 import { beforeAll, describe, expect, it } from 'vitest'
-import type { MoeEngine, StepRow } from '../src/engine/engine.ts'
+import type { MoeEngine } from '../src/engine/engine.ts'
 import type { GenerationParams } from '../src/engine/sequence.ts'
 import { ThreadedEngine } from '../src/engine/threaded-engine.ts'
 import {

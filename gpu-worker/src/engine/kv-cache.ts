@@ -168,8 +168,10 @@ export class KvCache {
       for (let h = 0; h < this.kvHeads; h++)
         dst.set(src.subarray(h * m, h * m + n), slot * this.slotElems + h * stride)
     }
-    this.keys.forEach((buf, l) => paste(buf, prefix.keys[l]!))
-    this.values.forEach((buf, l) => paste(buf, prefix.values[l]!))
+    for (let l = 0; l < this.layers; l++) {
+      paste(this.keys[l]!, prefix.keys[l]!)
+      paste(this.values[l]!, prefix.values[l]!)
+    }
   }
 
   /** Bytes the cache holds now. */

@@ -25,6 +25,8 @@ export interface EngineOptions {
   maxContext?: number
   /** Graph dtype; default fp16 on CUDA, else fp32. int8/int4 quantize the weights (see quantize.ts). */
   dtype?: ExportDtype
+  /** Prompt positions the scheduler's prefix cache may keep (counted in the memory plan). */
+  prefixCacheTokens?: number
   /** Memory the model must fit in (weights + full KV cache); default: this machine's. */
   memoryBytes?: number
   /** Root of the ONNX export cache (default: beside the model, or the temp dir). */
@@ -112,7 +114,13 @@ export function loadPlan(model: ModelDir, opts: EngineOptions): LoadPlan {
   const dtype: ExportDtype = opts.dtype ?? (wantCuda ? 'fp16' : 'fp32')
   const maxBatch = opts.maxBatch ?? 32
   const maxContext = Math.min(opts.maxContext ?? 2048, model.config.max_position_embeddings)
-  const memory = assertFits(model.config, { dtype, maxBatch, maxContext, memoryBytes: opts.memoryBytes })
+  const memory = assertFits(model.config, {
+    dtype,
+    maxBatch,
+    maxContext,
+    memoryBytes: opts.memoryBytes,
+    prefixCacheTokens: opts.prefixCacheTokens,
+  })
   return { wantCuda, dtype, maxBatch, maxContext, memory }
 }
 

@@ -101,9 +101,9 @@ export class PrefixCache {
     this.entries.add(entry)
     this.heldTokens += length
     for (const k of keys) {
-      let set = this.byBlock.get(k)
-      if (!set) this.byBlock.set(k, (set = new Set()))
-      set.add(entry)
+      const set = this.byBlock.get(k)
+      if (set) set.add(entry)
+      else this.byBlock.set(k, new Set([entry]))
     }
     while (this.heldTokens > this.capacityTokens) {
       let oldest: CachedPrefix | null = null
