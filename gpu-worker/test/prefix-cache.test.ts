@@ -203,6 +203,30 @@ describe('prefix cache', () => {
     expect(lookups).toEqual({ queried: 3 * 37, hit: 2 * 37 })
   })
 
+  it('hands the partly prefilled prompt of a cancelled leader to the identical prompts that followed it', async () => {
+    const p = tokens(13, 90)
+    const alone = []
+    for (const seed of [21, 22])
+      alone.push((await engine.generate({ inputIds: p, ...greedy(6), seed })).outputIds)
+    const steps: StepStats[] = []
+    const scheduler = new BatchScheduler(engine, {
+      maxPrefillTokens: 32,
+      hooks: {
+        afterStep: (s) => {
+          steps.push(s)
+          if (steps.length === 1) scheduler.cancel('leader')
+        },
+      },
+    })
+    const leader = request('leader', p, greedy(6))
+    const reqs = [21, 22].map((seed) => request(`f${seed}`, p, greedy(6, { seed })))
+    for (const r of [leader, ...reqs]) scheduler.submit(r.req)
+    expect((await leader.done).kind).toBe('cancelled')
+    expect(await Promise.all(reqs.map((r) => outputIds(r.done)))).toEqual(alone)
+    // 32 tokens by the leader, the other 58 by its heir; the last follower prefilled nothing.
+    expect(steps.filter((s) => s.kind === 'prefill').map((s) => s.tokens)).toEqual([32, 32, 26])
+  })
+
   it('works the same with the forward passes on a worker thread', async () => {
     const threaded = await ThreadedEngine.load({
       modelDir: TINY_MODEL_DIR,
