@@ -79,7 +79,7 @@ interface Entry {
   leader: Entry | null
 }
 
-/** What one step runs: a prefill (pass over prompts or prompt chunks) of admitted sequences, or a decode of every sequence past its prompt. */
+/** What one step runs: a prefill of admitted prompts (or a chunk of one), or a decode of every sequence past its prompt. */
 export interface StepPlan {
   kind: 'prefill' | 'decode'
   entries: Entry[]
@@ -342,6 +342,7 @@ export class BatchScheduler {
     plan.entries.forEach((entry, i) => {
       const row = plan.rows[i]!
       const seq = entry.seq
+      let joined = false
       try {
         if (plan.kind === 'prefill' && row.pastLength + row.tokens.length < seq.promptIds.length) {
           this.engine.acceptChunk(seq, row, out, i)
@@ -353,6 +354,7 @@ export class BatchScheduler {
         outputs.push({ entry, kind: 'token', token, finished: seq.finished })
         if (plan.kind !== 'prefill') return
         this.decoding++
+        joined = true
         this.prefixCache?.store(entry.namespace, seq.promptIds, seq.slot)
         for (const f of entry.followers) {
           this.engine.moveSlot(seq.slot, f.seq.slot, seq.promptIds.length)
@@ -369,7 +371,8 @@ export class BatchScheduler {
         entry.followers = []
       } catch (error) {
         // One row's failure (e.g. logits it cannot sample from) ends that sequence only.
-        if (plan.kind === 'prefill' && seq.pastLength >= seq.promptIds.length) this.decoding++
+        // Past its prompt, it sits among the decoding slots until it leaves.
+        if (plan.kind === 'prefill' && !joined && seq.pastLength >= seq.promptIds.length) this.decoding++
         outputs.push({ entry, kind: 'failed', error: error as Error })
       }
     })
