@@ -86,6 +86,10 @@ interface GapFigures {
   /** The goal's ratio: p99 gap while admitting over the steady median. */
   ratio: number
   longPromptTtftMs: number
+  /** Median step times (stepMs): decode before the arrival, decode and prefill passes while admitting. */
+  steadyDecodeMs: number
+  admissionDecodeMs: number
+  admissionPrefillMs: number
   steps: string
 }
 
@@ -104,9 +108,15 @@ async function gaps(engine: ThreadedEngine, chunkTokens: number | null): Promise
   )
   while (streams.some((s) => s.times.length < 24)) await new Promise((r) => setTimeout(r, 2))
   const stepsBefore = steps.length
+  const steadyDecode = steps.filter((x, i) => i >= 4 && x.kind === 'decode').map((x) => x.stepMs)
   const long = run(scheduler, 'long', prompt(2000, 7), params(1))
   const arrival = long.submitted
   const firstLong = (await long.done)[0]!
+  const admission = steps.slice(stepsBefore)
+  const stepMs = (kind: StepStats['kind']) =>
+    median(admission.filter((x) => x.kind === kind).map((x) => x.stepMs))
+  const admissionDecodeMs = stepMs('decode')
+  const admissionPrefillMs = stepMs('prefill')
   for (let i = 0; i < 8; i++) scheduler.cancel(`s${i}`)
   const streamTimes = await Promise.all(streams.map((s) => s.done))
   const steady: number[] = []
@@ -131,6 +141,9 @@ async function gaps(engine: ThreadedEngine, chunkTokens: number | null): Promise
     admissionMaxMs: Math.max(...during),
     ratio: p99 / steadyMedian,
     longPromptTtftMs: firstLong - arrival,
+    steadyDecodeMs: median(steadyDecode),
+    admissionDecodeMs,
+    admissionPrefillMs,
     steps: kinds.join(' '),
   }
 }
@@ -161,15 +174,15 @@ async function main() {
       const g = await gaps(engine, chunk)
       cases.push(g)
       console.log(
-        `chunk ${chunk ?? 'off'}: steady median gap ${g.steadyMedianMs.toFixed(0)} ms; while admitting (${g.admissionGaps} gaps) p99 ${g.admissionP99Ms.toFixed(0)} ms = ${g.ratio.toFixed(2)}x (goal <= 3x), max ${g.admissionMaxMs.toFixed(0)} ms; 2,000-token prompt TTFT ${g.longPromptTtftMs.toFixed(0)} ms; steps ${g.steps}`,
+        `chunk ${chunk ?? 'off'}: steady median gap ${g.steadyMedianMs.toFixed(0)} ms; while admitting (${g.admissionGaps} gaps) p99 ${g.admissionP99Ms.toFixed(0)} ms = ${g.ratio.toFixed(2)}x (goal <= 3x), max ${g.admissionMaxMs.toFixed(0)} ms; 2,000-token prompt TTFT ${g.longPromptTtftMs.toFixed(0)} ms; median steps: decode ${g.steadyDecodeMs.toFixed(0)} ms before, ${g.admissionDecodeMs.toFixed(0)} ms while admitting, prefill passes ${g.admissionPrefillMs.toFixed(0)} ms; steps ${g.steps}`,
       )
     }
     const lines = [
-      '| chunk (tokens) | steady median gap (ms) | gaps while admitting | their p99 (ms) | p99 / steady median | their max (ms) | 2,000-token prompt TTFT (ms) |',
-      '|---|---:|---:|---:|---:|---:|---:|',
+      '| chunk (tokens) | steady median gap (ms) | gaps while admitting | their p99 (ms) | p99 / steady median | their max (ms) | 2,000-token prompt TTFT (ms) | decode step before / while admitting (ms) | prefill pass (ms) |',
+      '|---|---:|---:|---:|---:|---:|---:|---:|---:|',
       ...cases.map(
         (g) =>
-          `| ${g.chunkTokens ?? 'off (one pass)'} | ${g.steadyMedianMs.toFixed(0)} | ${g.admissionGaps} | ${g.admissionP99Ms.toFixed(0)} | ${g.ratio.toFixed(2)}x | ${g.admissionMaxMs.toFixed(0)} | ${g.longPromptTtftMs.toFixed(0)} |`,
+          `| ${g.chunkTokens ?? 'off (one pass)'} | ${g.steadyMedianMs.toFixed(0)} | ${g.admissionGaps} | ${g.admissionP99Ms.toFixed(0)} | ${g.ratio.toFixed(2)}x | ${g.admissionMaxMs.toFixed(0)} | ${g.longPromptTtftMs.toFixed(0)} | ${g.steadyDecodeMs.toFixed(0)} / ${g.admissionDecodeMs.toFixed(0)} | ${g.admissionPrefillMs.toFixed(0)} |`,
       ),
     ]
     const date = new Date().toISOString().slice(0, 10)
