@@ -6,7 +6,7 @@
 //  2. the gaps between tokens of 8 running streams while a 2,000-token prompt is admitted, with
 //     chunked prefill at a few chunk sizes and without it (goal: their p99 <= 3x the median gap
 //     before it arrived).
-//   npm run bench:prefix -w @moe/gpu-worker     (MOE_THREADS, MOE_BENCH_DIR, MOE_BENCH_CHUNKS=64,128,256)
+//   npm run bench:prefix -w @moe/gpu-worker     (MOE_THREADS, MOE_BENCH_DIR, MOE_BENCH_CHUNKS=32,64,128,256)
 import { existsSync, mkdirSync, writeFileSync } from 'node:fs'
 import { availableParallelism, cpus, tmpdir, totalmem } from 'node:os'
 import { join } from 'node:path'
@@ -18,7 +18,7 @@ import { BatchScheduler, type SchedulerOptions, type StepStats } from '../schedu
 const threads = Number(process.env.MOE_THREADS ?? availableParallelism())
 const modelDir = process.env.MOE_BENCH_DIR ?? join(tmpdir(), 'moe-bench-model')
 const resultsDir = join(import.meta.dirname, '..', '..', 'bench-results')
-const chunkSizes = (process.env.MOE_BENCH_CHUNKS ?? '64,128,256').split(',').map(Number)
+const chunkSizes = (process.env.MOE_BENCH_CHUNKS ?? '32,64,128,256').split(',').map(Number)
 if (chunkSizes.some((n) => !Number.isInteger(n) || n < 16))
   throw new Error('MOE_BENCH_CHUNKS must be comma-separated integers of at least 16')
 
