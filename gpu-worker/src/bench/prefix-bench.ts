@@ -8,7 +8,7 @@
 //     before it arrived).
 //   npm run bench:prefix -w @moe/gpu-worker     (MOE_THREADS, MOE_BENCH_DIR, MOE_BENCH_CHUNKS=32,64,128,256)
 import { existsSync, mkdirSync, writeFileSync } from 'node:fs'
-import { availableParallelism, cpus, tmpdir, totalmem } from 'node:os'
+import { availableParallelism, cpus, loadavg, tmpdir, totalmem } from 'node:os'
 import { join } from 'node:path'
 import { BENCH_CONFIG, writeRandomMixtral } from '../engine/random-model.ts'
 import type { GenerationParams } from '../engine/sequence.ts'
@@ -185,18 +185,21 @@ async function main() {
           `| ${g.chunkTokens ?? 'off (one pass)'} | ${g.steadyMedianMs.toFixed(0)} | ${g.admissionGaps} | ${g.admissionP99Ms.toFixed(0)} | ${g.ratio.toFixed(2)}x | ${g.admissionMaxMs.toFixed(0)} | ${g.longPromptTtftMs.toFixed(0)} | ${g.steadyDecodeMs.toFixed(0)} / ${g.admissionDecodeMs.toFixed(0)} | ${g.admissionPrefillMs.toFixed(0)} |`,
       ),
     ]
+    // Other work on the host skews every figure: say how busy it was.
+    const load = `load average over the last 15 minutes at the end: ${loadavg()[2]!.toFixed(1)} on ${availableParallelism()} cores`
+    console.log(load)
     const date = new Date().toISOString().slice(0, 10)
     mkdirSync(resultsDir, { recursive: true })
     writeFileSync(
       join(resultsDir, 'prefix-cpu.json'),
-      `${JSON.stringify({ date, machine, ttft: t, gaps: cases }, null, 2)}\n`,
+      `${JSON.stringify({ date, machine, load, ttft: t, gaps: cases }, null, 2)}\n`,
     )
     writeFileSync(
       join(resultsDir, 'prefix-cpu.md'),
       [
         `# Prefix cache and chunked prefill (${date})`,
         '',
-        `Machine: ${machine}. Bench model shape, fp32, the scheduler over the engine on a worker thread. Command: \`npm run bench:prefix -w @moe/gpu-worker\`.`,
+        `Machine: ${machine}; ${load}. Bench model shape, fp32, the scheduler over the engine on a worker thread. Command: \`npm run bench:prefix -w @moe/gpu-worker\`.`,
         '',
         `- Time to first token of a 1,024-token prompt: ${t.coldMs.toFixed(0)} ms cold; ${t.warmMs.toFixed(0)} ms when its first 1,000 tokens are cached from an earlier request: ${(t.ratio * 100).toFixed(1)}% (goal <= 25%). Medians of 3.`,
         '- 8 streams (16-token prompts, greedy) decode; after 24 of their tokens a 2,000-token prompt arrives. Gaps between consecutive tokens of the streams: the median before it arrived, and those overlapping the time from its arrival to its first token (goal: their p99 <= 3x the median):',
