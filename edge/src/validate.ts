@@ -25,9 +25,6 @@ export function parseJson(text: string): unknown {
 
 const UNSUPPORTED = new Set<string>(UNSUPPORTED_PARAMETERS)
 
-const isEmptyObject = (v: unknown) =>
-  typeof v === 'object' && v !== null && !Array.isArray(v) && Object.keys(v).length === 0
-
 /**
  * Values of unsupported parameters that ask for nothing: the defaults clients and UIs send on
  * every request. They are accepted as "not set" instead of refused.

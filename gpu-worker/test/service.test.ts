@@ -245,4 +245,31 @@ describe('GPU worker service', () => {
     expect(text).toMatch(/moe_expert_tokens_total\{pool="code",layer="0",expert="(0|1|5|6)"\} \d+/)
     expect(text).not.toMatch(/moe_expert_tokens_total\{pool="code",layer="\d",expert="(2|3|4|7)"\}/)
   })
+
+  it('counts prefix-cache queries and hits in /metrics, in tokens, as prompts share a prefix', async () => {
+    const metric = async (name: string) => {
+      const text = await (await fetch(`http://127.0.0.1:${service.healthPort}/metrics`)).text()
+      return [...text.matchAll(new RegExp(`^${name}\\{[^}]*\\} (\\d+)`, 'gm'))].reduce(
+        (a, m) => a + Number(m[1]),
+        0,
+      )
+    }
+    const shared = Array.from({ length: 40 }, (_, i) => 3 + ((i * 37) % 250))
+    const [queries, hits] = [
+      await metric('moe_prefix_cache_queries_total'),
+      await metric('moe_prefix_cache_hits_total'),
+    ]
+    for (const tail of [
+      [5, 6],
+      [7, 8, 9],
+    ]) {
+      const p = payload('general', { input: { kind: 'tokens', inputIds: [...shared, ...tail] } })
+      await client.add(p)
+      expect(done(await client.events(p.requestId!))).toBeDefined()
+    }
+    expect((await metric('moe_prefix_cache_queries_total')) - queries).toBe(42 + 43)
+    // The second prompt found the first's 32 tokens of whole blocks (2 x 16) in the cache.
+    expect((await metric('moe_prefix_cache_hits_total')) - hits).toBe(32)
+    expect(await metric('moe_prefix_cache_tokens')).toBeGreaterThanOrEqual(32)
+  })
 })

@@ -154,19 +154,10 @@ export function layerBalance(layer: number, loads: readonly number[]): LayerBala
   return { layer, tokens, experts, cv: Math.sqrt(variance) / mean, maxOverMean: Math.max(...loads) / mean }
 }
 
-/** The prefix cache's hit rate from its counters, whatever they are named (hits over queries). */
+/** The prefix cache's hit rate: prompt tokens found cached over prompt tokens looked up. */
 export function prefixCacheHitRate(counters: Record<string, number>): number | null {
-  let hits = 0
-  let misses = 0
-  let queries = 0
-  for (const [name, n] of Object.entries(counters)) {
-    if (/miss/.test(name)) misses += n
-    else if (/hit/.test(name)) hits += n
-    else if (/quer|lookup|request/.test(name)) queries += n
-  }
-  if (queries > 0) return hits / queries
-  if (hits + misses > 0) return hits / (hits + misses)
-  return null
+  const queries = counters.moe_prefix_cache_queries_total ?? 0
+  return queries > 0 ? (counters.moe_prefix_cache_hits_total ?? 0) / queries : null
 }
 
 export interface DashboardSources {

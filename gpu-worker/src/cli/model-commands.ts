@@ -105,6 +105,7 @@ export function planCommand(argv: string[]): void {
       'max-batch': { type: 'string' },
       'max-context': { type: 'string' },
       'memory-gb': { type: 'string' },
+      'prefix-cache-tokens': { type: 'string' },
       json: { type: 'boolean' },
     },
   })
@@ -118,6 +119,7 @@ export function planCommand(argv: string[]): void {
     maxBatch: num('max-batch', values['max-batch'], { int: true, min: 1 }) ?? 32,
     maxContext: num('max-context', values['max-context'], { int: true, min: 2 }) ?? 2048,
     memoryBytes: memoryGb === undefined ? undefined : memoryGb * 1e9,
+    prefixCacheTokens: num('prefix-cache-tokens', values['prefix-cache-tokens'], { int: true, min: 0 }) ?? 0,
   })
   console.log(values.json ? JSON.stringify(plan) : formatPlan(plan))
 }

@@ -6,6 +6,10 @@ import { type EngineOptions, MoeEngine, type StepOutput, type StepRow } from './
 export type EngineRequest =
   | { op: 'forward'; id: number; rows: StepRow[] }
   | { op: 'moveSlot'; from: number; to: number; length: number }
+  | { op: 'reserve'; slots: number; length: number }
+  | { op: 'savePrefix'; key: number; slot: number; length: number }
+  | { op: 'loadPrefix'; key: number; slot: number; length: number }
+  | { op: 'dropPrefix'; key: number }
   | { op: 'close' }
 
 export type EngineReply =
@@ -21,11 +25,27 @@ const post = (reply: EngineReply, transfer: ArrayBuffer[] = []) => port.postMess
 try {
   const opts = workerData as Omit<EngineOptions, 'log'>
   const engine = await MoeEngine.load({ ...opts, log: (msg, fields) => post({ type: 'log', msg, fields }) })
+  // A cache operation that failed fails the next forward pass, whose caller can act on it.
+  let cacheError: string | null = null
+  const cacheOp = (run: () => void) => {
+    try {
+      run()
+    } catch (e) {
+      cacheError ??= (e as Error).message
+    }
+  }
   port.on('message', async (m: EngineRequest) => {
-    if (m.op === 'moveSlot') engine.moveSlot(m.from, m.to, m.length)
+    if (m.op === 'moveSlot') cacheOp(() => engine.moveSlot(m.from, m.to, m.length))
+    else if (m.op === 'reserve') cacheOp(() => engine.reserve(m.slots, m.length))
+    else if (m.op === 'savePrefix') cacheOp(() => engine.savePrefix(m.key, m.slot, m.length))
+    else if (m.op === 'loadPrefix') cacheOp(() => engine.loadPrefix(m.key, m.slot, m.length))
+    else if (m.op === 'dropPrefix') engine.dropPrefix(m.key)
     else if (m.op === 'close') {
       await engine.close()
       port.close()
+    } else if (cacheError !== null) {
+      post({ type: 'failed', id: m.id, message: cacheError })
+      cacheError = null
     } else {
       try {
         const out = await engine.forward(m.rows)

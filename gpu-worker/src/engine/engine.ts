@@ -1,5 +1,5 @@
 import * as ort from 'onnxruntime-node'
-import { KvCache } from './kv-cache.ts'
+import { KvCache, type KvPrefix } from './kv-cache.ts'
 import { type ModelDir, openModelDir } from './model-dir.ts'
 import { type ExportDtype, ensureExported, graphNames } from './onnx-export.ts'
 import { createModelSession } from './session.ts'
@@ -48,6 +48,9 @@ export class MoeEngine extends StepEngine {
   private readonly session: ort.InferenceSession
   private readonly layers: number
   private readonly experts: number
+  /** KV copies of prompt prefixes, outside the batch's slots (the scheduler's prefix cache). */
+  private readonly prefixes = new Map<number, KvPrefix>()
+  private reserved = { slots: 0, length: 0 }
 
   private constructor(init: {
     model: ModelDir
@@ -96,6 +99,25 @@ export class MoeEngine extends StepEngine {
     this.kv.moveSlot(from, to, length)
   }
 
+  reserve(slots: number, length: number): void {
+    this.reserved = { slots, length }
+    if (slots > 0) this.kv.fit(Math.max(length, this.kv.capacity), slots)
+  }
+
+  savePrefix(key: number, slot: number, length: number): void {
+    this.prefixes.set(key, this.kv.readPrefix(slot, length))
+  }
+
+  loadPrefix(key: number, slot: number, length: number): void {
+    const prefix = this.prefixes.get(key)
+    if (!prefix) throw new Error(`no stored prefix ${key}`)
+    this.kv.writePrefix(prefix, slot, length)
+  }
+
+  dropPrefix(key: number): void {
+    this.prefixes.delete(key)
+  }
+
   async close(): Promise<void> {
     await this.session.release()
   }
@@ -115,10 +137,13 @@ export class MoeEngine extends StepEngine {
       if (r.tokens.length === 0) throw new Error('every row needs at least one token')
     })
     const decode = rows.every((r) => r.tokens.length === 1)
-    if (!decode && rows.some((r) => r.pastLength !== 0))
-      throw new Error('prefill rows must start from an empty cache; decode rows feed exactly one token')
     const S = decode ? 1 : Math.max(...rows.map((r) => r.tokens.length))
-    const total = decode ? Math.max(...rows.map((r) => r.pastLength)) + 1 : S
+    // GQA's CPU kernel takes several new tokens on a non-empty cache for one row only.
+    if (!decode && n > 1 && rows.some((r) => r.pastLength !== 0))
+      throw new Error(
+        'a pass that feeds several tokens onto a non-empty cache (a prompt chunk) takes one row; decode rows feed exactly one token',
+      )
+    const total = Math.max(...rows.map((r) => r.pastLength + r.tokens.length))
     if (total > this.maxContext)
       throw new Error(`sequence length ${total} exceeds the context limit ${this.maxContext}`)
 
@@ -138,7 +163,11 @@ export class MoeEngine extends StepEngine {
     // Live sequences sit in slots 0..first+n-1: a prefill's rows are the newest, a decode's are all.
     // A decode covers every live row, so it may shrink the cache; a prefill's rows are only the
     // newest, and shrinking to their length would cut off the older sequences' positions.
-    this.kv.fit(decode ? total : Math.max(total, this.kv.capacity), first + n)
+    // Reserved slots (see reserve()) hold live KV that this pass's rows may not cover.
+    this.kv.fit(
+      Math.max(decode ? total : Math.max(total, this.kv.capacity), this.reserved.length),
+      Math.max(first + n, this.reserved.slots),
+    )
     const kvType = this.kv.dtype
     const kvDims = [n, this.kv.kvHeads, this.kv.capacity, this.kv.headDim]
     const fetches: Record<string, ort.Tensor | null> = {

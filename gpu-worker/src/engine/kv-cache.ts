@@ -2,6 +2,13 @@ import type { ModelConfig } from './model-config.ts'
 
 type KvBuffer = Float32Array | Uint16Array
 
+/** Positions 0..length-1 of one slot, per layer, as [kvHeads, length, headDim]. */
+export interface KvPrefix {
+  length: number
+  keys: KvBuffer[]
+  values: KvBuffer[]
+}
+
 /** Capacities grow and shrink in multiples of this many positions. */
 const CAPACITY_STEP = 64
 
@@ -126,6 +133,44 @@ export class KvCache {
         const src = from * this.slotElems + h * stride
         buf.copyWithin(to * this.slotElems + h * stride, src, src + n)
       }
+    }
+  }
+
+  /** A copy of one slot's first `length` positions, kept outside the cache (a cached prompt prefix). */
+  readPrefix(slot: number, length: number): KvPrefix {
+    if (slot >= this.slots) throw new Error(`slot ${slot} is not allocated`)
+    if (length > this.capacity) throw new Error(`prefix of ${length} exceeds the capacity ${this.capacity}`)
+    const stride = this.capacity * this.headDim
+    const n = length * this.headDim
+    const copy = (buf: KvBuffer) => {
+      const out =
+        this.dtype === 'float16' ? new Uint16Array(this.kvHeads * n) : new Float32Array(this.kvHeads * n)
+      for (let h = 0; h < this.kvHeads; h++) {
+        const src = slot * this.slotElems + h * stride
+        out.set(buf.subarray(src, src + n), h * n)
+      }
+      return out
+    }
+    return { length, keys: this.keys.map(copy), values: this.values.map(copy) }
+  }
+
+  /** Writes a prefix's first `length` positions into a slot (which must be allocated, with room). */
+  writePrefix(prefix: KvPrefix, slot: number, length: number): void {
+    if (length > prefix.length) throw new Error(`prefix holds ${prefix.length} positions, not ${length}`)
+    if (slot >= this.slots || length > this.capacity)
+      throw new Error(
+        `slot ${slot} cannot take ${length} positions (${this.slots} slots of ${this.capacity})`,
+      )
+    const stride = this.capacity * this.headDim
+    const n = length * this.headDim
+    const m = prefix.length * this.headDim
+    const paste = (dst: KvBuffer, src: KvBuffer) => {
+      for (let h = 0; h < this.kvHeads; h++)
+        dst.set(src.subarray(h * m, h * m + n), slot * this.slotElems + h * stride)
+    }
+    for (let l = 0; l < this.layers; l++) {
+      paste(this.keys[l]!, prefix.keys[l]!)
+      paste(this.values[l]!, prefix.values[l]!)
     }
   }
 

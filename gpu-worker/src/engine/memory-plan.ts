@@ -37,6 +37,9 @@ export interface MemoryPlan {
   weights_bytes: number
   kv_bytes_per_token: number
   kv_bytes: number
+  /** Positions the prefix cache may hold (MOE_PREFIX_CACHE_TOKENS), and their bytes. */
+  prefix_cache_tokens: number
+  prefix_cache_bytes: number
   total_bytes: number
   memory_bytes: number
   fits: boolean
@@ -100,9 +103,11 @@ export interface PlanOptions {
   maxContext: number
   /** Memory to fit in; defaults to this machine's (os.totalmem). */
   memoryBytes?: number
+  /** Prompt positions the prefix cache keeps beside the batch's KV (default 0). */
+  prefixCacheTokens?: number
 }
 
-function sizeAt(c: ModelConfig, dtype: PlanDtype, maxBatch: number, maxContext: number) {
+function sizeAt(c: ModelConfig, dtype: PlanDtype, maxBatch: number, maxContext: number, prefixTokens = 0) {
   const counts = parameterCounts(c)
   const components = {} as WeightComponents
   let weights = 0
@@ -114,18 +119,22 @@ function sizeAt(c: ModelConfig, dtype: PlanDtype, maxBatch: number, maxContext: 
   const kvDtype: 'fp32' | 'fp16' = dtype === 'fp16' ? 'fp16' : 'fp32'
   const perToken = 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * (kvDtype === 'fp16' ? 2 : 4)
   const kv = perToken * maxBatch * maxContext
+  const prefix = perToken * prefixTokens
   const parameters = Object.values(counts).reduce((a, b) => a + b, 0)
-  return { components, weights, kvDtype, perToken, kv, total: weights + kv, parameters }
+  return { components, weights, kvDtype, perToken, kv, prefix, total: weights + kv + prefix, parameters }
 }
 
 /** The memory plan of a model at one dtype, with the dtype that would fit when this one does not. */
 export function planMemory(c: ModelConfig, opts: PlanOptions): MemoryPlan {
   const memory = opts.memoryBytes ?? totalmem()
   const maxContext = Math.min(opts.maxContext, c.max_position_embeddings)
-  const s = sizeAt(c, opts.dtype, opts.maxBatch, maxContext)
+  const prefixTokens = opts.prefixCacheTokens ?? 0
+  const s = sizeAt(c, opts.dtype, opts.maxBatch, maxContext, prefixTokens)
   const fits = s.total <= memory
-  const suggested = PLAN_DTYPES.find((d) => sizeAt(c, d, opts.maxBatch, maxContext).total <= memory) ?? null
-  const need = `${c.model_type} at ${opts.dtype} needs ${formatBytes(s.total)} (weights ${formatBytes(s.weights)} + KV cache ${formatBytes(s.kv)} for ${opts.maxBatch} x ${maxContext} tokens)`
+  const suggested =
+    PLAN_DTYPES.find((d) => sizeAt(c, d, opts.maxBatch, maxContext, prefixTokens).total <= memory) ?? null
+  const prefix = prefixTokens > 0 ? ` + prefix cache ${formatBytes(s.prefix)} for ${prefixTokens} tokens` : ''
+  const need = `${c.model_type} at ${opts.dtype} needs ${formatBytes(s.total)} (weights ${formatBytes(s.weights)} + KV cache ${formatBytes(s.kv)} for ${opts.maxBatch} x ${maxContext} tokens${prefix})`
   const advice =
     suggested === null
       ? 'no dtype fits; lower the batch or context, or use a machine with more memory'
@@ -144,6 +153,8 @@ export function planMemory(c: ModelConfig, opts: PlanOptions): MemoryPlan {
     weights_bytes: s.weights,
     kv_bytes_per_token: s.perToken,
     kv_bytes: s.kv,
+    prefix_cache_tokens: prefixTokens,
+    prefix_cache_bytes: s.prefix,
     total_bytes: s.total,
     memory_bytes: memory,
     fits,
@@ -180,6 +191,9 @@ export function formatPlan(p: MemoryPlan): string {
     ...rows,
     `  ${'total'.padEnd(16)} ${formatBytes(p.weights_bytes).padStart(10)}`,
     `KV cache: ${formatBytes(p.kv_bytes_per_token)} per token; ${p.max_batch} x ${p.max_context} tokens = ${formatBytes(p.kv_bytes)}`,
+    p.prefix_cache_tokens > 0
+      ? `prefix cache: ${p.prefix_cache_tokens} tokens = ${formatBytes(p.prefix_cache_bytes)}`
+      : '',
     `total: ${formatBytes(p.total_bytes)} of ${formatBytes(p.memory_bytes)}: ${p.fits ? 'fits' : 'does not fit'}`,
     p.fits ? '' : `suggested dtype: ${p.suggested_dtype ?? 'none fits'}`,
   ]

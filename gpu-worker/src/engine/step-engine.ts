@@ -31,6 +31,8 @@ export interface EngineOptions {
   maxContext?: number
   /** Graph dtype; default fp16 on CUDA, else fp32. int8/int4 quantize the weights (see quantize.ts). */
   dtype?: ExportDtype
+  /** Prompt positions the scheduler's prefix cache may keep (counted in the memory plan). */
+  prefixCacheTokens?: number
   /** Memory the model must fit in (weights + full KV cache); default: this machine's. */
   memoryBytes?: number
   /** Root of the ONNX export cache (default: beside the model, or the temp dir). */
@@ -120,7 +122,13 @@ export function loadPlan(model: ModelDir, opts: EngineOptions): LoadPlan {
   const dtype: ExportDtype = opts.dtype ?? (wantCuda ? 'fp16' : 'fp32')
   const maxBatch = opts.maxBatch ?? 32
   const maxContext = Math.min(opts.maxContext ?? 2048, model.config.max_position_embeddings)
-  const memory = assertFits(model.config, { dtype, maxBatch, maxContext, memoryBytes: opts.memoryBytes })
+  const memory = assertFits(model.config, {
+    dtype,
+    maxBatch,
+    maxContext,
+    memoryBytes: opts.memoryBytes,
+    prefixCacheTokens: opts.prefixCacheTokens,
+  })
   return { wantCuda, dtype, maxBatch, maxContext, memory }
 }
 
@@ -141,6 +149,16 @@ export abstract class StepEngine {
   abstract forward(rows: readonly StepRow[]): Promise<StepOutput>
   /** Copies one KV slot over another (ordered before the next forward pass). */
   abstract moveSlot(from: number, to: number, length: number): void
+  /**
+   * Keeps slots 0..slots-1 allocated with room for `length` positions, across passes whose
+   * rows do not cover them (a prompt prefilled in chunks between decode steps). 0 releases.
+   */
+  abstract reserve(slots: number, length: number): void
+  /** Copies a slot's first `length` positions into stored prefix `key` (outside the batch's slots). */
+  abstract savePrefix(key: number, slot: number, length: number): void
+  /** Copies stored prefix `key`'s first `length` positions into a slot (reserve() it first). */
+  abstract loadPrefix(key: number, slot: number, length: number): void
+  abstract dropPrefix(key: number): void
   abstract close(): Promise<void>
 
   constructor(init: { model: ModelDir; tokenizer: ChatTokenizer; maxBatch: number; maxContext: number }) {
@@ -197,10 +215,20 @@ export abstract class StepEngine {
   /** acceptStep for row `i` alone, so one bad row can fail without the others. */
   acceptRow(seq: Sequence, row: StepRow, out: StepOutput, i: number): TokenOutput {
     const V = this.config.vocab_size
+    this.addExpertCounts(seq, out, i)
+    return seq.accept(out.logits.subarray(i * V, (i + 1) * V), row.tokens.length)
+  }
+
+  /** For row `i` that fed part of a prompt (a chunk): its positions are cached, nothing is sampled. */
+  acceptChunk(seq: Sequence, row: StepRow, out: StepOutput, i: number): void {
+    this.addExpertCounts(seq, out, i)
+    seq.pastLength += row.tokens.length
+  }
+
+  private addExpertCounts(seq: Sequence, out: StepOutput, i: number): void {
     const LE = this.config.num_hidden_layers * this.config.num_local_experts
     const counts = out.expertCounts.subarray(i * LE, (i + 1) * LE)
     for (let j = 0; j < LE; j++) seq.expertLoad[j]! += counts[j]!
-    return seq.accept(out.logits.subarray(i * V, (i + 1) * V), row.tokens.length)
   }
 
   /** Decodes one sequence alone (slot 0). Not for use while a scheduler drives this engine. */

@@ -115,6 +115,23 @@ export class ThreadedEngine extends StepEngine {
     this.send({ op: 'moveSlot', from, to, length })
   }
 
+  // Like moveSlot, these are ordered before the next forward pass; an error there fails that pass.
+  reserve(slots: number, length: number): void {
+    this.send({ op: 'reserve', slots, length })
+  }
+
+  savePrefix(key: number, slot: number, length: number): void {
+    this.send({ op: 'savePrefix', key, slot, length })
+  }
+
+  loadPrefix(key: number, slot: number, length: number): void {
+    this.send({ op: 'loadPrefix', key, slot, length })
+  }
+
+  dropPrefix(key: number): void {
+    this.send({ op: 'dropPrefix', key })
+  }
+
   async close(): Promise<void> {
     if (this.failure) return
     this.closing = true

@@ -7,6 +7,7 @@ import {
 } from '../engine/engine.ts'
 import type { GenerationParams, Sequence, TokenConstraint, TokenOutput } from '../engine/sequence.ts'
 import { FairQueue } from './fair-queue.ts'
+import { PrefixCache } from './prefix-cache.ts'
 
 /** A request the scheduler batches: prompt ids, sampling, and where its tokens go. */
 export interface ScheduledRequest {
@@ -48,6 +49,11 @@ export interface SchedulerHooks {
   pollCancels?(ids: string[]): Promise<string[]>
   /** After each step's tokens were handed out, e.g. to send one pipelined write of them. */
   afterStep?(stats: StepStats): void
+  /**
+   * As each sequence is admitted: its prompt tokens, and how many of them it did not have to
+   * prefill (found in the prefix cache, or shared with an identical prompt admitted with it).
+   */
+  prefixLookup?(queried: number, hit: number): void
 }
 
 export interface SchedulerOptions {
@@ -55,6 +61,13 @@ export interface SchedulerOptions {
   maxBatch?: number
   /** Most padded tokens (rows x longest prompt) in one prefill pass. */
   maxPrefillTokens?: number
+  /**
+   * Most prompt tokens in one prefill pass while other sequences are decoding: a longer prompt
+   * is prefilled in chunks of this size, each followed by a decode step of the running batch.
+   */
+  prefillChunkTokens?: number
+  /** Prompt positions whose KV is kept for reuse by later prompts with the same prefix; 0 = off. */
+  prefixCacheTokens?: number
   hooks?: SchedulerHooks
 }
 
@@ -62,9 +75,15 @@ interface Entry {
   request: ScheduledRequest
   seq: Sequence
   tenantId: string
+  /** Prefix-cache namespace: the KV of a prompt depends on the experts it may use. */
+  namespace: string
+  /** Sequences admitted with the identical prompt: they take this one's KV and logits. */
+  followers: Entry[]
+  /** The sequence whose prompt KV this one takes, while that one prefills. */
+  leader: Entry | null
 }
 
-/** What one step runs: a prefill of newly admitted sequences, or a decode of every running one. */
+/** What one step runs: a prefill of admitted prompts (or a chunk of one), or a decode of every sequence past its prompt. */
 export interface StepPlan {
   kind: 'prefill' | 'decode'
   entries: Entry[]
@@ -96,11 +115,20 @@ export class SchedulerError extends Error {
  * and cancellations are applied between steps, never inside one. After a
  * prefill the next step is always a decode, so a stream of arrivals cannot
  * stall the sequences already running.
+ *
+ * Running sequences sit in KV slots 0..n-1: first those decoding, then those
+ * still prefilling (admitted together, prefilled front first). While others
+ * decode, a long prompt is prefilled in chunks of prefillChunkTokens, one
+ * chunk between two decode steps. On admission a prompt takes the longest
+ * prefix the prefix cache holds and prefills only the rest; identical
+ * prompts admitted together are prefilled once.
  */
 export class BatchScheduler {
   readonly engine: StepEngine
   readonly maxBatch: number
   readonly maxPrefillTokens: number
+  readonly prefillChunkTokens: number
+  readonly prefixCache: PrefixCache | null
   private readonly hooks: SchedulerHooks
   private readonly waitingQueue = new FairQueue<Entry>()
   /** Running sequences; index = KV slot. */
@@ -112,17 +140,26 @@ export class BatchScheduler {
   private lastWasPrefill = false
   /** Decode steps since the oldest waiting request arrived. */
   private stepsWaited = 0
+  /** Running sequences past their prompt: they occupy slots 0..decoding-1. */
+  private decoding = 0
+  /** What the engine was last told to keep (engine.reserve). */
+  private reserved = { slots: 0, length: 0 }
 
   constructor(engine: StepEngine, opts: SchedulerOptions = {}) {
     this.engine = engine
     this.maxBatch = opts.maxBatch ?? engine.maxBatch
     this.maxPrefillTokens = opts.maxPrefillTokens ?? 4096
+    this.prefillChunkTokens = opts.prefillChunkTokens ?? 64
+    const cacheTokens = opts.prefixCacheTokens ?? 0
+    this.prefixCache = cacheTokens > 0 ? new PrefixCache(engine, cacheTokens) : null
     this.hooks = opts.hooks ?? {}
     if (this.maxBatch < 1 || this.maxBatch > engine.maxBatch)
       throw new Error(
         `maxBatch ${this.maxBatch} must be between 1 and the engine's ${engine.maxBatch} KV slots`,
       )
     if (this.maxPrefillTokens < 1) throw new Error('maxPrefillTokens must be positive')
+    if (!Number.isInteger(this.prefillChunkTokens) || this.prefillChunkTokens < 1)
+      throw new Error('prefillChunkTokens must be a positive integer')
   }
 
   get running(): number {
@@ -153,7 +190,15 @@ export class BatchScheduler {
     }
     const seq = this.engine.createSequence(request.id, promptIds, params, request.constraint)
     this.known.add(request.id)
-    this.waitingQueue.push({ request, seq, tenantId: request.tenantId })
+    const namespace = params.allowedExperts === null ? '*' : [...params.allowedExperts].sort().join(',')
+    this.waitingQueue.push({
+      request,
+      seq,
+      tenantId: request.tenantId,
+      namespace,
+      followers: [],
+      leader: null,
+    })
     this.ensureLoop()
   }
 
@@ -189,6 +234,8 @@ export class BatchScheduler {
   }
 
   private async runLoop(): Promise<void> {
+    // Requests submitted in the same tick are admitted together (e.g. the n sequences of one request).
+    await Promise.resolve()
     while (this.runningList.length > 0 || this.waitingQueue.size > 0) {
       this.applyCancels()
       const plan = this.schedule()
@@ -199,6 +246,7 @@ export class BatchScheduler {
       ])
       let outputs: SequenceOutput[]
       try {
+        this.reserveLive()
         const out = await this.engine.forward(plan.rows)
         outputs = this.update(plan, out)
         for (const o of outputs) if (o.kind === 'token') o.entry.request.onToken(o.token)
@@ -227,16 +275,19 @@ export class BatchScheduler {
   }
 
   /**
-   * The next step: a prefill of waiting sequences admitted into free slots when one is due,
-   * else a decode of every running sequence; null when there is nothing to run.
+   * The next step: a prefill of admitted sequences when one is due, else a decode of every
+   * sequence past its prompt; null when there is nothing to run.
    */
   private schedule(): StepPlan | null {
     if (this.runningList.length === 0 && this.waitingQueue.size === 0) return null
-    const admitted = this.prefillDue() ? this.admit() : []
-    const kind = admitted.length > 0 ? 'prefill' : 'decode'
-    const entries = kind === 'prefill' ? admitted : [...this.runningList]
+    // New sequences are admitted once the last admitted ones have finished prefilling.
+    if (this.decoding === this.runningList.length && this.prefillDue()) this.admit()
+    const prefilling = this.runningList.length > this.decoding
+    const kind = prefilling && (this.decoding === 0 || !this.lastWasPrefill) ? 'prefill' : 'decode'
     this.lastWasPrefill = kind === 'prefill'
     this.stepsWaited = kind === 'decode' && this.waitingQueue.size > 0 ? this.stepsWaited + 1 : 0
+    if (kind === 'prefill') return this.prefillPlan()
+    const entries = this.runningList.slice(0, this.decoding)
     const rows = entries.map((e) => ({
       slot: e.seq.slot,
       tokens: e.seq.nextInput(),
@@ -246,17 +297,94 @@ export class BatchScheduler {
     return { kind, entries, rows }
   }
 
+  /**
+   * A pass over the prefilling sequences from the front: as many whole prompts as the budget
+   * holds when they start from an empty cache (right-padded rows), else the next chunk of the
+   * front one (the engine extends a non-empty cache one row at a time). The budget is the
+   * chunk size while others decode, so they wait at most one chunk for their next token.
+   */
+  private prefillPlan(): StepPlan {
+    const budget =
+      this.decoding > 0 ? Math.min(this.prefillChunkTokens, this.maxPrefillTokens) : this.maxPrefillTokens
+    const left = (e: Entry) => e.seq.promptIds.length - e.seq.pastLength
+    const front = this.runningList[this.decoding]!
+    const entries = [front]
+    if (front.seq.pastLength === 0 && left(front) <= budget) {
+      let longest = left(front)
+      // Rows after a sequence with followers would not be contiguous: its followers sit between.
+      for (let i = this.decoding + 1; i < this.runningList.length; i++) {
+        const prev = entries[entries.length - 1]!
+        const next = this.runningList[i]!
+        if (prev.followers.length > 0 || next.leader || next.seq.pastLength > 0) break
+        const len = left(next)
+        if ((entries.length + 1) * Math.max(longest, len) > budget) break
+        longest = Math.max(longest, len)
+        entries.push(next)
+      }
+    }
+    const rows = entries.map((e) => ({
+      slot: e.seq.slot,
+      tokens: e.seq.promptIds.slice(e.seq.pastLength, e.seq.pastLength + Math.min(left(e), budget)),
+      pastLength: e.seq.pastLength,
+      allowedExperts: e.seq.params.allowedExperts,
+    }))
+    return { kind: 'prefill', entries, rows }
+  }
+
+  /** Tells the engine which slots hold live KV beyond this pass's rows (sequences still prefilling). */
+  private reserveLive(): void {
+    let length = 0
+    for (let i = this.decoding; i < this.runningList.length; i++)
+      length = Math.max(length, this.runningList[i]!.seq.pastLength)
+    // Followers' slots too: their leader's KV is copied there after its last pass.
+    const slots = this.runningList.length > this.decoding ? this.runningList.length : 0
+    if (slots === this.reserved.slots && length === this.reserved.length) return
+    this.reserved = { slots, length }
+    this.engine.reserve(slots, length)
+  }
+
   /** Takes each row's token from the step's logits: what the step did to each sequence. */
   private update(plan: StepPlan, out: StepOutput): SequenceOutput[] {
-    return plan.entries.map((entry, i): SequenceOutput => {
+    const V = this.engine.config.vocab_size
+    const outputs: SequenceOutput[] = []
+    plan.entries.forEach((entry, i) => {
+      const row = plan.rows[i]!
+      const seq = entry.seq
+      let joined = false
       try {
-        const token = this.engine.acceptRow(entry.seq, plan.rows[i]!, out, i)
-        return { entry, kind: 'token', token, finished: entry.seq.finished }
+        if (plan.kind === 'prefill' && row.pastLength + row.tokens.length < seq.promptIds.length) {
+          this.engine.acceptChunk(seq, row, out, i)
+          return
+        }
+        // Followers sample from the same logits, which sampling may change in place.
+        const logits = entry.followers.length > 0 ? out.logits.slice(i * V, (i + 1) * V) : null
+        const token = this.engine.acceptRow(seq, row, out, i)
+        outputs.push({ entry, kind: 'token', token, finished: seq.finished })
+        if (plan.kind !== 'prefill') return
+        this.decoding++
+        joined = true
+        this.prefixCache?.store(entry.namespace, seq.promptIds, seq.slot)
+        for (const f of entry.followers) {
+          this.engine.moveSlot(seq.slot, f.seq.slot, seq.promptIds.length)
+          f.leader = null
+          f.seq.pastLength = seq.promptIds.length
+          this.decoding++
+          try {
+            const t = f.seq.accept(logits!.slice(), 0)
+            outputs.push({ entry: f, kind: 'token', token: t, finished: f.seq.finished })
+          } catch (error) {
+            outputs.push({ entry: f, kind: 'failed', error: error as Error })
+          }
+        }
+        entry.followers = []
       } catch (error) {
         // One row's failure (e.g. logits it cannot sample from) ends that sequence only.
-        return { entry, kind: 'failed', error: error as Error }
+        // Past its prompt, it sits among the decoding slots until it leaves.
+        if (plan.kind === 'prefill' && !joined && seq.pastLength >= seq.promptIds.length) this.decoding++
+        outputs.push({ entry, kind: 'failed', error: error as Error })
       }
     })
+    return outputs
   }
 
   /**
@@ -275,21 +403,59 @@ export class BatchScheduler {
     return waiting * 2 >= running || this.stepsWaited >= MAX_PREFILL_DELAY_STEPS
   }
 
-  /** Takes waiting sequences (tenant round-robin) into free slots, within the prefill token budget. */
-  private admit(): Entry[] {
+  /**
+   * Takes waiting sequences (tenant round-robin) into free slots, within the prefill token
+   * budget. Each takes the longest cached prefix of its prompt (its KV copied into the slot);
+   * a prompt identical to one admitted with it follows that one instead of being prefilled.
+   */
+  private admit(): void {
     const admitted: Entry[] = []
+    const leaders = new Map<string, Entry>()
+    const hits = new Map<Entry, { key: number; length: number }>()
+    let rows = 0
     let longest = 0
-    while (this.runningList.length < this.maxBatch && this.waitingQueue.size > 0) {
-      const len = this.waitingQueue.peek()!.seq.promptIds.length
-      // Padded rows cost like the longest one; the first admission is always allowed.
-      if (admitted.length > 0 && (admitted.length + 1) * Math.max(longest, len) > this.maxPrefillTokens) break
-      const next = this.waitingQueue.shift()!
-      longest = Math.max(longest, len)
-      next.seq.slot = this.runningList.length
-      this.runningList.push(next)
+    while (this.runningList.length + admitted.length < this.maxBatch && this.waitingQueue.size > 0) {
+      const next = this.waitingQueue.peek()!
+      const prompt = next.seq.promptIds
+      const same = `${next.namespace}|${prompt.join(',')}`
+      const leader = leaders.get(same)
+      if (!leader) {
+        const hit = this.prefixCache?.lookup(next.namespace, prompt, prompt.length - 1) ?? null
+        const len = prompt.length - (hit?.length ?? 0)
+        // Padded rows cost like the longest one; the first admission is always allowed.
+        if (rows > 0 && (rows + 1) * Math.max(longest, len) > this.maxPrefillTokens) break
+        rows++
+        longest = Math.max(longest, len)
+        leaders.set(same, next)
+        if (hit) hits.set(next, hit)
+      } else {
+        next.leader = leader
+        leader.followers.push(next)
+      }
+      this.waitingQueue.shift()
       admitted.push(next)
     }
-    return admitted
+    // Followers sit right after their leader, so they join the decoding slots together.
+    const order = admitted.filter((e) => !e.leader).flatMap((e) => [e, ...e.followers])
+    for (const e of order) {
+      e.seq.slot = this.runningList.length
+      this.runningList.push(e)
+    }
+    let loadLength = 0
+    for (const h of hits.values()) loadLength = Math.max(loadLength, h.length)
+    if (loadLength > 0) {
+      this.reserved = { slots: this.runningList.length, length: loadLength }
+      this.engine.reserve(this.reserved.slots, loadLength)
+    }
+    for (const e of order) {
+      const hit = hits.get(e)
+      if (hit) {
+        this.engine.loadPrefix(hit.key, e.seq.slot, hit.length)
+        e.seq.pastLength = hit.length
+      }
+      const saved = e.leader ? e.seq.promptIds.length : (hit?.length ?? 0)
+      this.hooks.prefixLookup?.(e.seq.promptIds.length, saved)
+    }
   }
 
   private applyCancels(): void {
@@ -313,19 +479,48 @@ export class BatchScheduler {
     e.request.onFinish({ kind: 'cancelled', result: this.cancelledResult(e) })
   }
 
-  /** Removes a running sequence; the last running one moves into its KV slot. */
+  /**
+   * Removes a running sequence. A decoding one's slot takes the last decoding sequence, and the
+   * prefilling ones each move down a slot, so the live slots stay contiguous in their order.
+   */
   private leave(e: Entry, outcome: SequenceOutcome): void {
-    const slot = e.seq.slot
-    const last = this.runningList[this.runningList.length - 1]!
-    if (this.runningList[slot] === e) {
-      if (last !== e) {
-        if (last.seq.pastLength > 0) this.engine.moveSlot(last.seq.slot, slot, last.seq.pastLength)
-        last.seq.slot = slot
-        this.runningList[slot] = last
+    const i = this.runningList.indexOf(e)
+    if (i >= 0) {
+      if (outcome.kind !== 'failed' && !e.leader && e.seq.pastLength > 0) {
+        // Its prompt and the tokens it generated so far: the start of a conversation's next turn.
+        const held = [...e.seq.promptIds, ...e.seq.outputIds].slice(0, e.seq.pastLength)
+        this.prefixCache?.store(e.namespace, held, e.seq.slot)
       }
-      this.runningList.pop()
+      this.handOverFollowers(e)
+      if (e.leader) e.leader.followers = e.leader.followers.filter((f) => f !== e)
+      const order = [...this.runningList]
+      if (i < this.decoding) {
+        order[i] = order[this.decoding - 1]!
+        order.splice(this.decoding - 1, 1)
+        this.decoding--
+      } else order.splice(i, 1)
+      this.runningList.length = 0
+      order.forEach((x, slot) => {
+        if (x.seq.slot !== slot && x.seq.pastLength > 0)
+          this.engine.moveSlot(x.seq.slot, slot, x.seq.pastLength)
+        x.seq.slot = slot
+        this.runningList.push(x)
+      })
     }
     this.known.delete(e.request.id)
     e.request.onFinish(outcome)
+  }
+
+  /** A leader leaving before its prompt is prefilled: its first follower takes over, with what is cached. */
+  private handOverFollowers(e: Entry): void {
+    const [heir, ...rest] = e.followers
+    if (!heir) return
+    e.followers = []
+    const keep = Math.min(e.seq.pastLength, heir.seq.promptIds.length - 1)
+    if (keep > 0) this.engine.moveSlot(e.seq.slot, heir.seq.slot, keep)
+    heir.seq.pastLength = keep
+    heir.leader = null
+    heir.followers = rest
+    for (const f of rest) f.leader = heir
   }
 }

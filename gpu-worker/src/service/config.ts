@@ -41,6 +41,16 @@ export const WorkerVariables = z.object({
   MOE_MAX_BATCH: int(1, 1024).default(32),
   MOE_MAX_CONTEXT: int(16, 1 << 20).default(2048),
   MOE_MAX_PREFILL_TOKENS: int(1, 1 << 20).default(4096),
+  /** While sequences decode, a longer prompt is prefilled in chunks of this many tokens between their steps. */
+  MOE_PREFILL_CHUNK_TOKENS: int(16, 1 << 20).default(64),
+  /** Prompt positions whose KV is kept for prompts that share a prefix (0 turns the cache off). */
+  MOE_PREFIX_CACHE_TOKENS: z.coerce
+    .number()
+    .int()
+    .min(0)
+    .max(1 << 24)
+    .refine((n) => n === 0 || n >= 16, 'must be 0 (off) or at least 16 (one block)')
+    .default(8192),
   MOE_THREADS: int(1, 1024).optional(),
   // Off by default: the worker shares its cores with Redis and the edge, and spinning threads starve them.
   MOE_ORT_SPIN: flag('0'),
@@ -103,6 +113,8 @@ export const WorkerEnv = WorkerVariables.transform((e, ctx) => {
     maxBatch: e.MOE_MAX_BATCH,
     maxContext: e.MOE_MAX_CONTEXT,
     maxPrefillTokens: e.MOE_MAX_PREFILL_TOKENS,
+    prefillChunkTokens: e.MOE_PREFILL_CHUNK_TOKENS,
+    prefixCacheTokens: e.MOE_PREFIX_CACHE_TOKENS,
     threads: e.MOE_THREADS,
     spin: e.MOE_ORT_SPIN,
     engineThread: e.MOE_ENGINE_THREAD,

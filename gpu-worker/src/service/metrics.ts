@@ -88,6 +88,24 @@ export class WorkerMetrics {
     labelNames: ['model'],
     registers: [this.registry],
   })
+  readonly prefixCacheQueries = new Counter({
+    name: 'moe_prefix_cache_queries_total',
+    help: 'Prompt tokens looked up in the prefix cache as sequences were admitted (vLLM: prefix_cache_queries)',
+    labelNames: ['model'],
+    registers: [this.registry],
+  })
+  readonly prefixCacheHits = new Counter({
+    name: 'moe_prefix_cache_hits_total',
+    help: 'Prompt tokens not prefilled: KV found in the prefix cache or shared with an identical prompt (vLLM: prefix_cache_hits)',
+    labelNames: ['model'],
+    registers: [this.registry],
+  })
+  readonly prefixCacheTokens = new Gauge({
+    name: 'moe_prefix_cache_tokens',
+    help: 'Prompt positions whose KV the prefix cache holds (at most MOE_PREFIX_CACHE_TOKENS)',
+    labelNames: ['model'],
+    registers: [this.registry],
+  })
 
   readonly requestDuration = new Histogram({
     name: 'moe_request_duration_seconds',

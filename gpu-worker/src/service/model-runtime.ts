@@ -53,6 +53,7 @@ async function loadModelRuntime(
     spin: c.spin,
     maxBatch: c.maxBatch,
     maxContext: c.maxContext,
+    prefixCacheTokens: c.prefixCacheTokens,
     dtype: pool.dtype,
     exportCacheDir: c.exportCacheDir,
     log: (msg, fields) => log.info({ model: modelDir, ...fields }, msg),
@@ -61,6 +62,8 @@ async function loadModelRuntime(
   const scheduler = new BatchScheduler(engine, {
     maxBatch: c.maxBatch,
     maxPrefillTokens: c.maxPrefillTokens,
+    prefillChunkTokens: c.prefillChunkTokens,
+    prefixCacheTokens: c.prefixCacheTokens,
     hooks: {
       // Cancels arrive by pub/sub (see WorkerService.start); polling the keys is only the fallback.
       pollCancels: (ids) => {
@@ -76,8 +79,13 @@ async function loadModelRuntime(
         metrics.kvCacheBytes.set({ model }, engine.kvBytes)
         metrics.kvCacheUsage.set({ model }, scheduler.running / engine.maxBatch)
         metrics.batchOccupancy.set({ model }, scheduler.running / scheduler.maxBatch)
+        metrics.prefixCacheTokens.set({ model }, scheduler.prefixCache?.tokens ?? 0)
         // Sent behind the next step; the job awaits the chain before it completes.
         streams.flush().catch((err) => log.error({ err: String(err) }, 'writing token events failed'))
+      },
+      prefixLookup: (queried, hit) => {
+        metrics.prefixCacheQueries.inc({ model }, queried)
+        metrics.prefixCacheHits.inc({ model }, hit)
       },
     },
   })
