@@ -24,8 +24,9 @@ let service: WorkerService
 let client: QueueClient
 
 beforeAll(async () => {
-  // A long interval: the test flushes when it wants to read.
-  service = await startService(prefix, { MOE_TELEMETRY_INTERVAL_MS: '60000' })
+  // A long interval: the test flushes when it wants to read. No prefix cache: the expert-load
+  // count below expects every prompt token to be routed.
+  service = await startService(prefix, { MOE_TELEMETRY_INTERVAL_MS: '60000', MOE_PREFIX_CACHE_TOKENS: '0' })
   client = new QueueClient(prefix)
 })
 afterAll(async () => {
@@ -71,6 +72,8 @@ describe('worker metrics and dashboard telemetry', () => {
     const jobs = Array.from({ length: 4 }, (_, i) =>
       payload('code', {
         tenantId,
+        // Distinct prompts: identical ones admitted together would be prefilled (and routed) once.
+        input: { kind: 'tokens', inputIds: [1, 72 + i, 101, 108, 108, 111] },
         sampling: { maxTokens: 6 + i, temperature: 0, topP: 1, topK: 0, seed: i, stop: [], ignoreEos: true },
       }),
     )
