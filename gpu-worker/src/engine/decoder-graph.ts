@@ -19,8 +19,8 @@ import {
 } from './quantize.ts'
 import { readTensorF32, readTensorRowsF32, toF16Bits } from './safetensors.ts'
 
-// The pieces of one decoder layer as ONNX nodes: attention on
-// com.microsoft.GroupQueryAttention, routed experts on com.microsoft.MoE, and
+// The pieces of one decoder layer as ONNX nodes: attention (rotary, a cache
+// that is only read), routed experts on com.microsoft.MoE, and
 // what those fused ops cannot express (q/k norms, biases, the shared expert,
 // dense MLP layers) from standard ONNX ops around them.
 
@@ -136,64 +136,89 @@ export class DecoderGraph {
 }
 
 export interface AttentionIo {
+  /** This layer's cache, [B,kvH,P,D]: read, never written by the graph. */
   pastK: string
   pastV: string
-  presentK: string
-  presentV: string
-  seqlensK: string
-  totalLen: string
+  /** Graph outputs: this step's keys (after rotary) and values, [B,kvH,S,D]. */
+  newK: string
+  newV: string
+  /** Each token's position, [B,S] int64. */
+  positions: string
+  /** Additive mask over past then new keys (0 or -inf), [B,1,g*S,P+S], shared by every layer. */
+  mask: string
   cos: string
   sin: string
 }
 
-/** Self-attention of one layer on normed input h; returns its output already scaled for the residual. */
+/**
+ * Self-attention of one layer on normed input h; returns its output already
+ * scaled for the residual. Standard ops plus RotaryEmbedding and FusedMatMul
+ * rather than GroupQueryAttention: GQA appends to its cache through a present
+ * output, which would have to be bound to the cache buffer and so crosses the
+ * Node binding (copied into a fresh buffer) on every step, in proportion to the
+ * whole cache. Here the cache is only an input and the graph returns just the
+ * step's new keys and values, which the engine writes into the cache itself.
+ */
 export function attention(d: DecoderGraph, t: LayerTensors, h: string, io: AttentionIo): string {
   const { c, g } = d
   const H = c.hidden_size
   const D = c.head_dim
   const nH = c.num_attention_heads
   const kvH = c.num_key_value_heads
+  const group = nH / kvH
   const packed = d.linear(h, [t.q, t.k, t.v], H, { bias: c.qkv_bias })
-  let qkv = [packed, '', '']
-  if (c.qk_norm !== 'none' || c.clip_qkv !== null) {
-    // GQA takes q, k, v separately when they need work between projection and rotary.
-    let [q, k, v] = g.node('Split', [packed, g.constInt64([nH * D, kvH * D, kvH * D])], 3, { axis: -1 }) as [
-      string,
-      string,
-      string,
-    ]
-    if (c.qk_norm === 'whole') {
-      q = d.rmsNorm(q, t.qNorm!)
-      k = d.rmsNorm(k, t.kNorm!)
-    } else if (c.qk_norm === 'per_head') {
-      const perHead = (x: string, heads: number, norm: string) => {
-        const split = g.op('Reshape', [x, g.constInt64([0, 0, heads, D])])
-        return g.op('Reshape', [d.rmsNorm(split, norm), g.constInt64([0, 0, heads * D])])
-      }
-      q = perHead(q, nH, t.qNorm!)
-      k = perHead(k, kvH, t.kNorm!)
+  let [q, k, v] = g.node('Split', [packed, g.constInt64([nH * D, kvH * D, kvH * D])], 3, { axis: -1 }) as [
+    string,
+    string,
+    string,
+  ]
+  if (c.qk_norm === 'whole') {
+    q = d.rmsNorm(q, t.qNorm!)
+    k = d.rmsNorm(k, t.kNorm!)
+  } else if (c.qk_norm === 'per_head') {
+    const perHead = (x: string, heads: number, norm: string) => {
+      const split = g.op('Reshape', [x, g.constInt64([0, 0, heads, D])])
+      return g.op('Reshape', [d.rmsNorm(split, norm), g.constInt64([0, 0, heads * D])])
     }
-    if (c.clip_qkv !== null) {
-      const lo = d.weight(g.fresh('clip_min'), [], Float32Array.of(-c.clip_qkv))
-      const hi = d.weight(g.fresh('clip_max'), [], Float32Array.of(c.clip_qkv))
-      ;[q, k, v] = [q, k, v].map((x) => g.op('Clip', [x, lo, hi])) as [string, string, string]
-    }
-    qkv = [q, k, v]
+    q = perHead(q, nH, t.qNorm!)
+    k = perHead(k, kvH, t.kNorm!)
   }
-  const [attn] = g.node(
-    'GroupQueryAttention',
-    [...qkv, io.pastK, io.pastV, io.seqlensK, io.totalLen, io.cos, io.sin],
-    [g.fresh('attn'), io.presentK, io.presentV],
-    {
-      num_heads: nH,
-      kv_num_heads: kvH,
-      do_rotary: 1,
-      rotary_interleaved: 0,
-      scale: { float: c.attention_scale },
-    },
-    'com.microsoft',
-  )
-  return d.linear(attn!, [t.o], nH * D, { bias: c.o_bias, scale: c.residual_multiplier })
+  if (c.clip_qkv !== null) {
+    const lo = d.weight(g.fresh('clip_min'), [], Float32Array.of(-c.clip_qkv))
+    const hi = d.weight(g.fresh('clip_max'), [], Float32Array.of(c.clip_qkv))
+    ;[q, k, v] = [q, k, v].map((x) => g.op('Clip', [x, lo, hi])) as [string, string, string]
+  }
+  const rotary = (x: string) =>
+    g.op('RotaryEmbedding', [x, io.positions, io.cos, io.sin], { interleaved: 0 }, 'com.microsoft')
+  // [B,S,heads*D] -> [B,heads,S,D]
+  const heads = (x: string, n: number) =>
+    g.op('Transpose', [g.op('Reshape', [x, g.constInt64([0, 0, n, D])])], { perm: [0, 2, 1, 3] })
+  g.node('Identity', [heads(rotary(k), kvH)], [io.newK])
+  g.node('Identity', [heads(v, kvH)], [io.newV])
+  // Queries grouped by the KV head they share: [B,kvH,group*S,D], group-major.
+  const qg = g.op('Reshape', [
+    g.op('Transpose', [g.op('Reshape', [rotary(q), g.constInt64([0, 0, kvH, group, D])])], {
+      perm: [0, 2, 3, 1, 4],
+    }),
+    g.constInt64([0, 0, -1, D]),
+  ])
+  const scores = (keys: string) =>
+    g.op('FusedMatMul', [qg, keys], { transA: 0, transB: 1, alpha: { float: c.attention_scale } }, 'com.microsoft')
+  const probs = g.op('Softmax', [
+    g.op('Add', [g.op('Concat', [scores(io.pastK), scores(io.newK)], { axis: -1 }), io.mask]),
+  ], { axis: -1 })
+  const pastLen = g.op('Slice', [g.op('Shape', [io.pastK]), g.constInt64([2]), g.constInt64([3])])
+  const newLen = g.op('Slice', [g.op('Shape', [io.newK]), g.constInt64([2]), g.constInt64([3])])
+  const [pPast, pNew] = g.node('Split', [probs, g.op('Concat', [pastLen, newLen], { axis: 0 })], 2, {
+    axis: -1,
+  })
+  const ctx = g.op('Add', [g.op('MatMul', [pPast!, io.pastV]), g.op('MatMul', [pNew!, io.newV])])
+  // [B,kvH,group*S,D] -> [B,S,nH*D] with head index kvHead*group + j, as GQA numbers them.
+  const merged = g.op('Reshape', [
+    g.op('Transpose', [g.op('Reshape', [ctx, g.constInt64([0, 0, group, -1, D])])], { perm: [0, 3, 1, 2, 4] }),
+    g.constInt64([0, 0, nH * D]),
+  ])
+  return d.linear(merged, [t.o], nH * D, { bias: c.o_bias, scale: c.residual_multiplier })
 }
 
 /**
