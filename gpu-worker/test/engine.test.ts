@@ -99,6 +99,27 @@ describe('MoE engine on ONNX Runtime', () => {
     expect(maxAbsDiff(decoded.logits.subarray(0, V), fresh.logits)).toBeLessThan(1e-4)
   })
 
+  it('prefills a prompt in chunks on top of its cached start, beside decode rows, as one prefill would', async () => {
+    const long = Array.from({ length: 40 }, (_, i) => 3 + ((i * 29) % 250))
+    const V = engine.config.vocab_size
+    const whole = (await engine.forward([row(3, long)])).logits.slice()
+    // Slot 0 decodes while slot 1 takes its prompt in chunks of 16, 16 and 8 (rows of different lengths).
+    const first = await engine.forward([row(0, PROMPT), row(1, long.slice(0, 16))])
+    let next = argmax(first.logits.subarray(0, V))
+    const ids = [...PROMPT, next]
+    let out = await engine.forward([row(0, [next], PROMPT.length), row(1, long.slice(16, 32), 16)])
+    next = argmax(out.logits.subarray(0, V))
+    ids.push(next)
+    out = await engine.forward([row(0, [next], PROMPT.length + 1), row(1, long.slice(32), 32)])
+    expect(maxAbsDiff(out.logits.subarray(V, 2 * V), whole)).toBeLessThan(1e-4)
+    expect(maxAbsDiff(out.logits.subarray(0, V), (await engine.forward([row(4, ids)])).logits)).toBeLessThan(
+      1e-4,
+    )
+    // And the chunked slot's cache holds what a whole prefill would: its next decode agrees.
+    const after = await engine.forward([row(1, [7], long.length)])
+    expect(maxAbsDiff(after.logits, (await engine.forward([row(5, [...long, 7])])).logits)).toBeLessThan(1e-4)
+  })
+
   it('routes only to the allowed experts and matches the reference with the others removed', async () => {
     const allowed = [2, 5]
     const out = await engine.forward([row(0, PROMPT, 0, allowed)])

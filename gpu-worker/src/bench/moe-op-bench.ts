@@ -8,8 +8,8 @@ import { mkdtempSync, writeFileSync } from 'node:fs'
 import { availableParallelism, tmpdir } from 'node:os'
 import { join } from 'node:path'
 import * as ort from 'onnxruntime-node'
-import { routedExpertsDispatch } from '../engine/expert-dispatch.ts'
 import { transpose } from '../engine/decoder-graph.ts'
+import { routedExpertsDispatch } from '../engine/expert-dispatch.ts'
 import { OnnxGraphWriter } from '../engine/onnx-graph.ts'
 import {
   dequantizeMatrix,
@@ -87,7 +87,10 @@ function fp32Dispatch(experts: Array<{ gateUp: Float32Array; down: Float32Array 
       logits,
       experts.map(({ gateUp, down }, j) => () => ({
         gateUp: (h: string) =>
-          g.op('MatMul', [h, g.initializer(`e${j}.gate_up`, 'float32', [H, 2 * I], transpose(gateUp, 2 * I, H))]),
+          g.op('MatMul', [
+            h,
+            g.initializer(`e${j}.gate_up`, 'float32', [H, 2 * I], transpose(gateUp, 2 * I, H)),
+          ]),
         down: (h: string) =>
           g.op('MatMul', [h, g.initializer(`e${j}.down`, 'float32', [I, H], transpose(down, H, I))]),
       })),

@@ -144,8 +144,10 @@ export interface AttentionIo {
   newV: string
   /** Each token's position, [B,S] int64. */
   positions: string
-  /** Additive mask over past then new keys (0 or -inf), [B,1,g*S,P+S], shared by every layer. */
+  /** Additive mask over past then new keys (0 or -inf), [B,1,1,S,P+S], shared by every layer. */
   mask: string
+  /** attention_scale as a scalar of the graph's type. */
+  scale: string
   cos: string
   sin: string
 }
@@ -195,27 +197,32 @@ export function attention(d: DecoderGraph, t: LayerTensors, h: string, io: Atten
     g.op('Transpose', [g.op('Reshape', [x, g.constInt64([0, 0, n, D])])], { perm: [0, 2, 1, 3] })
   g.node('Identity', [heads(rotary(k), kvH)], [io.newK])
   g.node('Identity', [heads(v, kvH)], [io.newV])
-  // Queries grouped by the KV head they share: [B,kvH,group*S,D], group-major.
-  const qg = g.op('Reshape', [
-    g.op('Transpose', [g.op('Reshape', [rotary(q), g.constInt64([0, 0, kvH, group, D])])], {
-      perm: [0, 2, 3, 1, 4],
-    }),
-    g.constInt64([0, 0, -1, D]),
-  ])
-  const scores = (keys: string) =>
-    g.op('FusedMatMul', [qg, keys], { transA: 0, transB: 1, alpha: { float: c.attention_scale } }, 'com.microsoft')
-  const probs = g.op('Softmax', [
-    g.op('Add', [g.op('Concat', [scores(io.pastK), scores(io.newK)], { axis: -1 }), io.mask]),
-  ], { axis: -1 })
-  const pastLen = g.op('Slice', [g.op('Shape', [io.pastK]), g.constInt64([2]), g.constInt64([3])])
-  const newLen = g.op('Slice', [g.op('Shape', [io.newK]), g.constInt64([2]), g.constInt64([3])])
+  // Queries grouped by the KV head they share, [B,kvH,group,S,D], against keys and values
+  // broadcast over the group, [B,kvH,1,P,D]: at decode each product is one row (S=1) with
+  // alpha 1, which MLAS runs without packing the cache (so q is scaled beforehand).
+  const qScaled = g.op('Mul', [rotary(q), io.scale])
+  const qg = g.op('Transpose', [g.op('Reshape', [qScaled, g.constInt64([0, 0, kvH, group, D])])], {
+    perm: [0, 2, 3, 1, 4],
+  })
+  const axis2 = g.constInt64([2])
+  const [pastK, pastV, newK, newV] = [io.pastK, io.pastV, io.newK, io.newV].map((x) =>
+    g.op('Unsqueeze', [x, axis2]),
+  ) as [string, string, string, string]
+  const scores = (keys: string) => g.op('FusedMatMul', [qg, keys], { transA: 0, transB: 1 }, 'com.microsoft')
+  const probs = g.op(
+    'Softmax',
+    [g.op('Add', [g.op('Concat', [scores(pastK), scores(newK)], { axis: -1 }), io.mask])],
+    { axis: -1 },
+  )
+  const pastLen = g.op('Slice', [g.op('Shape', [io.pastK]), axis2, g.constInt64([3])])
+  const newLen = g.op('Slice', [g.op('Shape', [io.newK]), axis2, g.constInt64([3])])
   const [pPast, pNew] = g.node('Split', [probs, g.op('Concat', [pastLen, newLen], { axis: 0 })], 2, {
     axis: -1,
   })
-  const ctx = g.op('Add', [g.op('MatMul', [pPast!, io.pastV]), g.op('MatMul', [pNew!, io.newV])])
-  // [B,kvH,group*S,D] -> [B,S,nH*D] with head index kvHead*group + j, as GQA numbers them.
+  const ctx = g.op('Add', [g.op('MatMul', [pPast!, pastV]), g.op('MatMul', [pNew!, newV])])
+  // [B,kvH,group,S,D] -> [B,S,nH*D] with head index kvHead*group + j, as GQA numbers them.
   const merged = g.op('Reshape', [
-    g.op('Transpose', [g.op('Reshape', [ctx, g.constInt64([0, 0, group, -1, D])])], { perm: [0, 3, 1, 2, 4] }),
+    g.op('Transpose', [ctx], { perm: [0, 3, 1, 2, 4] }),
     g.constInt64([0, 0, nH * D]),
   ])
   return d.linear(merged, [t.o], nH * D, { bias: c.o_bias, scale: c.residual_multiplier })

@@ -146,7 +146,10 @@ export class KvCache {
       for (const [dst, src] of pairs) {
         for (let h = 0; h < this.kvHeads; h++) {
           const from = (i * this.kvHeads + h) * seqLen * D
-          dst.set(src.subarray(from, from + len * D), (first + i) * this.slotElems + h * stride + r.pastLength * D)
+          dst.set(
+            src.subarray(from, from + len * D),
+            (first + i) * this.slotElems + h * stride + r.pastLength * D,
+          )
         }
       }
     })

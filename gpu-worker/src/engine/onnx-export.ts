@@ -49,7 +49,7 @@ export const graphNames = {
 } as const
 
 /** Bump when the graph this file builds changes, so cached exports are rebuilt. */
-export const EXPORT_FORMAT = 5
+export const EXPORT_FORMAT = 7
 
 /**
  * Where the export of this model lives: under `cacheDir` when one is given (MOE_EXPORT_CACHE,
@@ -121,7 +121,8 @@ function buildGraph(model: ModelDir, dtype: ExportDtype, dataFile: string): Uint
   const one = g.constInt64([1], [])
   const axis1 = g.constInt64([1])
   const axis0 = g.constInt64([0])
-  const dim = (x: string, i: number) => g.op('Gather', [g.op('Shape', [x]), g.constInt64([i], [])], { axis: 0 })
+  const dim = (x: string, i: number) =>
+    g.op('Gather', [g.op('Shape', [x]), g.constInt64([i], [])], { axis: 0 })
   const S = dim(inputIds, 1)
   const P = dim(pastKeys[0]!, 2)
   const newPos = g.op('Range', [zero, S, one]) // [S]
@@ -134,10 +135,7 @@ function buildGraph(model: ModelDir, dtype: ExportDtype, dataFile: string): Uint
   // Key p of the past is visible to row b iff p < past_lengths[b]; new key i to
   // query j iff i <= j and i < input_lengths[b] (padded queries see only valid keys).
   const pastVisible = g.op('Less', [g.op('Unsqueeze', [g.op('Range', [zero, P, one]), axis0]), past]) // [B,P]
-  const causal = g.op('LessOrEqual', [
-    g.op('Unsqueeze', [newPos, axis0]),
-    g.op('Unsqueeze', [newPos, axis1]),
-  ]) // [S(j),S(i)]
+  const causal = g.op('LessOrEqual', [g.op('Unsqueeze', [newPos, axis0]), g.op('Unsqueeze', [newPos, axis1])]) // [S(j),S(i)]
   const newValid = g.op('Less', [
     g.op('Unsqueeze', [newPos, axis0]),
     g.op('Unsqueeze', [inputLengths, axis1]),
@@ -148,9 +146,13 @@ function buildGraph(model: ModelDir, dtype: ExportDtype, dataFile: string): Uint
     [
       g.op('Expand', [
         g.op('Unsqueeze', [pastVisible, axis1]),
-        g.op('Concat', [g.op('Unsqueeze', [B, axis0]), g.op('Unsqueeze', [S, axis0]), g.op('Unsqueeze', [P, axis0])], {
-          axis: 0,
-        }),
+        g.op(
+          'Concat',
+          [g.op('Unsqueeze', [B, axis0]), g.op('Unsqueeze', [S, axis0]), g.op('Unsqueeze', [P, axis0])],
+          {
+            axis: 0,
+          },
+        ),
       ]),
       g.op('And', [g.op('Unsqueeze', [causal, axis0]), g.op('Unsqueeze', [newValid, axis1])]),
     ],
@@ -158,12 +160,9 @@ function buildGraph(model: ModelDir, dtype: ExportDtype, dataFile: string): Uint
   ) // [B,S,P+S]
   const negInf = d.weight(g.fresh('neg_inf'), [], Float32Array.of(Number.NEGATIVE_INFINITY))
   const zeroT = d.weight(g.fresh('zero'), [], Float32Array.of(0))
-  const group = c.num_attention_heads / kvH
-  // [B,1,group*S,P+S]: queries are grouped by KV head, group-major.
-  const attnMask = g.op('Tile', [
-    g.op('Unsqueeze', [g.op('Where', [visible, zeroT, negInf]), axis1]),
-    g.constInt64([1, 1, group, 1]),
-  ])
+  const attnScale = d.weight('attention_scale', [], Float32Array.of(c.attention_scale))
+  // [B,1,1,S,P+S]: broadcast over KV heads and the query heads that share each.
+  const attnMask = g.op('Unsqueeze', [g.op('Where', [visible, zeroT, negInf]), g.constInt64([1, 2])])
 
   const rope = ropeCaches(c)
   const cos = d.weight('rope.cos', [c.max_position_embeddings, D / 2], rope.cos)
@@ -191,6 +190,7 @@ function buildGraph(model: ModelDir, dtype: ExportDtype, dataFile: string): Uint
       newV: g.output(graphNames.newValue(l), T, ['batch', kvH, 'sequence', D]),
       positions,
       mask: attnMask,
+      scale: attnScale,
       cos,
       sin,
     }

@@ -1,5 +1,5 @@
-import type { OnnxGraphWriter } from './onnx-graph.ts'
 import { routedExpertsDispatch } from './expert-dispatch.ts'
+import type { OnnxGraphWriter } from './onnx-graph.ts'
 
 // Weight-only quantization for the CPU: symmetric blocks of 32 along each
 // output row's input dimension, one fp32 scale per block, stored as
