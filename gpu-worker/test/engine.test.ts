@@ -1,5 +1,7 @@
+import { readFileSync } from 'node:fs'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
 import type { MoeEngine, StepRow } from '../src/engine/engine.ts'
+import { ensureExported } from '../src/engine/onnx-export.ts'
 import { argmax, loadTinyEngine, maxAbsDiff, TINY_MODEL_DIR } from './fixtures.ts'
 import { ReferenceModel, referenceGreedy } from './reference-model.ts'
 
@@ -21,7 +23,7 @@ const row = (
   slot: number,
   tokens: number[],
   pastLength = 0,
-  allowedExperts: number[] | null = null,
+  allowedExperts: readonly number[] | null = null,
 ): StepRow => ({
   slot,
   tokens,
@@ -181,5 +183,51 @@ describe('MoE engine on ONNX Runtime', () => {
   it('refuses expert subsets that cannot serve top-2 routing', () => {
     expect(() => engine.validateExperts([3])).toThrow(/at least 2/)
     expect(() => engine.validateExperts([1, 9])).toThrow(/does not exist/)
+  })
+})
+
+describe('the per-expert dispatch of fp32 experts', () => {
+  let perExpert: MoeEngine
+  beforeAll(async () => {
+    perExpert = await loadTinyEngine(8, 256, 'per-expert')
+  })
+  afterAll(async () => {
+    await perExpert.close()
+  })
+
+  it('gives a batch of rows the logits, routing and expert counts of the fused MoE op', async () => {
+    const graph = readFileSync(
+      ensureExported(perExpert.model, 'fp32', undefined, 'per-expert').modelPath,
+      'latin1',
+    )
+    expect(graph).not.toMatch(/\bMoE\b/)
+    expect(graph).toContain('NonZero')
+    const prompts = [PROMPT, PROMPT.slice(0, 5), [1, 200, 201, 202, 203, 204, 205, 206, 207, 208], [1, 9, 8]]
+    const allowed = [null, [2, 5], null, [0, 3, 7]]
+    const V = engine.config.vocab_size
+    let rows = prompts.map((p, i) => row(i, p, 0, allowed[i]))
+    for (let step = 0; step < 4; step++) {
+      const want = await engine.forward(rows)
+      const got = await perExpert.forward(rows)
+      expect(maxAbsDiff(got.logits, want.logits)).toBeLessThan(1e-4)
+      expect(got.chosenExperts).toEqual(want.chosenExperts)
+      expect(got.expertCounts).toEqual(want.expertCounts)
+      // Decode rows next (a batch of 4: the size the dispatch is for).
+      rows = rows.map((r, i) =>
+        row(
+          i,
+          [argmax(want.logits.subarray(i * V, (i + 1) * V))],
+          r.pastLength + r.tokens.length,
+          r.allowedExperts,
+        ),
+      )
+    }
+  })
+
+  it('routes a restricted row only to its allowed experts', async () => {
+    const allowed = [2, 5]
+    const out = await perExpert.forward([row(0, PROMPT, 0, allowed)])
+    for (const e of out.chosenExperts) expect(allowed).toContain(Number(e))
+    expect(maxAbsDiff(out.logits, ref.forward(PROMPT, allowed).logits)).toBeLessThan(1e-4)
   })
 })

@@ -1,3 +1,4 @@
+import { routedExpertsDispatch } from './expert-dispatch.ts'
 import type { ModelConfig } from './model-config.ts'
 import { type ModelDir, tensorEntry } from './model-dir.ts'
 import {
@@ -7,7 +8,7 @@ import {
   type MlpTensors,
   type SwiGluTensors,
 } from './model-layout.ts'
-import type { ExportDtype } from './onnx-export.ts'
+import type { ExpertKernel, ExportDtype } from './onnx-export.ts'
 import type { ElemType, OnnxGraphWriter } from './onnx-graph.ts'
 import {
   matMulNBits,
@@ -58,11 +59,14 @@ export class DecoderGraph {
   readonly dtype: ExportDtype
   /** Weight-only quantization of the attention and MLP matrices (int8/int4 exports). */
   readonly bits: QuantBits | null
+  /** How fp32 exports run routed experts (quantized ones always dispatch per expert). */
+  readonly expertKernel: ExpertKernel
 
-  constructor(g: OnnxGraphWriter, model: ModelDir, dtype: ExportDtype) {
+  constructor(g: OnnxGraphWriter, model: ModelDir, dtype: ExportDtype, expertKernel: ExpertKernel = 'fused') {
     this.g = g
     this.model = model
     this.dtype = dtype
+    this.expertKernel = expertKernel
     this.c = model.config
     this.T = dtype === 'fp16' ? 'float16' : 'float32'
     this.bits = dtype === 'int8' ? 8 : dtype === 'int4' ? 4 : null
@@ -292,7 +296,10 @@ export function mlp(
   return { out, chosen: g.op('Unsqueeze', [indices!, g.constInt64([0])]) }
 }
 
-/** Routed experts on flat [N,H] rows: the fused MoE op, or per-expert MatMulNBits when quantizing. */
+/**
+ * Routed experts on flat [N,H] rows: the fused MoE op, or a per-expert
+ * dispatch (MatMulNBits when quantizing, MatMul on fp32 when asked for).
+ */
 function routedExperts(d: DecoderGraph, t: ExpertTensors, flat: string, logits: string, p: string): string {
   const { c, g } = d
   const { hidden_size: H, moe_intermediate_size: I, num_local_experts: E } = c
@@ -307,6 +314,27 @@ function routedExperts(d: DecoderGraph, t: ExpertTensors, flat: string, logits: 
     })
     const opts = { k: c.num_experts_per_tok, normTopK: c.norm_topk_prob, I, prefix: p }
     return routedExpertsNBits(g, flat, logits, sources, opts)
+  }
+  if (d.expertKernel === 'per-expert' && d.dtype === 'fp32') {
+    // One matrix product per projection over every token that chose the expert: its weights
+    // are read once per step, where the fused op's CPU kernel reads them once per token.
+    const projections = experts.map((read, j) => () => {
+      const x = read()
+      const gateUp = new Float32Array(2 * I * H)
+      gateUp.set(x.gate)
+      gateUp.set(x.up, I * H)
+      const wGateUp = d.weight(`${p}.${j}.gate_up_t`, [H, 2 * I], transpose(gateUp, 2 * I, H))
+      const wDown = d.weight(`${p}.${j}.down_t`, [I, H], scaled(transpose(x.down, H, I), rs))
+      return {
+        gateUp: (h: string) => g.op('MatMul', [h, wGateUp]),
+        down: (h: string) => g.op('MatMul', [h, wDown]),
+      }
+    })
+    return routedExpertsDispatch(g, flat, logits, projections, {
+      k: c.num_experts_per_tok,
+      normTopK: c.norm_topk_prob,
+      I,
+    })
   }
   // swiglu_fusion=1 wants gate and up rows interleaved: row 2i = gate[i], row 2i+1 = up[i].
   const fc1 = new Float32Array(E * 2 * I * H)

@@ -74,7 +74,7 @@ export class MoeEngine extends StepEngine {
     const tokenizer = await ChatTokenizer.fromFiles(model.dir)
     const { wantCuda, dtype, maxBatch, maxContext } = loadPlan(model, opts)
     const t0 = performance.now()
-    const exported = ensureExported(model, dtype, opts.exportCacheDir)
+    const exported = ensureExported(model, dtype, opts.exportCacheDir, opts.expertKernel)
     log(exported.cached ? 'export: reusing cached ONNX graph' : 'export: built ONNX graph', {
       path: exported.modelPath,
       ms: Math.round(performance.now() - t0),

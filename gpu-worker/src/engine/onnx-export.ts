@@ -28,6 +28,14 @@ import { readTensorRowsF32, type TensorEntry } from './safetensors.ts'
 /** fp32/fp16 graphs, or fp32 graphs whose attention and MLP matrices are int8/int4 weight-only. */
 export type ExportDtype = 'fp32' | 'fp16' | 'int8' | 'int4'
 
+/**
+ * How an fp32 export runs routed experts: the fused com.microsoft.MoE op, or a
+ * per-expert dispatch of MatMuls that reads each chosen expert's weights once
+ * per step however many tokens chose it (quantized exports always dispatch).
+ */
+export type ExpertKernel = 'fused' | 'per-expert'
+export const EXPERT_KERNELS: readonly ExpertKernel[] = ['fused', 'per-expert']
+
 export interface ExportedModel {
   modelPath: string
   dtype: ExportDtype
@@ -56,8 +64,14 @@ export const EXPORT_FORMAT = 7
  * e.g. a volume beside a read-only model mount), else next to the model, else in the temp dir
  * if the model directory is read-only.
  */
-export function exportDir(model: ModelDir, dtype: ExportDtype, cacheDir?: string): string {
-  const key = `${model.fingerprint}-${dtype}-v${EXPORT_FORMAT}`
+export function exportDir(
+  model: ModelDir,
+  dtype: ExportDtype,
+  cacheDir?: string,
+  expertKernel: ExpertKernel = 'fused',
+): string {
+  const kernel = expertKernel === 'per-expert' && dtype === 'fp32' ? '-per-expert' : ''
+  const key = `${model.fingerprint}-${dtype}${kernel}-v${EXPORT_FORMAT}`
   if (cacheDir) return join(cacheDir, model.fingerprint, key)
   try {
     accessSync(model.dir, constants.W_OK)
@@ -72,14 +86,15 @@ export function ensureExported(
   model: ModelDir,
   dtype: ExportDtype = 'fp32',
   cacheDir?: string,
+  expertKernel: ExpertKernel = 'fused',
 ): ExportedModel {
-  const dir = exportDir(model, dtype, cacheDir)
+  const dir = exportDir(model, dtype, cacheDir, expertKernel)
   const modelPath = join(dir, 'model.onnx')
   if (existsSync(modelPath)) return { modelPath, dtype, cached: true }
   const staging = `${dir}.tmp-${process.pid}-${Date.now()}`
   mkdirSync(staging, { recursive: true })
   try {
-    const bytes = buildGraph(model, dtype, join(staging, 'model.onnx.data'))
+    const bytes = buildGraph(model, dtype, join(staging, 'model.onnx.data'), expertKernel)
     writeFileSync(join(staging, 'model.onnx'), bytes)
     try {
       renameSync(staging, dir) // atomic: a concurrent exporter either wins or finds ours
@@ -94,10 +109,15 @@ export function ensureExported(
   return { modelPath, dtype, cached: false }
 }
 
-function buildGraph(model: ModelDir, dtype: ExportDtype, dataFile: string): Uint8Array {
+function buildGraph(
+  model: ModelDir,
+  dtype: ExportDtype,
+  dataFile: string,
+  expertKernel: ExpertKernel,
+): Uint8Array {
   const c = model.config
   const g = new OnnxGraphWriter(dataFile)
-  const d = new DecoderGraph(g, model, dtype)
+  const d = new DecoderGraph(g, model, dtype, expertKernel)
   const T = d.T
   const { hidden_size: H, head_dim: D, num_local_experts: E, num_key_value_heads: kvH } = c
   const L = c.num_hidden_layers

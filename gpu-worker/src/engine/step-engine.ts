@@ -3,7 +3,7 @@ import { createRequire } from 'node:module'
 import { dirname, join } from 'node:path'
 import { assertFits, type MemoryPlan } from './memory-plan.ts'
 import type { ModelDir } from './model-dir.ts'
-import type { ExportDtype } from './onnx-export.ts'
+import type { ExpertKernel, ExportDtype } from './onnx-export.ts'
 import { type FinishReason, type GenerationParams, Sequence, type TokenOutput } from './sequence.ts'
 import type { ExecutionProviderChoice } from './session.ts'
 import type { ChatTokenizer } from './tokenizer.ts'
@@ -25,6 +25,8 @@ export interface EngineOptions {
   maxContext?: number
   /** Graph dtype; default fp16 on CUDA, else fp32. int8/int4 quantize the weights (see quantize.ts). */
   dtype?: ExportDtype
+  /** fp32 routed experts: the fused MoE op (default) or a per-expert dispatch (see onnx-export.ts). */
+  expertKernel?: ExpertKernel
   /** Memory the model must fit in (weights + full KV cache); default: this machine's. */
   memoryBytes?: number
   /** Root of the ONNX export cache (default: beside the model, or the temp dir). */
