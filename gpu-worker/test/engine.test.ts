@@ -186,29 +186,30 @@ describe('MoE engine on ONNX Runtime', () => {
   })
 })
 
-describe('the per-expert dispatch of fp32 experts', () => {
-  let perExpert: MoeEngine
+describe('the per-expert dispatch of fp32 experts (the default) against the fused MoE op', () => {
+  const perExpert = () => engine
+  let fused: MoeEngine
   beforeAll(async () => {
-    perExpert = await loadTinyEngine(8, 256, 'per-expert')
+    fused = await loadTinyEngine(8, 256, 'fused')
   })
   afterAll(async () => {
-    await perExpert.close()
+    await fused.close()
   })
 
   it('gives a batch of rows the logits, routing and expert counts of the fused MoE op', async () => {
-    const graph = readFileSync(
-      ensureExported(perExpert.model, 'fp32', undefined, 'per-expert').modelPath,
-      'latin1',
-    )
+    const graph = readFileSync(ensureExported(engine.model, 'fp32').modelPath, 'latin1')
     expect(graph).not.toMatch(/\bMoE\b/)
     expect(graph).toContain('NonZero')
+    expect(readFileSync(ensureExported(fused.model, 'fp32', undefined, 'fused').modelPath, 'latin1')).toMatch(
+      /\bMoE\b/,
+    )
     const prompts = [PROMPT, PROMPT.slice(0, 5), [1, 200, 201, 202, 203, 204, 205, 206, 207, 208], [1, 9, 8]]
     const allowed = [null, [2, 5], null, [0, 3, 7]]
     const V = engine.config.vocab_size
     let rows = prompts.map((p, i) => row(i, p, 0, allowed[i]))
     for (let step = 0; step < 4; step++) {
-      const want = await engine.forward(rows)
-      const got = await perExpert.forward(rows)
+      const want = await fused.forward(rows)
+      const got = await perExpert().forward(rows)
       expect(maxAbsDiff(got.logits, want.logits)).toBeLessThan(1e-4)
       expect(got.chosenExperts).toEqual(want.chosenExperts)
       expect(got.expertCounts).toEqual(want.expertCounts)
@@ -224,9 +225,9 @@ describe('the per-expert dispatch of fp32 experts', () => {
     }
   })
 
-  it('routes a restricted row only to its allowed experts', async () => {
+  it('the fused op also routes a restricted row only to its allowed experts, as the reference does', async () => {
     const allowed = [2, 5]
-    const out = await perExpert.forward([row(0, PROMPT, 0, allowed)])
+    const out = await fused.forward([row(0, PROMPT, 0, allowed)])
     for (const e of out.chosenExperts) expect(allowed).toContain(Number(e))
     expect(maxAbsDiff(out.logits, ref.forward(PROMPT, allowed).logits)).toBeLessThan(1e-4)
   })

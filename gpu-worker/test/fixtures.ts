@@ -35,7 +35,7 @@ export function argmax(a: ArrayLike<number>): number {
 export async function loadTinyEngine(
   maxBatch = 1,
   maxContext = 512,
-  expertKernel: ExpertKernel = 'fused',
+  expertKernel?: ExpertKernel,
 ): Promise<MoeEngine> {
   return MoeEngine.load({
     modelDir: TINY_MODEL_DIR,

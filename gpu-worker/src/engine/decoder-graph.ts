@@ -21,7 +21,7 @@ import {
 import { readTensorF32, readTensorRowsF32, toF16Bits } from './safetensors.ts'
 
 // The pieces of one decoder layer as ONNX nodes: attention (rotary, a cache
-// that is only read), routed experts on com.microsoft.MoE, and
+// that is only read), routed experts (a per-expert dispatch, or com.microsoft.MoE), and
 // what those fused ops cannot express (q/k norms, biases, the shared expert,
 // dense MLP layers) from standard ONNX ops around them.
 
@@ -62,7 +62,12 @@ export class DecoderGraph {
   /** How fp32 exports run routed experts (quantized ones always dispatch per expert). */
   readonly expertKernel: ExpertKernel
 
-  constructor(g: OnnxGraphWriter, model: ModelDir, dtype: ExportDtype, expertKernel: ExpertKernel = 'fused') {
+  constructor(
+    g: OnnxGraphWriter,
+    model: ModelDir,
+    dtype: ExportDtype,
+    expertKernel: ExpertKernel = 'per-expert',
+  ) {
     this.g = g
     this.model = model
     this.dtype = dtype

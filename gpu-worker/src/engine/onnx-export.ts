@@ -29,9 +29,11 @@ import { readTensorRowsF32, type TensorEntry } from './safetensors.ts'
 export type ExportDtype = 'fp32' | 'fp16' | 'int8' | 'int4'
 
 /**
- * How an fp32 export runs routed experts: the fused com.microsoft.MoE op, or a
- * per-expert dispatch of MatMuls that reads each chosen expert's weights once
- * per step however many tokens chose it (quantized exports always dispatch).
+ * How an fp32 export runs routed experts: a per-expert dispatch of MatMuls
+ * that reads each chosen expert's weights once per step however many tokens
+ * chose it (the default; quantized exports always dispatch), or the fused
+ * com.microsoft.MoE op, whose CPU kernel reads them once per token. fp16
+ * exports (CUDA) always use the fused op.
  */
 export type ExpertKernel = 'fused' | 'per-expert'
 export const EXPERT_KERNELS: readonly ExpertKernel[] = ['fused', 'per-expert']
@@ -57,7 +59,7 @@ export const graphNames = {
 } as const
 
 /** Bump when the graph this file builds changes, so cached exports are rebuilt. */
-export const EXPORT_FORMAT = 7
+export const EXPORT_FORMAT = 8
 
 /**
  * Where the export of this model lives: under `cacheDir` when one is given (MOE_EXPORT_CACHE,
@@ -68,9 +70,9 @@ export function exportDir(
   model: ModelDir,
   dtype: ExportDtype,
   cacheDir?: string,
-  expertKernel: ExpertKernel = 'fused',
+  expertKernel: ExpertKernel = 'per-expert',
 ): string {
-  const kernel = expertKernel === 'per-expert' && dtype === 'fp32' ? '-per-expert' : ''
+  const kernel = expertKernel === 'fused' && dtype === 'fp32' ? '-fused-moe' : ''
   const key = `${model.fingerprint}-${dtype}${kernel}-v${EXPORT_FORMAT}`
   if (cacheDir) return join(cacheDir, model.fingerprint, key)
   try {
@@ -86,7 +88,7 @@ export function ensureExported(
   model: ModelDir,
   dtype: ExportDtype = 'fp32',
   cacheDir?: string,
-  expertKernel: ExpertKernel = 'fused',
+  expertKernel: ExpertKernel = 'per-expert',
 ): ExportedModel {
   const dir = exportDir(model, dtype, cacheDir, expertKernel)
   const modelPath = join(dir, 'model.onnx')

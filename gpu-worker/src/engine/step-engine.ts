@@ -25,7 +25,7 @@ export interface EngineOptions {
   maxContext?: number
   /** Graph dtype; default fp16 on CUDA, else fp32. int8/int4 quantize the weights (see quantize.ts). */
   dtype?: ExportDtype
-  /** fp32 routed experts: the fused MoE op (default) or a per-expert dispatch (see onnx-export.ts). */
+  /** fp32 routed experts: a per-expert dispatch (default) or the fused MoE op (see onnx-export.ts). */
   expertKernel?: ExpertKernel
   /** Memory the model must fit in (weights + full KV cache); default: this machine's. */
   memoryBytes?: number
