@@ -145,12 +145,14 @@ export class DecoderGraph {
 }
 
 export interface AttentionIo {
-  /** This layer's cache, [B,kvH,P,D]: read, never written by the graph. */
+  /** This layer's cache, [B,kvH,1,P,D]: read, never written by the graph. */
   pastK: string
   pastV: string
-  /** Graph outputs: this step's keys (after rotary) and values, [B,kvH,S,D]. */
+  /** Graph outputs: this step's keys (after rotary) and values, [B,kvH,1,S,D]. */
   newK: string
   newV: string
+  /** [P, S]: the scores' split between past and new keys. */
+  keySplit: string
   /** Each token's position, [B,S] int64. */
   positions: string
   /** Additive mask over past then new keys (0 or -inf), [B,1,1,S,P+S], shared by every layer. */
@@ -201,11 +203,13 @@ export function attention(d: DecoderGraph, t: LayerTensors, h: string, io: Atten
   }
   const rotary = (x: string) =>
     g.op('RotaryEmbedding', [x, io.positions, io.cos, io.sin], { interleaved: 0 }, 'com.microsoft')
-  // [B,S,heads*D] -> [B,heads,S,D]
-  const heads = (x: string, n: number) =>
-    g.op('Transpose', [g.op('Reshape', [x, g.constInt64([0, 0, n, D])])], { perm: [0, 2, 1, 3] })
-  g.node('Identity', [heads(rotary(k), kvH)], [io.newK])
-  g.node('Identity', [heads(v, kvH)], [io.newV])
+  // [B,S,kvH*D] -> [B,kvH,1,S,D]: the new keys and values, already shaped to broadcast over each group.
+  const kvHeads = (x: string, out: string) =>
+    g.node('Transpose', [g.op('Reshape', [x, g.constInt64([0, 0, kvH, 1, D])])], [out], {
+      perm: [0, 2, 3, 1, 4],
+    })
+  kvHeads(rotary(k), io.newK)
+  kvHeads(v, io.newV)
   // Queries grouped by the KV head they share, [B,kvH,group,S,D], against keys and values
   // broadcast over the group, [B,kvH,1,P,D]: at decode each product is one row (S=1) with
   // alpha 1, which MLAS runs without packing the cache (so q is scaled beforehand).
@@ -213,22 +217,14 @@ export function attention(d: DecoderGraph, t: LayerTensors, h: string, io: Atten
   const qg = g.op('Transpose', [g.op('Reshape', [qScaled, g.constInt64([0, 0, kvH, group, D])])], {
     perm: [0, 2, 3, 1, 4],
   })
-  const axis2 = g.constInt64([2])
-  const [pastK, pastV, newK, newV] = [io.pastK, io.pastV, io.newK, io.newV].map((x) =>
-    g.op('Unsqueeze', [x, axis2]),
-  ) as [string, string, string, string]
   const scores = (keys: string) => g.op('FusedMatMul', [qg, keys], { transA: 0, transB: 1 }, 'com.microsoft')
   const probs = g.op(
     'Softmax',
-    [g.op('Add', [g.op('Concat', [scores(pastK), scores(newK)], { axis: -1 }), io.mask])],
+    [g.op('Add', [g.op('Concat', [scores(io.pastK), scores(io.newK)], { axis: -1 }), io.mask])],
     { axis: -1 },
   )
-  const pastLen = g.op('Slice', [g.op('Shape', [io.pastK]), axis2, g.constInt64([3])])
-  const newLen = g.op('Slice', [g.op('Shape', [io.newK]), axis2, g.constInt64([3])])
-  const [pPast, pNew] = g.node('Split', [probs, g.op('Concat', [pastLen, newLen], { axis: 0 })], 2, {
-    axis: -1,
-  })
-  const ctx = g.op('Add', [g.op('MatMul', [pPast!, pastV]), g.op('MatMul', [pNew!, newV])])
+  const [pPast, pNew] = g.node('Split', [probs, io.keySplit], 2, { axis: -1 })
+  const ctx = g.op('Add', [g.op('MatMul', [pPast!, io.pastV]), g.op('MatMul', [pNew!, io.newV])])
   // [B,kvH,group,S,D] -> [B,S,nH*D] with head index kvHead*group + j, as GQA numbers them.
   const merged = g.op('Reshape', [
     g.op('Transpose', [ctx], { perm: [0, 3, 1, 2, 4] }),

@@ -146,7 +146,7 @@ export class MoeEngine extends StepEngine {
     const kvType = this.kv.dtype
     // Rows with no past read an empty cache rather than scanning masked capacity.
     const anyPast = rows.some((r) => r.pastLength > 0)
-    const kvDims = [n, this.kv.kvHeads, anyPast ? this.kv.capacity : 0, this.kv.headDim]
+    const kvDims = [n, this.kv.kvHeads, 1, anyPast ? this.kv.capacity : 0, this.kv.headDim]
     const empty = kvType === 'float16' ? new Uint16Array(0) : new Float32Array(0)
     for (let l = 0; l < this.layers; l++) {
       // The cache is only read: the graph returns the step's keys and values, written below.

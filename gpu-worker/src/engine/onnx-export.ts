@@ -16,11 +16,12 @@ import { readTensorRowsF32, type TensorEntry } from './safetensors.ts'
 // Graph I/O:
 //   input_ids [B,S] int64 (rows right-padded to S), past_lengths [B] int64
 //   (positions each row's cache holds), input_lengths [B] int64 (valid tokens
-//   per row), past_key_values.N.{key,value} [B,kvH,P,D] (P: the cache's
-//   capacity, or 0 when no row has a past), expert_bias [B|1,E] (0 or -inf
+//   per row), past_key_values.N.{key,value} [B,kvH,1,P,D] (P: the cache's
+//   capacity, or 0 when no row has a past; the 1 broadcasts over the query
+//   heads that share a KV head), expert_bias [B|1,E] (0 or -inf
 //   per expert; a [1,E] row of zeros allows every expert)
 //   -> logits [B,1,V] for each row's last valid token,
-//      new_key_values.N.{key,value} [B,kvH,S,D]: this step's keys (after
+//      new_key_values.N.{key,value} [B,kvH,1,S,D]: this step's keys (after
 //      rotary) and values, which the caller writes into its cache,
 //      expert_indices [L, B*S, k] int64: the experts the router picked (-1 in
 //      layers with a dense MLP).
@@ -59,7 +60,7 @@ export const graphNames = {
 } as const
 
 /** Bump when the graph this file builds changes, so cached exports are rebuilt. */
-export const EXPORT_FORMAT = 8
+export const EXPORT_FORMAT = 9
 
 /**
  * Where the export of this model lives: under `cacheDir` when one is given (MOE_EXPORT_CACHE,
@@ -132,10 +133,10 @@ function buildGraph(
   // not list initializer-backed inputs, so feeds to them are silently dropped.
   const expertBias = g.input(graphNames.expertBias, T, ['bias_batch', E])
   const pastKeys = Array.from({ length: L }, (_, l) =>
-    g.input(graphNames.pastKey(l), T, ['batch', kvH, 'past_sequence', D]),
+    g.input(graphNames.pastKey(l), T, ['batch', kvH, 1, 'past_sequence', D]),
   )
   const pastValues = Array.from({ length: L }, (_, l) =>
-    g.input(graphNames.pastValue(l), T, ['batch', kvH, 'past_sequence', D]),
+    g.input(graphNames.pastValue(l), T, ['batch', kvH, 1, 'past_sequence', D]),
   )
 
   // Positions and the attention mask, once for every layer.
@@ -146,7 +147,8 @@ function buildGraph(
   const dim = (x: string, i: number) =>
     g.op('Gather', [g.op('Shape', [x]), g.constInt64([i], [])], { axis: 0 })
   const S = dim(inputIds, 1)
-  const P = dim(pastKeys[0]!, 2)
+  const P = dim(pastKeys[0]!, 3)
+  const keySplit = g.op('Concat', [g.op('Unsqueeze', [P, axis0]), g.op('Unsqueeze', [S, axis0])], { axis: 0 })
   const newPos = g.op('Range', [zero, S, one]) // [S]
   const past = g.op('Unsqueeze', [pastLengths, axis1]) // [B,1]
   // Padding positions can run past the table (a short row in a long pass): clamp them.
@@ -208,8 +210,9 @@ function buildGraph(
     const io = {
       pastK: pastKeys[l]!,
       pastV: pastValues[l]!,
-      newK: g.output(graphNames.newKey(l), T, ['batch', kvH, 'sequence', D]),
-      newV: g.output(graphNames.newValue(l), T, ['batch', kvH, 'sequence', D]),
+      newK: g.output(graphNames.newKey(l), T, ['batch', kvH, 1, 'sequence', D]),
+      newV: g.output(graphNames.newValue(l), T, ['batch', kvH, 1, 'sequence', D]),
+      keySplit,
       positions,
       mask: attnMask,
       scale: attnScale,
