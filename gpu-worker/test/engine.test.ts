@@ -1,5 +1,7 @@
+import { readFileSync } from 'node:fs'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
 import type { MoeEngine, StepRow } from '../src/engine/engine.ts'
+import { ensureExported } from '../src/engine/onnx-export.ts'
 import { argmax, loadTinyEngine, maxAbsDiff, TINY_MODEL_DIR } from './fixtures.ts'
 import { ReferenceModel, referenceGreedy } from './reference-model.ts'
 
@@ -21,7 +23,7 @@ const row = (
   slot: number,
   tokens: number[],
   pastLength = 0,
-  allowedExperts: number[] | null = null,
+  allowedExperts: readonly number[] | null = null,
 ): StepRow => ({
   slot,
   tokens,
@@ -99,6 +101,27 @@ describe('MoE engine on ONNX Runtime', () => {
     expect(maxAbsDiff(decoded.logits.subarray(0, V), fresh.logits)).toBeLessThan(1e-4)
   })
 
+  it('prefills a prompt in chunks on top of its cached start, beside decode rows, as one prefill would', async () => {
+    const long = Array.from({ length: 40 }, (_, i) => 3 + ((i * 29) % 250))
+    const V = engine.config.vocab_size
+    const whole = (await engine.forward([row(3, long)])).logits.slice()
+    // Slot 0 decodes while slot 1 takes its prompt in chunks of 16, 16 and 8 (rows of different lengths).
+    const first = await engine.forward([row(0, PROMPT), row(1, long.slice(0, 16))])
+    let next = argmax(first.logits.subarray(0, V))
+    const ids = [...PROMPT, next]
+    let out = await engine.forward([row(0, [next], PROMPT.length), row(1, long.slice(16, 32), 16)])
+    next = argmax(out.logits.subarray(0, V))
+    ids.push(next)
+    out = await engine.forward([row(0, [next], PROMPT.length + 1), row(1, long.slice(32), 32)])
+    expect(maxAbsDiff(out.logits.subarray(V, 2 * V), whole)).toBeLessThan(1e-4)
+    expect(maxAbsDiff(out.logits.subarray(0, V), (await engine.forward([row(4, ids)])).logits)).toBeLessThan(
+      1e-4,
+    )
+    // And the chunked slot's cache holds what a whole prefill would: its next decode agrees.
+    const after = await engine.forward([row(1, [7], long.length)])
+    expect(maxAbsDiff(after.logits, (await engine.forward([row(5, [...long, 7])])).logits)).toBeLessThan(1e-4)
+  })
+
   it('routes only to the allowed experts and matches the reference with the others removed', async () => {
     const allowed = [2, 5]
     const out = await engine.forward([row(0, PROMPT, 0, allowed)])
@@ -160,5 +183,52 @@ describe('MoE engine on ONNX Runtime', () => {
   it('refuses expert subsets that cannot serve top-2 routing', () => {
     expect(() => engine.validateExperts([3])).toThrow(/at least 2/)
     expect(() => engine.validateExperts([1, 9])).toThrow(/does not exist/)
+  })
+})
+
+describe('the per-expert dispatch of fp32 experts (the default) against the fused MoE op', () => {
+  const perExpert = () => engine
+  let fused: MoeEngine
+  beforeAll(async () => {
+    fused = await loadTinyEngine(8, 256, 'fused')
+  })
+  afterAll(async () => {
+    await fused.close()
+  })
+
+  it('gives a batch of rows the logits, routing and expert counts of the fused MoE op', async () => {
+    const graph = readFileSync(ensureExported(engine.model, 'fp32').modelPath, 'latin1')
+    expect(graph).not.toMatch(/\bMoE\b/)
+    expect(graph).toContain('NonZero')
+    expect(readFileSync(ensureExported(fused.model, 'fp32', undefined, 'fused').modelPath, 'latin1')).toMatch(
+      /\bMoE\b/,
+    )
+    const prompts = [PROMPT, PROMPT.slice(0, 5), [1, 200, 201, 202, 203, 204, 205, 206, 207, 208], [1, 9, 8]]
+    const allowed = [null, [2, 5], null, [0, 3, 7]]
+    const V = engine.config.vocab_size
+    let rows = prompts.map((p, i) => row(i, p, 0, allowed[i]))
+    for (let step = 0; step < 4; step++) {
+      const want = await fused.forward(rows)
+      const got = await perExpert().forward(rows)
+      expect(maxAbsDiff(got.logits, want.logits)).toBeLessThan(1e-4)
+      expect(got.chosenExperts).toEqual(want.chosenExperts)
+      expect(got.expertCounts).toEqual(want.expertCounts)
+      // Decode rows next (a batch of 4: the size the dispatch is for).
+      rows = rows.map((r, i) =>
+        row(
+          i,
+          [argmax(want.logits.subarray(i * V, (i + 1) * V))],
+          r.pastLength + r.tokens.length,
+          r.allowedExperts,
+        ),
+      )
+    }
+  })
+
+  it('the fused op also routes a restricted row only to its allowed experts, as the reference does', async () => {
+    const allowed = [2, 5]
+    const out = await fused.forward([row(0, PROMPT, 0, allowed)])
+    for (const e of out.chosenExperts) expect(allowed).toContain(Number(e))
+    expect(maxAbsDiff(out.logits, ref.forward(PROMPT, allowed).logits)).toBeLessThan(1e-4)
   })
 })

@@ -3,6 +3,7 @@ import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { fileURLToPath } from 'node:url'
 import { MoeEngine } from '../src/engine/engine.ts'
+import type { ExpertKernel } from '../src/engine/onnx-export.ts'
 
 /** The committed demo model (trained; what `npm start` serves). */
 export const DEMO_MODEL_DIR = fileURLToPath(new URL('../models/demo-moe', import.meta.url))
@@ -31,6 +32,17 @@ export function argmax(a: ArrayLike<number>): number {
 }
 
 /** The tiny model on the CPU, quiet, with the given batch and context limits. */
-export async function loadTinyEngine(maxBatch = 1, maxContext = 512): Promise<MoeEngine> {
-  return MoeEngine.load({ modelDir: TINY_MODEL_DIR, ep: 'cpu', maxBatch, maxContext, log: () => {} })
+export async function loadTinyEngine(
+  maxBatch = 1,
+  maxContext = 512,
+  expertKernel?: ExpertKernel,
+): Promise<MoeEngine> {
+  return MoeEngine.load({
+    modelDir: TINY_MODEL_DIR,
+    ep: 'cpu',
+    maxBatch,
+    maxContext,
+    expertKernel,
+    log: () => {},
+  })
 }

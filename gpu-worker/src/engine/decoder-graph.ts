@@ -1,3 +1,4 @@
+import { routedExpertsDispatch } from './expert-dispatch.ts'
 import type { ModelConfig } from './model-config.ts'
 import { type ModelDir, tensorEntry } from './model-dir.ts'
 import {
@@ -7,7 +8,7 @@ import {
   type MlpTensors,
   type SwiGluTensors,
 } from './model-layout.ts'
-import type { ExportDtype } from './onnx-export.ts'
+import type { ExpertKernel, ExportDtype } from './onnx-export.ts'
 import type { ElemType, OnnxGraphWriter } from './onnx-graph.ts'
 import {
   matMulNBits,
@@ -19,8 +20,8 @@ import {
 } from './quantize.ts'
 import { readTensorF32, readTensorRowsF32, toF16Bits } from './safetensors.ts'
 
-// The pieces of one decoder layer as ONNX nodes: attention on
-// com.microsoft.GroupQueryAttention, routed experts on com.microsoft.MoE, and
+// The pieces of one decoder layer as ONNX nodes: attention (rotary, a cache
+// that is only read), routed experts (a per-expert dispatch, or com.microsoft.MoE), and
 // what those fused ops cannot express (q/k norms, biases, the shared expert,
 // dense MLP layers) from standard ONNX ops around them.
 
@@ -58,11 +59,19 @@ export class DecoderGraph {
   readonly dtype: ExportDtype
   /** Weight-only quantization of the attention and MLP matrices (int8/int4 exports). */
   readonly bits: QuantBits | null
+  /** How fp32 exports run routed experts (quantized ones always dispatch per expert). */
+  readonly expertKernel: ExpertKernel
 
-  constructor(g: OnnxGraphWriter, model: ModelDir, dtype: ExportDtype) {
+  constructor(
+    g: OnnxGraphWriter,
+    model: ModelDir,
+    dtype: ExportDtype,
+    expertKernel: ExpertKernel = 'per-expert',
+  ) {
     this.g = g
     this.model = model
     this.dtype = dtype
+    this.expertKernel = expertKernel
     this.c = model.config
     this.T = dtype === 'fp16' ? 'float16' : 'float32'
     this.bits = dtype === 'int8' ? 8 : dtype === 'int4' ? 4 : null
@@ -136,64 +145,92 @@ export class DecoderGraph {
 }
 
 export interface AttentionIo {
+  /** This layer's cache, [B,kvH,1,P,D]: read, never written by the graph. */
   pastK: string
   pastV: string
-  presentK: string
-  presentV: string
-  seqlensK: string
-  totalLen: string
+  /** Graph outputs: this step's keys (after rotary) and values, [B,kvH,1,S,D]. */
+  newK: string
+  newV: string
+  /** [P, S]: the scores' split between past and new keys. */
+  keySplit: string
+  /** Each token's position, [B,S] int64. */
+  positions: string
+  /** Additive mask over past then new keys (0 or -inf), [B,1,1,S,P+S], shared by every layer. */
+  mask: string
+  /** attention_scale as a scalar of the graph's type. */
+  scale: string
   cos: string
   sin: string
 }
 
-/** Self-attention of one layer on normed input h; returns its output already scaled for the residual. */
+/**
+ * Self-attention of one layer on normed input h; returns its output already
+ * scaled for the residual. Standard ops plus RotaryEmbedding and FusedMatMul
+ * rather than GroupQueryAttention: GQA appends to its cache through a present
+ * output, which would have to be bound to the cache buffer and so crosses the
+ * Node binding (copied into a fresh buffer) on every step, in proportion to the
+ * whole cache. Here the cache is only an input and the graph returns just the
+ * step's new keys and values, which the engine writes into the cache itself.
+ */
 export function attention(d: DecoderGraph, t: LayerTensors, h: string, io: AttentionIo): string {
   const { c, g } = d
   const H = c.hidden_size
   const D = c.head_dim
   const nH = c.num_attention_heads
   const kvH = c.num_key_value_heads
+  const group = nH / kvH
   const packed = d.linear(h, [t.q, t.k, t.v], H, { bias: c.qkv_bias })
-  let qkv = [packed, '', '']
-  if (c.qk_norm !== 'none' || c.clip_qkv !== null) {
-    // GQA takes q, k, v separately when they need work between projection and rotary.
-    let [q, k, v] = g.node('Split', [packed, g.constInt64([nH * D, kvH * D, kvH * D])], 3, { axis: -1 }) as [
-      string,
-      string,
-      string,
-    ]
-    if (c.qk_norm === 'whole') {
-      q = d.rmsNorm(q, t.qNorm!)
-      k = d.rmsNorm(k, t.kNorm!)
-    } else if (c.qk_norm === 'per_head') {
-      const perHead = (x: string, heads: number, norm: string) => {
-        const split = g.op('Reshape', [x, g.constInt64([0, 0, heads, D])])
-        return g.op('Reshape', [d.rmsNorm(split, norm), g.constInt64([0, 0, heads * D])])
-      }
-      q = perHead(q, nH, t.qNorm!)
-      k = perHead(k, kvH, t.kNorm!)
+  let [q, k, v] = g.node('Split', [packed, g.constInt64([nH * D, kvH * D, kvH * D])], 3, { axis: -1 }) as [
+    string,
+    string,
+    string,
+  ]
+  if (c.qk_norm === 'whole') {
+    q = d.rmsNorm(q, t.qNorm!)
+    k = d.rmsNorm(k, t.kNorm!)
+  } else if (c.qk_norm === 'per_head') {
+    const perHead = (x: string, heads: number, norm: string) => {
+      const split = g.op('Reshape', [x, g.constInt64([0, 0, heads, D])])
+      return g.op('Reshape', [d.rmsNorm(split, norm), g.constInt64([0, 0, heads * D])])
     }
-    if (c.clip_qkv !== null) {
-      const lo = d.weight(g.fresh('clip_min'), [], Float32Array.of(-c.clip_qkv))
-      const hi = d.weight(g.fresh('clip_max'), [], Float32Array.of(c.clip_qkv))
-      ;[q, k, v] = [q, k, v].map((x) => g.op('Clip', [x, lo, hi])) as [string, string, string]
-    }
-    qkv = [q, k, v]
+    q = perHead(q, nH, t.qNorm!)
+    k = perHead(k, kvH, t.kNorm!)
   }
-  const [attn] = g.node(
-    'GroupQueryAttention',
-    [...qkv, io.pastK, io.pastV, io.seqlensK, io.totalLen, io.cos, io.sin],
-    [g.fresh('attn'), io.presentK, io.presentV],
-    {
-      num_heads: nH,
-      kv_num_heads: kvH,
-      do_rotary: 1,
-      rotary_interleaved: 0,
-      scale: { float: c.attention_scale },
-    },
-    'com.microsoft',
+  if (c.clip_qkv !== null) {
+    const lo = d.weight(g.fresh('clip_min'), [], Float32Array.of(-c.clip_qkv))
+    const hi = d.weight(g.fresh('clip_max'), [], Float32Array.of(c.clip_qkv))
+    ;[q, k, v] = [q, k, v].map((x) => g.op('Clip', [x, lo, hi])) as [string, string, string]
+  }
+  const rotary = (x: string) =>
+    g.op('RotaryEmbedding', [x, io.positions, io.cos, io.sin], { interleaved: 0 }, 'com.microsoft')
+  // [B,S,kvH*D] -> [B,kvH,1,S,D]: the new keys and values, already shaped to broadcast over each group.
+  const kvHeads = (x: string, out: string) =>
+    g.node('Transpose', [g.op('Reshape', [x, g.constInt64([0, 0, kvH, 1, D])])], [out], {
+      perm: [0, 2, 3, 1, 4],
+    })
+  kvHeads(rotary(k), io.newK)
+  kvHeads(v, io.newV)
+  // Queries grouped by the KV head they share, [B,kvH,group,S,D], against keys and values
+  // broadcast over the group, [B,kvH,1,P,D]: at decode each product is one row (S=1) with
+  // alpha 1, which MLAS runs without packing the cache (so q is scaled beforehand).
+  const qScaled = g.op('Mul', [rotary(q), io.scale])
+  const qg = g.op('Transpose', [g.op('Reshape', [qScaled, g.constInt64([0, 0, kvH, group, D])])], {
+    perm: [0, 2, 3, 1, 4],
+  })
+  const scores = (keys: string) => g.op('FusedMatMul', [qg, keys], { transA: 0, transB: 1 }, 'com.microsoft')
+  const probs = g.op(
+    'Softmax',
+    [g.op('Add', [g.op('Concat', [scores(io.pastK), scores(io.newK)], { axis: -1 }), io.mask])],
+    { axis: -1 },
   )
-  return d.linear(attn!, [t.o], nH * D, { bias: c.o_bias, scale: c.residual_multiplier })
+  const [pPast, pNew] = g.node('Split', [probs, io.keySplit], 2, { axis: -1 })
+  const ctx = g.op('Add', [g.op('MatMul', [pPast!, io.pastV]), g.op('MatMul', [pNew!, io.newV])])
+  // [B,kvH,group,S,D] -> [B,S,nH*D] with head index kvHead*group + j, as GQA numbers them.
+  const merged = g.op('Reshape', [
+    g.op('Transpose', [ctx], { perm: [0, 3, 1, 2, 4] }),
+    g.constInt64([0, 0, nH * D]),
+  ])
+  return d.linear(merged, [t.o], nH * D, { bias: c.o_bias, scale: c.residual_multiplier })
 }
 
 /**
@@ -260,7 +297,10 @@ export function mlp(
   return { out, chosen: g.op('Unsqueeze', [indices!, g.constInt64([0])]) }
 }
 
-/** Routed experts on flat [N,H] rows: the fused MoE op, or per-expert MatMulNBits when quantizing. */
+/**
+ * Routed experts on flat [N,H] rows: the fused MoE op, or a per-expert
+ * dispatch (MatMulNBits when quantizing, MatMul on fp32 when asked for).
+ */
 function routedExperts(d: DecoderGraph, t: ExpertTensors, flat: string, logits: string, p: string): string {
   const { c, g } = d
   const { hidden_size: H, moe_intermediate_size: I, num_local_experts: E } = c
@@ -275,6 +315,27 @@ function routedExperts(d: DecoderGraph, t: ExpertTensors, flat: string, logits: 
     })
     const opts = { k: c.num_experts_per_tok, normTopK: c.norm_topk_prob, I, prefix: p }
     return routedExpertsNBits(g, flat, logits, sources, opts)
+  }
+  if (d.expertKernel === 'per-expert' && d.dtype === 'fp32') {
+    // One matrix product per projection over every token that chose the expert: its weights
+    // are read once per step, where the fused op's CPU kernel reads them once per token.
+    const projections = experts.map((read, j) => () => {
+      const x = read()
+      const gateUp = new Float32Array(2 * I * H)
+      gateUp.set(x.gate)
+      gateUp.set(x.up, I * H)
+      const wGateUp = d.weight(`${p}.${j}.gate_up_t`, [H, 2 * I], transpose(gateUp, 2 * I, H))
+      const wDown = d.weight(`${p}.${j}.down_t`, [I, H], scaled(transpose(x.down, H, I), rs))
+      return {
+        gateUp: (h: string) => g.op('MatMul', [h, wGateUp]),
+        down: (h: string) => g.op('MatMul', [h, wDown]),
+      }
+    })
+    return routedExpertsDispatch(g, flat, logits, projections, {
+      k: c.num_experts_per_tok,
+      normTopK: c.norm_topk_prob,
+      I,
+    })
   }
   // swiglu_fusion=1 wants gate and up rows interleaved: row 2i = gate[i], row 2i+1 = up[i].
   const fc1 = new Float32Array(E * 2 * I * H)

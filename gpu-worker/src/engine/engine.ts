@@ -77,7 +77,7 @@ export class MoeEngine extends StepEngine {
     const tokenizer = await ChatTokenizer.fromFiles(model.dir)
     const { wantCuda, dtype, maxBatch, maxContext } = loadPlan(model, opts)
     const t0 = performance.now()
-    const exported = ensureExported(model, dtype, opts.exportCacheDir)
+    const exported = ensureExported(model, dtype, opts.exportCacheDir, opts.expertKernel)
     log(exported.cached ? 'export: reusing cached ONNX graph' : 'export: built ONNX graph', {
       path: exported.modelPath,
       ms: Math.round(performance.now() - t0),
@@ -123,9 +123,10 @@ export class MoeEngine extends StepEngine {
   }
 
   /**
-   * One forward pass. Rows must sit in contiguous, ascending KV slots. Either
-   * every row feeds one token (decode), or every row starts from an empty
-   * cache (prefill; rows of different lengths are right-padded).
+   * One forward pass. Rows must sit in contiguous, ascending KV slots. Each
+   * row feeds one or more tokens on top of what its slot holds (pastLength
+   * positions): decode, prefill, or a chunk of a prompt whose start is cached.
+   * Rows shorter than the longest are right-padded.
    */
   async forward(rows: readonly StepRow[]): Promise<StepOutput> {
     const start = performance.now()
@@ -135,58 +136,56 @@ export class MoeEngine extends StepEngine {
     rows.forEach((r, i) => {
       if (r.slot !== first + i) throw new Error('forward() rows must occupy contiguous ascending KV slots')
       if (r.tokens.length === 0) throw new Error('every row needs at least one token')
+      if (!Number.isInteger(r.pastLength) || r.pastLength < 0)
+        throw new Error(`pastLength ${r.pastLength} must be a non-negative integer`)
     })
-    const decode = rows.every((r) => r.tokens.length === 1)
-    const S = decode ? 1 : Math.max(...rows.map((r) => r.tokens.length))
-    // GQA's CPU kernel takes several new tokens on a non-empty cache for one row only.
-    if (!decode && n > 1 && rows.some((r) => r.pastLength !== 0))
-      throw new Error(
-        'a pass that feeds several tokens onto a non-empty cache (a prompt chunk) takes one row; decode rows feed exactly one token',
-      )
+    const S = Math.max(...rows.map((r) => r.tokens.length))
     const total = Math.max(...rows.map((r) => r.pastLength + r.tokens.length))
     if (total > this.maxContext)
       throw new Error(`sequence length ${total} exceeds the context limit ${this.maxContext}`)
 
     const ids = new BigInt64Array(n * S)
-    const mask = new BigInt64Array(n * total)
+    const pastLengths = new BigInt64Array(n)
+    const inputLengths = new BigInt64Array(n)
     rows.forEach((r, i) => {
       r.tokens.forEach((t, j) => {
         ids[i * S + j] = BigInt(t)
       })
-      mask.fill(1n, i * total, i * total + r.pastLength + r.tokens.length)
+      pastLengths[i] = BigInt(r.pastLength)
+      inputLengths[i] = BigInt(r.tokens.length)
     })
     const feeds: Record<string, ort.Tensor> = {
       [graphNames.inputIds]: new ort.Tensor('int64', ids, [n, S]),
-      [graphNames.attentionMask]: new ort.Tensor('int64', mask, [n, total]),
+      [graphNames.pastLengths]: new ort.Tensor('int64', pastLengths, [n]),
+      [graphNames.inputLengths]: new ort.Tensor('int64', inputLengths, [n]),
     }
     feeds[graphNames.expertBias] = this.expertBias(rows)
-    // Live sequences sit in slots 0..first+n-1: a prefill's rows are the newest, a decode's are all.
-    // A decode covers every live row, so it may shrink the cache; a prefill's rows are only the
-    // newest, and shrinking to their length would cut off the older sequences' positions.
-    // Reserved slots (see reserve()) hold live KV that this pass's rows may not cover.
+    // Live sequences sit in slots 0..first+n-1. A pass of single-token rows is a decode of every
+    // live row, so it may shrink the cache; any other pass may cover only the newest rows, and
+    // shrinking to their length would cut off the older sequences' positions. Reserved slots (see
+    // reserve()) hold live KV that this pass's rows may not cover.
+    const decode = rows.every((r) => r.tokens.length === 1)
     this.kv.fit(
       Math.max(decode ? total : Math.max(total, this.kv.capacity), this.reserved.length),
       Math.max(first + n, this.reserved.slots),
     )
     const kvType = this.kv.dtype
-    const kvDims = [n, this.kv.kvHeads, this.kv.capacity, this.kv.headDim]
-    const fetches: Record<string, ort.Tensor | null> = {
-      [graphNames.logits]: null,
-      [graphNames.expertIndices]: null,
-    }
+    // Rows with no past read an empty cache rather than scanning masked capacity.
+    const anyPast = rows.some((r) => r.pastLength > 0)
+    const kvDims = [n, this.kv.kvHeads, 1, anyPast ? this.kv.capacity : 0, this.kv.headDim]
+    const empty = kvType === 'float16' ? new Uint16Array(0) : new Float32Array(0)
     for (let l = 0; l < this.layers; l++) {
-      const { key, value } = this.kv.view(l, first, n)
-      // The same buffer as past input and present output: GQA appends in place.
-      const k = floatTensor(kvType, key, kvDims)
-      const v = floatTensor(kvType, value, kvDims)
-      feeds[graphNames.pastKey(l)] = k
-      feeds[graphNames.pastValue(l)] = v
-      fetches[graphNames.presentKey(l)] = k
-      fetches[graphNames.presentValue(l)] = v
+      // The cache is only read: the graph returns the step's keys and values, written below.
+      const { key, value } = anyPast ? this.kv.view(l, first, n) : { key: empty, value: empty }
+      feeds[graphNames.pastKey(l)] = floatTensor(kvType, key, kvDims)
+      feeds[graphNames.pastValue(l)] = floatTensor(kvType, value, kvDims)
     }
     const runStart = performance.now()
-    const out = await this.session.run(feeds, fetches as ort.InferenceSession.FetchesType)
+    const out = await this.session.run(feeds)
     const runMs = performance.now() - runStart
+    const data = (name: string) => out[name]!.data as ArrayBufferView
+    for (let l = 0; l < this.layers; l++)
+      this.kv.write(l, first, rows, S, data(graphNames.newKey(l)), data(graphNames.newValue(l)))
 
     const logits = out[graphNames.logits]!.data as Float32Array
     const chosen = out[graphNames.expertIndices]!.data as BigInt64Array

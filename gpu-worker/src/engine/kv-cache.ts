@@ -14,15 +14,15 @@ const CAPACITY_STEP = 64
 
 /**
  * The KV cache: per layer, one key and one value buffer of
- * [slots, kvHeads, capacity, headDim] (BNSH, as GroupQueryAttention wants).
- * A sequence owns one slot; its tokens fill the slot left-aligned. The rows of
- * one forward pass are contiguous slots, so the graph reads and appends to the
- * cache in place through subarray views.
+ * [slots, kvHeads, capacity, headDim] (BNSH). A sequence owns one slot; its
+ * tokens fill the slot left-aligned. The rows of one forward pass are
+ * contiguous slots, so the graph reads the cache in place through subarray
+ * views; it returns each step's new keys and values, which write() appends.
  *
  * `capacity` follows the longest live sequence rather than the context limit:
- * the runtime's binding moves every past/present tensor across the JS boundary
- * on each run, so a step costs in proportion to rows x capacity. Growing
- * geometrically (x1.25) re-lays the buffers out rarely (amortised O(1) per token).
+ * attention scans every row's whole capacity (masked past its length), so a
+ * step costs in proportion to rows x capacity. Growing geometrically (x1.25)
+ * re-lays the buffers out rarely (amortised O(1) per token).
  */
 export class KvCache {
   readonly maxSlots: number
@@ -120,6 +120,46 @@ export class KvCache {
     const a = first * this.slotElems
     const b = (first + count) * this.slotElems
     return { key: this.keys[layer]!.subarray(a, b), value: this.values[layer]!.subarray(a, b) }
+  }
+
+  /**
+   * Appends a forward pass's new keys and values for one layer: `keys` and
+   * `values` are [rows, kvHeads, seqLen, headDim]; row i (slot first + i) keeps
+   * its first tokens.length positions, after its pastLength cached ones.
+   */
+  write(
+    layer: number,
+    first: number,
+    rows: ReadonlyArray<{ pastLength: number; tokens: { length: number } }>,
+    seqLen: number,
+    keys: ArrayBufferView,
+    values: ArrayBufferView,
+  ): void {
+    const D = this.headDim
+    const stride = this.capacity * D
+    // Half-precision outputs may arrive as Float16Array: copy their bits, not their values.
+    const bits = (a: ArrayBufferView) =>
+      this.dtype === 'float16'
+        ? new Uint16Array(a.buffer, a.byteOffset, a.byteLength / 2)
+        : new Float32Array(a.buffer, a.byteOffset, a.byteLength / 4)
+    const pairs: Array<[KvBuffer, KvBuffer]> = [
+      [this.keys[layer]!, bits(keys)],
+      [this.values[layer]!, bits(values)],
+    ]
+    rows.forEach((r, i) => {
+      const len = r.tokens.length
+      if (r.pastLength + len > this.capacity)
+        throw new Error(`row ${i} needs ${r.pastLength + len} positions; the cache holds ${this.capacity}`)
+      for (const [dst, src] of pairs) {
+        for (let h = 0; h < this.kvHeads; h++) {
+          const from = (i * this.kvHeads + h) * seqLen * D
+          dst.set(
+            src.subarray(from, from + len * D),
+            (first + i) * this.slotElems + h * stride + r.pastLength * D,
+          )
+        }
+      }
+    })
   }
 
   /** Copies one slot's first `length` positions over another's (to keep live slots contiguous). */

@@ -254,7 +254,7 @@ function checkShape(c: ModelConfig): string[] {
   if (c.num_experts_per_tok > c.num_local_experts)
     fail.push('num_experts_per_tok exceeds the number of experts')
   if (c.num_local_experts < 2) fail.push('a MoE model needs at least 2 experts')
-  // GroupQueryAttention's rotary kernel works on head_dim multiples of 16.
+  // Needed by the GroupQueryAttention graph this replaced; not yet tested without it on RotaryEmbedding.
   if (c.head_dim % 16 !== 0)
     fail.push(`head_dim ${c.head_dim} is not a multiple of 16, which the attention kernel needs`)
   return fail

@@ -32,6 +32,7 @@ export class OnnxGraphWriter {
   private readonly dataFd: number
   private dataOffset = 0
   private nameCounter = 0
+  private readonly int64Consts = new Map<string, string>()
   readonly dataFile: string
 
   constructor(dataFile: string) {
@@ -79,9 +80,15 @@ export class OnnxGraphWriter {
     return name
   }
 
-  /** A small int64 constant (shapes, axes, indices). */
+  /** A small int64 constant (shapes, axes, indices); equal constants are written once. */
   constInt64(values: number[], dims: number[] = [values.length]): string {
-    return this.initializer(this.fresh('const'), 'int64', dims, BigInt64Array.from(values.map(BigInt)))
+    const key = `${dims.join(',')}:${values.join(',')}`
+    let name = this.int64Consts.get(key)
+    if (name === undefined) {
+      name = this.initializer(this.fresh('const'), 'int64', dims, BigInt64Array.from(values.map(BigInt)))
+      this.int64Consts.set(key, name)
+    }
+    return name
   }
 
   /**

@@ -1,3 +1,4 @@
+import { routedExpertsDispatch } from './expert-dispatch.ts'
 import type { OnnxGraphWriter } from './onnx-graph.ts'
 
 // Weight-only quantization for the CPU: symmetric blocks of 32 along each
@@ -113,9 +114,7 @@ export type ExpertSource = QuantizedExpert | (() => QuantizedExpert)
 /**
  * Routed experts on MatMulNBits. No fused op takes per-expert MatMulNBits
  * weights (QMoE's CPU kernel was several times slower), so the routing is
- * spelled out: top-k per token, then for each expert gather the tokens that
- * chose it, run its SwiGLU, and scatter-add the weighted result. Experts no
- * token chose run on zero rows.
+ * spelled out by routedExpertsDispatch.
  */
 export function routedExpertsNBits(
   g: OnnxGraphWriter,
@@ -124,44 +123,12 @@ export function routedExpertsNBits(
   experts: readonly ExpertSource[],
   opts: { k: number; normTopK: boolean; I: number; prefix: string },
 ): string {
-  const { k, I } = opts
-  // Weights as the MoE op computes them: softmax over the top-k logits, or top-k of the softmax over all.
-  let weights: string
-  let indices: string
-  if (opts.normTopK) {
-    const [v, i] = g.node('TopK', [logits, g.constInt64([k])], 2, { axis: -1 })
-    weights = g.op('Softmax', [v!], { axis: -1 })
-    indices = i!
-  } else {
-    const [v, i] = g.node('TopK', [g.op('Softmax', [logits], { axis: -1 }), g.constInt64([k])], 2, {
-      axis: -1,
-    })
-    weights = v!
-    indices = i!
-  }
-  let out = g.op('Mul', [flat, g.initializer(g.fresh('zero'), 'float32', [], Float32Array.of(0))])
-  const splits = g.constInt64([I, I])
-  experts.forEach((source, j) => {
+  const projections = experts.map((source, j) => () => {
     const e = typeof source === 'function' ? source() : source
-    // (token, slot) pairs that chose expert j; each token chooses an expert at most once.
-    const pairs = g.op('Transpose', [g.op('NonZero', [g.op('Equal', [indices, g.constInt64([j], [])])])])
-    const rows = g.op('Gather', [pairs, g.constInt64([0], [])], { axis: 1 })
-    const w = g.op('GatherND', [weights, pairs])
-    const x = g.op('Gather', [flat, rows], { axis: 0 })
-    const [gate, up] = g.node(
-      'Split',
-      [matMulNBits(g, x, `${opts.prefix}.${j}.gate_up`, e.gateUp), splits],
-      2,
-      {
-        axis: -1,
-      },
-    )
-    const act = g.op('Mul', [g.op('Mul', [gate!, g.op('Sigmoid', [gate!])]), up!])
-    const y = g.op('Mul', [
-      matMulNBits(g, act, `${opts.prefix}.${j}.down`, e.down),
-      g.op('Unsqueeze', [w, g.constInt64([1])]),
-    ])
-    out = g.op('ScatterND', [out, g.op('Unsqueeze', [rows, g.constInt64([1])]), y], { reduction: 'add' })
+    return {
+      gateUp: (x: string) => matMulNBits(g, x, `${opts.prefix}.${j}.gate_up`, e.gateUp),
+      down: (x: string) => matMulNBits(g, x, `${opts.prefix}.${j}.down`, e.down),
+    }
   })
-  return out
+  return routedExpertsDispatch(g, flat, logits, projections, opts)
 }

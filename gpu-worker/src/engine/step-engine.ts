@@ -3,7 +3,7 @@ import { createRequire } from 'node:module'
 import { dirname, join } from 'node:path'
 import { assertFits, type MemoryPlan } from './memory-plan.ts'
 import type { ModelDir } from './model-dir.ts'
-import type { ExportDtype } from './onnx-export.ts'
+import type { ExpertKernel, ExportDtype } from './onnx-export.ts'
 import {
   type FinishReason,
   type GenerationParams,
@@ -33,6 +33,8 @@ export interface EngineOptions {
   dtype?: ExportDtype
   /** Prompt positions the scheduler's prefix cache may keep (counted in the memory plan). */
   prefixCacheTokens?: number
+  /** fp32 routed experts: a per-expert dispatch (default) or the fused MoE op (see onnx-export.ts). */
+  expertKernel?: ExpertKernel
   /** Memory the model must fit in (weights + full KV cache); default: this machine's. */
   memoryBytes?: number
   /** Root of the ONNX export cache (default: beside the model, or the temp dir). */
