@@ -103,7 +103,12 @@ export function writeMixtralGguf(modelDir: string, file: string, type: GgmlTenso
     return out
   }
   const tensors: GgufTensor[] = [
-    { name: 'token_embd.weight', dims: [H, c.vocab_size], type: 'F32', data: f32('model.embed_tokens.weight') },
+    {
+      name: 'token_embd.weight',
+      dims: [H, c.vocab_size],
+      type: 'F32',
+      data: f32('model.embed_tokens.weight'),
+    },
   ]
   for (let l = 0; l < c.num_hidden_layers; l++) {
     const p = `model.layers.${l}`
