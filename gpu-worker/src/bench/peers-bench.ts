@@ -8,7 +8,7 @@
 // The last stdout line is one JSON object of engine / llama.cpp ratios.
 import { existsSync, mkdirSync, readFileSync, renameSync, writeFileSync } from 'node:fs'
 import { createRequire } from 'node:module'
-import { availableParallelism, cpus, tmpdir, totalmem } from 'node:os'
+import { availableParallelism, cpus, loadavg, tmpdir, totalmem } from 'node:os'
 import { dirname, join, resolve } from 'node:path'
 import { parseArgs } from 'node:util'
 import { getLlama, type Llama, type LlamaContextSequence, LlamaLogLevel, type Token } from 'node-llama-cpp'
@@ -407,7 +407,7 @@ async function main() {
     logLevel: LlamaLogLevel.error,
     maxThreads: flags.threads,
   })
-  const machine = `${cpus()[0]?.model ?? 'cpu'}, ${availableParallelism()} cores, ${(totalmem() / 2 ** 30).toFixed(0)} GiB; ${flags.threads} threads for each engine; onnxruntime-node ${version('onnxruntime-node')} CPU EP; node-llama-cpp ${version('node-llama-cpp')} (llama.cpp ${llama.llamaCppRelease.release}, ${llama.buildType} CPU build), fp32 KV cache in both`
+  const machine = `${cpus()[0]?.model ?? 'cpu'}, ${availableParallelism()} cores, ${(totalmem() / 2 ** 30).toFixed(0)} GiB; ${flags.threads} threads for each engine; onnxruntime-node ${version('onnxruntime-node')} CPU EP; node-llama-cpp ${version('node-llama-cpp')} (llama.cpp release ${llama.llamaCppRelease.release}, ${llama.buildType} CPU build), fp32 KV cache in both; load average ${loadavg()[0]!.toFixed(1)} at the start`
   console.log(`moe-edge peers benchmark: ${machine}\nmodel: ${p.model}`)
 
   const rows: Array<{ engine: Figures; peer: Figures }> = []
