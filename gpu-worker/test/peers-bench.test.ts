@@ -17,7 +17,7 @@ describe('bench:peers --quick', () => {
       maxBuffer: 16 * 2 ** 20,
     })
     const lines = stdout.trimEnd().split('\n')
-    expect(lines).toContain('- peers agree at fp32: yes')
+    expect(lines.some((l) => l.startsWith('- peers agree at fp32: yes'))).toBe(true)
     const result = JSON.parse(lines.at(-1)!) as Record<string, unknown>
     expect(Object.keys(result).sort()).toEqual([
       'concurrent16_ratio',
@@ -42,5 +42,5 @@ describe('bench:peers --quick', () => {
       code: 2,
       stderr: expect.stringContaining("Unknown option '--fast'"),
     })
-  })
+  }, 60_000)
 })
