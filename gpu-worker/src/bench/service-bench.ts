@@ -2,21 +2,15 @@
 // 1, 4, 16 and 64 concurrent requests, against the engine alone at batch 1 in
 // the same run, plus the enqueue-to-first-token overhead the service adds.
 //   npm run bench:service -w @moe/gpu-worker     (MOE_BENCH_MODELS=tiny,bench)
-import { type ChildProcess, spawn } from 'node:child_process'
-import { randomUUID } from 'node:crypto'
-import { existsSync, mkdirSync, mkdtempSync, writeFileSync } from 'node:fs'
+import { existsSync, mkdirSync, writeFileSync } from 'node:fs'
 import { availableParallelism, cpus, tmpdir, totalmem } from 'node:os'
 import { join } from 'node:path'
-import { JOB_PRIORITY, type JobPayloadInput, poolQueueName, readJobStream } from '@moe/shared'
-import { Queue } from 'bullmq'
-import { Redis } from 'ioredis'
 import { MoeEngine, type StepRow } from '../engine/engine.ts'
 import { BENCH_CONFIG, writeRandomMixtral } from '../engine/random-model.ts'
 import { REPO_ROOT } from '../service/config.ts'
+import { BenchService, benchJob, benchPrompt } from './service-load.ts'
 import { decodeBytes, touchedExperts } from './weight-bytes.ts'
 
-const REDIS_URL = process.env.REDIS_URL ?? 'redis://127.0.0.1:6379'
-const CLI = join(REPO_ROOT, 'gpu-worker/bin/moe.js')
 const resultsDir = join(REPO_ROOT, 'gpu-worker/bench-results')
 const models = (process.env.MOE_BENCH_MODELS ?? 'tiny,bench').split(',')
 
@@ -27,77 +21,8 @@ interface ModelCase {
   promptLen: number
 }
 
-const prompt = (len: number, salt: number) => [
-  1,
-  ...Array.from({ length: len - 1 }, (_, i) => 3 + ((i * 7919 + salt * 104729) % 255)),
-]
-
-function startWorker(dir: string, prefix: string): Promise<ChildProcess> {
-  const poolsFile = join(mkdtempSync(join(tmpdir(), 'moe-bench-pools-')), 'pools.json')
-  writeFileSync(
-    poolsFile,
-    JSON.stringify({ pools: [{ name: 'bench', modelDir: dir, modelId: 'bench', maxTokensLimit: 4096 }] }),
-  )
-  const child = spawn(process.execPath, [CLI, 'serve'], {
-    env: {
-      ...process.env,
-      REDIS_URL,
-      MOE_POOLS_FILE: poolsFile,
-      MOE_QUEUE_PREFIX: prefix,
-      MOE_EP: 'cpu',
-      MOE_METRICS_PORT: '0',
-      MOE_MAX_BATCH: '64',
-      MOE_MAX_CONTEXT: '512',
-    },
-    stdio: ['ignore', 'pipe', 'inherit'],
-  })
-  return new Promise((resolve, reject) => {
-    let out = ''
-    child.stdout!.on('data', (d) => {
-      out += d
-      if (out.includes('gpu worker serving')) resolve(child)
-    })
-    child.once('exit', (code) => reject(new Error(`worker exited with ${code}`)))
-  })
-}
-
-/** Follows one job's stream until it ends; returns when the first token and the end arrived. */
-async function follow(
-  redis: Redis,
-  jobId: string,
-): Promise<{ firstAt: number; endAt: number; tokens: number }> {
-  let firstAt = 0
-  let tokens = 0
-  for await (const ev of readJobStream(redis, jobId, { blockMs: 5000 })) {
-    if (ev.type === 'token') {
-      tokens++
-      firstAt ||= performance.now()
-    } else if (ev.type === 'error') throw new Error(`${jobId}: ${ev.code} ${ev.message}`)
-  }
-  return { firstAt, endAt: performance.now(), tokens }
-}
-
-function job(m: ModelCase, salt: number): JobPayloadInput {
-  return {
-    version: 1,
-    requestId: `bench-${randomUUID()}`,
-    tenantId: `t${salt % 8}`,
-    pool: 'bench',
-    model: 'bench',
-    input: { kind: 'tokens', inputIds: prompt(m.promptLen, salt) },
-    sampling: {
-      maxTokens: m.maxTokens,
-      temperature: 0.8,
-      topP: 0.95,
-      topK: 0,
-      seed: salt,
-      stop: [],
-      ignoreEos: true,
-    },
-    deadline: Date.now() + 600_000,
-    createdAt: Date.now(),
-  }
-}
+const prompt = benchPrompt
+const job = (m: ModelCase, salt: number) => benchJob({ ...m, temperature: 0.8 }, salt)
 
 async function runModel(m: ModelCase) {
   // Engine alone, batch 1, in this process: the baseline, and the bytes per step at batch 1 and 16.
@@ -145,42 +70,25 @@ async function runModel(m: ModelCase) {
     ideal16 = (16 * (await bytesAt(1))) / (await bytesAt(16))
   }
 
-  const prefix = `moe-bench-${randomUUID().slice(0, 8)}`
-  const worker = await startWorker(m.dir, prefix)
-  const redis = new Redis(REDIS_URL, { maxRetriesPerRequest: null })
-  const readers = Array.from({ length: 64 }, () => new Redis(REDIS_URL, { maxRetriesPerRequest: null }))
-  const queue = new Queue(poolQueueName('bench'), { connection: redis, prefix })
-  const add = (p: JobPayloadInput) =>
-    queue.add('generate', p, { jobId: p.requestId, priority: JOB_PRIORITY.live, removeOnComplete: true })
+  const service = await BenchService.start(m.dir, { maxBatch: 64, maxContext: 512, readers: 64 })
   try {
     // Enqueue-to-first-token at concurrency 1, minus the prefill itself.
     const overhead: number[] = []
     for (let i = 0; i < 30; i++) {
       const p = { ...job(m, 100 + i), sampling: { ...job(m, 100 + i).sampling, maxTokens: 1 } }
-      const start = performance.now()
-      const followed = follow(readers[0]!, p.requestId)
-      await add(p)
-      const r = await followed
-      overhead.push(r.firstAt - start - prefill)
+      const r = await service.one(p)
+      overhead.push(r.firstAt - r.start - prefill)
     }
     overhead.sort((a, b) => a - b)
 
     const rows: Array<{ concurrency: number; tokensPerSecond: number; speedup: number; ttftP50: number }> = []
     for (const concurrency of [1, 4, 16, 64]) {
-      const jobs = Array.from({ length: concurrency }, (_, i) => job(m, i))
-      const start = performance.now()
-      const followed = jobs.map((p, i) => follow(readers[i]!, p.requestId))
-      await Promise.all(jobs.map(add))
-      const results = await Promise.all(followed)
-      const wall = Math.max(...results.map((r) => r.endAt)) - start
-      const tokens = results.reduce((a, r) => a + r.tokens, 0)
-      const ttft = results.map((r) => r.firstAt - start).sort((a, b) => a - b)
-      const tps = (tokens * 1000) / wall
+      const r = await service.concurrent(Array.from({ length: concurrency }, (_, i) => job(m, i)))
       rows.push({
         concurrency,
-        tokensPerSecond: tps,
-        speedup: tps / soloTps,
-        ttftP50: ttft[Math.floor(ttft.length / 2)]!,
+        tokensPerSecond: r.tokensPerSecond,
+        speedup: r.tokensPerSecond / soloTps,
+        ttftP50: r.ttftP50,
       })
     }
     return {
@@ -193,10 +101,7 @@ async function runModel(m: ModelCase) {
       rows,
     }
   } finally {
-    worker.kill('SIGTERM')
-    await queue.obliterate({ force: true }).catch(() => {})
-    await queue.close()
-    for (const r of [redis, ...readers]) r.disconnect()
+    await service.close()
   }
 }
 
