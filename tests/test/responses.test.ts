@@ -106,6 +106,33 @@ describe('responses.create', () => {
     expect(final.response.output).toEqual(plain.output.map((o) => ({ ...o, id: expect.any(String) })))
   })
 
+  it('text.format json_schema: the output parses and fits the schema', async () => {
+    const res = await client.responses.create(
+      {
+        model: 'auto',
+        input: 'Name a color.',
+        max_output_tokens: 64,
+        temperature: 1,
+        text: {
+          format: {
+            type: 'json_schema',
+            name: 'color',
+            strict: true,
+            schema: {
+              type: 'object',
+              properties: { color: { type: 'string', enum: ['red', 'green', 'blue'] } },
+              required: ['color'],
+              additionalProperties: false,
+            },
+          },
+        },
+      },
+      noStore,
+    )
+    expect(res.status).toBe('completed')
+    expect(['red', 'green', 'blue']).toContain((JSON.parse(res.output_text) as { color: string }).color)
+  })
+
   it('refuses previous_response_id with a 400 naming it', async () => {
     const err = await client.responses
       .create({ model: 'auto', input: 'hi', previous_response_id: 'resp_abc' })

@@ -237,7 +237,9 @@ async function runAsChat(c: Ctx, chat: Record<string, unknown>): Promise<Respons
   } catch (e) {
     if (!(e instanceof MoeError) || responsesParam(e.param) === e.param) throw e
     const param = responsesParam(e.param)
-    const message = e.message.replace(/'(messages|response_format|max_completion_tokens)[^']*'/, `'${param}'`)
+    const message = e.message
+      .replace(/'(messages|response_format)[^']*'/, `'${param}'`)
+      .replace(/\bmax_(completion_)?tokens\b/, 'max_output_tokens')
     throw new EdgeError(e.code, message, param, e instanceof EdgeError ? e.headers : {})
   }
 }

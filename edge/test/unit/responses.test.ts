@@ -48,6 +48,21 @@ describe('Responses requests', async () => {
     expect(await unknown.json()).toMatchObject({ error: { param: 'frequency_penalty' } })
   })
 
+  it('names the Responses parameter in errors the chat path raises', async () => {
+    const res = await post({ model: 'auto', input: 'hi', max_output_tokens: 10_000_000 })
+    expect(res.status).toBe(400)
+    const body = (await res.json()) as { error: { param: string; message: string } }
+    expect(body.error.param).toBe('max_output_tokens')
+    expect(body.error.message).toContain('max_output_tokens is too large')
+    const schema = await post({
+      model: 'auto',
+      input: 'hi',
+      text: { format: { type: 'json_schema', name: 'x', schema: { type: 'object', patternProperties: {} } } },
+    })
+    expect(schema.status).toBe(400)
+    expect(await schema.json()).toMatchObject({ error: { param: 'text.format' } })
+  })
+
   it('names the input item it cannot read', async () => {
     const image = await post({
       model: 'auto',
