@@ -166,6 +166,13 @@ describe('tokenize and detokenize', () => {
     }
   })
 
+  it('detokenizes no tokens as empty text', async () => {
+    expect(await post('/detokenize', { model: 'auto', tokens: [] })).toEqual({
+      status: 200,
+      body: { prompt: '' },
+    })
+  })
+
   it('counts a chat as the chat path counts its prompt', async () => {
     const messages = [{ role: 'user', content: 'Say hello.' }]
     const withPrompt = await post('/tokenize', { model: 'auto', messages })
