@@ -40,7 +40,7 @@ describe('the demo model', () => {
 
   // A fixed slice of each of two held-out domains, scored as the training run scored them
   // (windows of 255 tokens after <s>): the engine must agree with the recorded figure to 2%. Each
-// scores a few thousand tokens, which takes seconds on a busy 2-core machine.
+  // scores a few thousand tokens, which takes seconds on a busy 2-core machine.
   for (const domain of ['code', 'extraction']) {
     it(`gives the recorded held-out bits per byte on ${domain} (within 2%)`, async () => {
       const text = readFileSync(join(TOOL_DIR, 'heldout', `${domain}.txt`), 'utf8')
