@@ -97,13 +97,29 @@ describe('forward passes that extend a non-empty cache', () => {
     expect(maxAbsDiff(rb.logits, wholeLogits.subarray(V))).toBeLessThan(1e-4)
   })
 
-  it('refuses several such rows in one pass, which the attention kernel cannot take', async () => {
-    await expect(
-      engine.forward([
-        { slot: 0, tokens: [5, 6, 7], pastLength: 4, allowedExperts: null },
-        { slot: 1, tokens: [5, 6, 7], pastLength: 4, allowedExperts: null },
-      ]),
-    ).rejects.toThrow(/takes one row/)
+  it('take several such rows of different lengths in one pass, each as its whole prefill', async () => {
+    const a = tokens(1, 40)
+    const b = tokens(2, 56)
+    const whole = await engine.forward([
+      { slot: 0, tokens: a, pastLength: 0, allowedExperts: null },
+      { slot: 1, tokens: b, pastLength: 0, allowedExperts: null },
+    ])
+    const wholeLogits = whole.logits.slice()
+    await engine.forward([
+      { slot: 0, tokens: a.slice(0, 24), pastLength: 0, allowedExperts: null },
+      { slot: 1, tokens: b.slice(0, 40), pastLength: 0, allowedExperts: null },
+    ])
+    // 13 and 16 new tokens on 24 and 40 cached positions (the shorter row padded), then a's last 3.
+    const both = await engine.forward([
+      { slot: 0, tokens: a.slice(24, 37), pastLength: 24, allowedExperts: null },
+      { slot: 1, tokens: b.slice(40), pastLength: 40, allowedExperts: null },
+    ])
+    const V = engine.config.vocab_size
+    expect(maxAbsDiff(both.logits.subarray(V), wholeLogits.subarray(V))).toBeLessThan(1e-4)
+    const last = await engine.forward([
+      { slot: 0, tokens: a.slice(37), pastLength: 37, allowedExperts: null },
+    ])
+    expect(maxAbsDiff(last.logits, wholeLogits.subarray(0, V))).toBeLessThan(1e-4)
   })
 })
 
@@ -267,13 +283,14 @@ describe('chunked prefill', () => {
     expect(steps.filter((s) => s.kind === 'prefill').map((s) => s.tokens)).toEqual([32, 32, 32, 32, 22])
   })
 
-  it('interleaves a decode step of the running streams between chunks of a long prompt', async () => {
+  /** 3 streams decode; a 120-token prompt arrives after 3 of their tokens. */
+  async function admitLongPrompt(opts: ConstructorParameters<typeof BatchScheduler>[1]) {
     const streams = [0, 1, 2].map((i) => tokens(40 + i, 6 + i))
     const long = tokens(12, 120)
     const alone = []
     for (const p of [...streams, long])
       alone.push((await engine.generate({ inputIds: p, ...greedy(30) })).outputIds)
-    const { scheduler, steps } = recorded({ prefillChunkTokens: 24 })
+    const { scheduler, steps } = recorded(opts)
     const reqs = streams.map((p, i) => request(`s${i}`, p, greedy(30), `t${i}`))
     for (const r of reqs) scheduler.submit(r.req)
     while (reqs.some((r) => r.out.length < 3)) await new Promise((r) => setTimeout(r, 1))
@@ -281,6 +298,28 @@ describe('chunked prefill', () => {
     scheduler.submit(late.req)
     const outs = await Promise.all([...reqs, late].map((r) => outputIds(r.done)))
     expect(outs).toEqual(alone)
+    return steps
+  }
+
+  it('runs each chunk of a long prompt in the same pass as a decode of the running streams', async () => {
+    const steps = await admitLongPrompt({ prefillChunkTokens: 24 })
+    // A pass takes 24 tokens: the 3 decode rows and a 21-token chunk; the last 15 join the streams.
+    const first = steps.findIndex((s) => s.kind === 'mixed')
+    const during = steps.slice(first, first + 7).map((s) => `${s.kind}:${s.rows}:${s.tokens}`)
+    expect(during).toEqual([
+      'mixed:4:24',
+      'mixed:4:24',
+      'mixed:4:24',
+      'mixed:4:24',
+      'mixed:4:24',
+      'mixed:4:18',
+      'decode:4:4',
+    ])
+    expect(steps.slice(first).filter((s) => s.kind === 'prefill')).toEqual([])
+  })
+
+  it('interleaves a decode step of the running streams between chunks when mixing is off', async () => {
+    const steps = await admitLongPrompt({ prefillChunkTokens: 24, mixedPrefill: false })
     // From the long prompt's first chunk to its last: chunk, decode of the 3 streams, chunk, ...
     const firstChunk = steps.findIndex((s) => s.kind === 'prefill' && s.tokens === 24)
     const during = steps.slice(firstChunk, firstChunk + 10).map((s) => `${s.kind}:${s.rows}:${s.tokens}`)
