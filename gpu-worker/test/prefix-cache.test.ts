@@ -301,8 +301,8 @@ describe('chunked prefill', () => {
     return steps
   }
 
-  it('runs each chunk of a long prompt in the same pass as a decode of the running streams', async () => {
-    const steps = await admitLongPrompt({ prefillChunkTokens: 24 })
+  it('runs each chunk in the same pass as a decode of the running streams when mixing is on', async () => {
+    const steps = await admitLongPrompt({ prefillChunkTokens: 24, mixedPrefill: true })
     // A pass takes 24 tokens: the 3 decode rows and a 21-token chunk; the last 15 join the streams.
     const first = steps.findIndex((s) => s.kind === 'mixed')
     const during = steps.slice(first, first + 7).map((s) => `${s.kind}:${s.rows}:${s.tokens}`)
@@ -318,8 +318,8 @@ describe('chunked prefill', () => {
     expect(steps.slice(first).filter((s) => s.kind === 'prefill')).toEqual([])
   })
 
-  it('interleaves a decode step of the running streams between chunks when mixing is off', async () => {
-    const steps = await admitLongPrompt({ prefillChunkTokens: 24, mixedPrefill: false })
+  it('interleaves a decode step of the running streams between chunks of a long prompt', async () => {
+    const steps = await admitLongPrompt({ prefillChunkTokens: 24 })
     // From the long prompt's first chunk to its last: chunk, decode of the 3 streams, chunk, ...
     const firstChunk = steps.findIndex((s) => s.kind === 'prefill' && s.tokens === 24)
     const during = steps.slice(firstChunk, firstChunk + 10).map((s) => `${s.kind}:${s.rows}:${s.tokens}`)

@@ -63,13 +63,18 @@ export interface SchedulerOptions {
   /** Most padded tokens (rows x longest prompt) in one prefill pass. */
   maxPrefillTokens?: number
   /**
-   * Most tokens in one pass while other sequences are decoding: a longer prompt is prefilled in
-   * chunks, each run with (or, with mixedPrefill off, followed by) a decode step of the running
-   * batch. A mixed pass spends this budget on its decode rows and the chunk, the chunk taking at
-   * least half of it.
+   * Most prompt tokens in one pass while other sequences are decoding: a longer prompt is
+   * prefilled in chunks of this size, each followed by a decode step of the running batch (or,
+   * with mixedPrefill, run in the same pass as that decode step).
    */
   prefillChunkTokens?: number
-  /** Runs a prompt chunk and the decode rows in one pass (default); off: alternate the two. */
+  /**
+   * Runs each chunk in the decode rows' pass, vLLM-style: the pass takes at most
+   * prefillChunkTokens tokens, decode rows first, the chunk at least half of them. Off by default:
+   * rows are padded to the longest, so each decode row attends with the chunk's length of queries
+   * over the whole cache, and on the CPU a mixed pass costs more than a decode step and a chunk
+   * pass apart (bench-results/prefix-cpu.md).
+   */
   mixedPrefill?: boolean
   /** Prompt positions whose KV is kept for reuse by later prompts with the same prefix; 0 = off. */
   prefixCacheTokens?: number
@@ -128,9 +133,9 @@ export class SchedulerError extends Error {
  *
  * Running sequences sit in KV slots 0..n-1: first those decoding, then those
  * still prefilling (admitted together, prefilled front first). While others
- * decode, a long prompt is prefilled in chunks of at most prefillChunkTokens,
- * each in the same pass as a decode of the running batch (or, with
- * mixedPrefill off, one chunk between two decode steps). On admission a prompt takes the longest
+ * decode, a long prompt is prefilled in chunks of prefillChunkTokens, one
+ * chunk between two decode steps (or, with mixedPrefill, each in the same
+ * pass as a decode step). On admission a prompt takes the longest
  * prefix the prefix cache holds and prefills only the rest; identical
  * prompts admitted together are prefilled once.
  */
@@ -162,7 +167,7 @@ export class BatchScheduler {
     this.maxBatch = opts.maxBatch ?? engine.maxBatch
     this.maxPrefillTokens = opts.maxPrefillTokens ?? 4096
     this.prefillChunkTokens = opts.prefillChunkTokens ?? 64
-    this.mixedPrefill = opts.mixedPrefill ?? true
+    this.mixedPrefill = opts.mixedPrefill ?? false
     const cacheTokens = opts.prefixCacheTokens ?? 0
     this.prefixCache = cacheTokens > 0 ? new PrefixCache(engine, cacheTokens) : null
     this.hooks = opts.hooks ?? {}
