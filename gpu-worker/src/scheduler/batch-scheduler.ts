@@ -166,7 +166,7 @@ export class BatchScheduler {
     this.engine = engine
     this.maxBatch = opts.maxBatch ?? engine.maxBatch
     this.maxPrefillTokens = opts.maxPrefillTokens ?? 4096
-    this.prefillChunkTokens = opts.prefillChunkTokens ?? 64
+    this.prefillChunkTokens = opts.prefillChunkTokens ?? 32
     this.mixedPrefill = opts.mixedPrefill ?? false
     const cacheTokens = opts.prefixCacheTokens ?? 0
     this.prefixCache = cacheTokens > 0 ? new PrefixCache(engine, cacheTokens) : null
