@@ -21,6 +21,8 @@ import {
 import { jobs } from './jobs.ts'
 import { requestTelemetry } from './middleware/request-telemetry/index.ts'
 import { models } from './models.ts'
+import { responses } from './responses/index.ts'
+import { tokenizer } from './tokenize.ts'
 
 export const app = new Hono<AppEnv>()
 
@@ -71,6 +73,8 @@ app.get('/healthz', (c) =>
 )
 app.route('/v1', models)
 app.route('/v1', completions)
+app.route('/v1', responses)
+app.route('/', tokenizer)
 app.route('/v1', jobs)
 app.route('/v1', files)
 app.route('/v1', batches)

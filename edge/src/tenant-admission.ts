@@ -11,7 +11,10 @@ import {
   SETTLE_TOKENS_LUA,
   type StoredFileMeta,
   signingEndpoint,
+  TOKENIZE_JOB,
+  type TokenizeJobPayload,
   tenantTokensKey,
+  tokenizeJobOptions,
   type WebhookEndpoint,
 } from '@moe/shared'
 import { Queue } from 'bullmq'
@@ -228,6 +231,18 @@ export class TenantAdmission extends DurableObject<Env> {
       message: `Rate limit reached: ${limits.requestsPerMinute} requests per minute. Try again in ${retryAfterSeconds} s.`,
       retryAfterSeconds,
     }
+  }
+
+  /** A tokenizer request: counted against the request rate, then queued for the pool's workers. */
+  async enqueueTokenize(
+    tenantId: string,
+    limits: AdmitRequest['limits'],
+    payload: TokenizeJobPayload,
+  ): Promise<{ ok: true } | { ok: false; message: string; retryAfterSeconds: number }> {
+    const charged = await this.chargeRequest(tenantId, limits)
+    if (!charged.ok) return charged
+    await this.queue(payload.pool).add(TOKENIZE_JOB, payload, tokenizeJobOptions(payload.requestId))
+    return { ok: true }
   }
 
   /**

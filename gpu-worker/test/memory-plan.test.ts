@@ -157,5 +157,5 @@ describe('moe plan', () => {
       code: 1,
       stderr: expect.stringMatching(/"llama" is not supported/),
     })
-  })
+  }, 60_000)
 })

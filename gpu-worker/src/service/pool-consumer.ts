@@ -12,15 +12,20 @@ import {
   type SampledLogprob,
   SETTLE_TOKENS_LUA,
   seedFromJobId,
+  TOKENIZE_JOB,
+  TOKENIZE_RESULT_TTL_SECONDS,
+  TokenizeJobPayload,
+  type TokenizeResult,
   tenantQueuedKey,
   tenantTokensKey,
+  tokenizeResultKey,
 } from '@moe/shared'
 import { type Job, UnrecoverableError, WaitingError, Worker } from 'bullmq'
 import type { Logger } from 'pino'
 import { GrammarError, type JsonConstraint, jsonGrammarFor } from '../engine/constrained/json-grammar.ts'
 import type { GenerationResult, StepEngine } from '../engine/engine.ts'
 import type { TokenOutput } from '../engine/sequence.ts'
-import { encodeToolChat } from '../engine/tool-prompt.ts'
+import { encodeToolChat, toolChat } from '../engine/tool-prompt.ts'
 import { SchedulerError, type SequenceOutcome } from '../scheduler/batch-scheduler.ts'
 import type { WorkerConfig } from './config.ts'
 import { doneEvent, type JobContext, JobError, type JobResult, jobResultOf } from './job-result.ts'
@@ -76,15 +81,19 @@ export class PoolConsumer {
     // The tenant's queued set and token charge: small writes beside the worker's own connections.
     this.accounting = connectRedis(c, { maxRetriesPerRequest: 2 })
     this.accounting.on('error', (e) => this.log.warn({ err: e.message }, 'accounting redis error'))
-    this.worker = new Worker(poolQueueName(pool.name), (job, token) => this.process(job, token), {
-      connection: connectRedis(c, { maxRetriesPerRequest: null }),
-      prefix: c.queuePrefix,
-      // Enough jobs in hand to fill the batch; the rest stay in Redis for other workers.
-      concurrency: c.maxBatch,
-      lockDuration: c.lockMs,
-      stalledInterval: c.stalledIntervalMs,
-      maxStalledCount: c.maxStalledCount,
-    })
+    this.worker = new Worker(
+      poolQueueName(pool.name),
+      (job, token) => (job.name === TOKENIZE_JOB ? this.tokenizeJob(job) : this.process(job, token)),
+      {
+        connection: connectRedis(c, { maxRetriesPerRequest: null }),
+        prefix: c.queuePrefix,
+        // Enough jobs in hand to fill the batch; the rest stay in Redis for other workers.
+        concurrency: c.maxBatch,
+        lockDuration: c.lockMs,
+        stalledInterval: c.stalledIntervalMs,
+        maxStalledCount: c.maxStalledCount,
+      },
+    )
     this.worker.on('error', (err) => this.log.error({ pool: pool.name, err: err.message }, 'worker error'))
     this.worker.on('failed', (job, err) => {
       if (job)
@@ -242,6 +251,39 @@ export class PoolConsumer {
       const reason = encodeJobFailure({ code: e.code, message: e.message })
       throw e.permanent ? new UnrecoverableError(reason) : new Error(reason)
     }
+  }
+
+  /**
+   * A tokenizer request (POST /tokenize, /detokenize): answered with the model's tokenizer and
+   * pushed to the list the edge waits on. A malformed request is answered too, so the edge never
+   * waits out its timeout.
+   */
+  private async tokenizeJob(job: Job): Promise<void> {
+    const jobId = job.id ?? 'unknown'
+    let result: TokenizeResult
+    const parsed = TokenizeJobPayload.safeParse(job.data)
+    if (!parsed.success) {
+      result = {
+        ok: false,
+        code: 'invalid_request',
+        message: `invalid tokenizer job: ${parsed.error.message}`,
+      }
+    } else if (parsed.data.deadline < Date.now()) {
+      // Nobody waits for it any more.
+      return
+    } else {
+      try {
+        result = tokenizerAnswer(this.runtime.engine, parsed.data)
+      } catch (e) {
+        result = { ok: false, code: 'invalid_request', message: (e as Error).message }
+      }
+    }
+    const key = tokenizeResultKey(jobId)
+    await this.accounting
+      .multi()
+      .rpush(key, JSON.stringify(result))
+      .expire(key, TOKENIZE_RESULT_TTL_SECONDS)
+      .exec()
   }
 
   private async dequeued(p: JobPayload, jobId: string): Promise<void> {
@@ -508,6 +550,38 @@ function tokenize(engine: StepEngine, p: JobPayload): number[] {
       return engine.tokenizer.encodePrompt(p.input.prompt)
     case 'tokens':
       return p.input.inputIds
+  }
+}
+
+/** What a tokenizer job asks of the model's tokenizer (vLLM's /tokenize and /detokenize). */
+function tokenizerAnswer(engine: StepEngine, p: TokenizeJobPayload): TokenizeResult {
+  const tokenizer = engine.tokenizer
+  const base = { ok: true as const, maxModelLen: engine.maxContext }
+  const r = p.request
+  switch (r.op) {
+    case 'tokenize':
+      return {
+        ...base,
+        tokens: r.addSpecialTokens ? tokenizer.encodePrompt(r.prompt) : tokenizer.encode(r.prompt),
+      }
+    case 'tokenize_chat': {
+      // The prompt a chat job would get (same template, same handling of user-written specials).
+      const chat = toolChat(tokenizer, r.messages, undefined)
+      return {
+        ...base,
+        tokens: tokenizer.encodeChat(chat.messages, {
+          ...chat.options,
+          addGenerationPrompt: r.addGenerationPrompt,
+        }),
+      }
+    }
+    case 'detokenize': {
+      const vocab = engine.config.vocab_size
+      const bad = r.tokens.find((id) => id >= vocab)
+      if (bad !== undefined)
+        throw new Error(`token ${bad} is not in the model's vocabulary of ${vocab} tokens`)
+      return { ...base, prompt: tokenizer.decode(r.tokens) }
+    }
   }
 }
 
