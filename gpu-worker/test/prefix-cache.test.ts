@@ -278,13 +278,14 @@ describe('chunked prefill', () => {
     expect(steps.filter((s) => s.kind === 'prefill').map((s) => s.tokens)).toEqual([32, 32, 32, 32, 22])
   })
 
-  it('interleaves a decode step of the running streams between chunks of a long prompt', async () => {
+  /** 3 streams decode; a 120-token prompt arrives after 3 of their tokens. */
+  async function admitLongPrompt(opts: ConstructorParameters<typeof BatchScheduler>[1]) {
     const streams = [0, 1, 2].map((i) => tokens(40 + i, 6 + i))
     const long = tokens(12, 120)
     const alone = []
     for (const p of [...streams, long])
       alone.push((await engine.generate({ inputIds: p, ...greedy(30) })).outputIds)
-    const { scheduler, steps } = recorded({ prefillChunkTokens: 24 })
+    const { scheduler, steps } = recorded(opts)
     const reqs = streams.map((p, i) => request(`s${i}`, p, greedy(30), `t${i}`))
     for (const r of reqs) scheduler.submit(r.req)
     while (reqs.some((r) => r.out.length < 3)) await new Promise((r) => setTimeout(r, 1))
@@ -292,6 +293,28 @@ describe('chunked prefill', () => {
     scheduler.submit(late.req)
     const outs = await Promise.all([...reqs, late].map((r) => outputIds(r.done)))
     expect(outs).toEqual(alone)
+    return steps
+  }
+
+  it('runs each chunk in the same pass as a decode of the running streams when mixing is on', async () => {
+    const steps = await admitLongPrompt({ prefillChunkTokens: 24, mixedPrefill: true })
+    // A pass takes 24 tokens: the 3 decode rows and a 21-token chunk; the last 15 join the streams.
+    const first = steps.findIndex((s) => s.kind === 'mixed')
+    const during = steps.slice(first, first + 7).map((s) => `${s.kind}:${s.rows}:${s.tokens}`)
+    expect(during).toEqual([
+      'mixed:4:24',
+      'mixed:4:24',
+      'mixed:4:24',
+      'mixed:4:24',
+      'mixed:4:24',
+      'mixed:4:18',
+      'decode:4:4',
+    ])
+    expect(steps.slice(first).filter((s) => s.kind === 'prefill')).toEqual([])
+  })
+
+  it('interleaves a decode step of the running streams between chunks of a long prompt', async () => {
+    const steps = await admitLongPrompt({ prefillChunkTokens: 24 })
     // From the long prompt's first chunk to its last: chunk, decode of the 3 streams, chunk, ...
     const firstChunk = steps.findIndex((s) => s.kind === 'prefill' && s.tokens === 24)
     const during = steps.slice(firstChunk, firstChunk + 10).map((s) => `${s.kind}:${s.rows}:${s.tokens}`)

@@ -5,8 +5,10 @@
 //     the earlier one's (goal <= 25%);
 //  2. the gaps between tokens of 8 running streams while a 2,000-token prompt is admitted, with
 //     chunked prefill at a few chunk sizes and without it (goal: their p99 <= 3x the median gap
-//     before it arrived).
-//   npm run bench:prefix -w @moe/gpu-worker     (MOE_THREADS, MOE_BENCH_DIR, MOE_BENCH_CHUNKS=32,64,128,256)
+//     before it arrived), each chunk size with the chunk in the decode pass (mixed) and in a pass of
+//     its own between two decode steps (separate), run one after the other.
+//   npm run bench:prefix -w @moe/gpu-worker
+//     (MOE_THREADS, MOE_BENCH_DIR, MOE_BENCH_CHUNKS=16,32,64,128, MOE_BENCH_MODES=separate,mixed)
 import { existsSync, mkdirSync, writeFileSync } from 'node:fs'
 import { availableParallelism, cpus, loadavg, tmpdir, totalmem } from 'node:os'
 import { join } from 'node:path'
@@ -18,9 +20,12 @@ import { BatchScheduler, type SchedulerOptions, type StepStats } from '../schedu
 const threads = Number(process.env.MOE_THREADS ?? availableParallelism())
 const modelDir = process.env.MOE_BENCH_DIR ?? join(tmpdir(), 'moe-bench-model')
 const resultsDir = join(import.meta.dirname, '..', '..', 'bench-results')
-const chunkSizes = (process.env.MOE_BENCH_CHUNKS ?? '32,64,128,256').split(',').map(Number)
+const chunkSizes = (process.env.MOE_BENCH_CHUNKS ?? '16,32,64,128').split(',').map(Number)
 if (chunkSizes.some((n) => !Number.isInteger(n) || n < 16))
   throw new Error('MOE_BENCH_CHUNKS must be comma-separated integers of at least 16')
+const modes = (process.env.MOE_BENCH_MODES ?? 'separate,mixed').split(',')
+if (modes.length === 0 || modes.some((m) => m !== 'separate' && m !== 'mixed'))
+  throw new Error('MOE_BENCH_MODES must be a comma-separated list of separate and mixed')
 
 const prompt = (len: number, salt: number) =>
   Array.from({ length: len }, (_, i) => 3 + ((i * 7919 + salt * 104729) % 31_000))
@@ -77,6 +82,8 @@ async function ttft(engine: ThreadedEngine) {
 
 interface GapFigures {
   chunkTokens: number | null
+  /** The chunk in the decode rows' pass, or in a pass of its own. */
+  mode: 'one pass' | 'separate' | 'mixed'
   /** Median gap between consecutive tokens of the 8 streams before the long prompt arrived. */
   steadyMedianMs: number
   /** Gaps that overlap the long prompt's admission (from its arrival to its first token). */
@@ -86,20 +93,25 @@ interface GapFigures {
   /** The goal's ratio: p99 gap while admitting over the steady median. */
   ratio: number
   longPromptTtftMs: number
-  /** Median step times (stepMs): decode before the arrival, decode and prefill passes while admitting. */
+  /** Median step times (stepMs): decode before the arrival, decode passes and passes with a chunk while admitting. */
   steadyDecodeMs: number
   admissionDecodeMs: number
-  admissionPrefillMs: number
+  admissionChunkMs: number
   steps: string
 }
 
 /** 8 streams decode; after 24 of their tokens a 2,000-token prompt arrives; they stop once it has its first token. */
-async function gaps(engine: ThreadedEngine, chunkTokens: number | null): Promise<GapFigures> {
+async function gaps(
+  engine: ThreadedEngine,
+  chunkTokens: number | null,
+  mode: GapFigures['mode'],
+): Promise<GapFigures> {
   const steps: StepStats[] = []
   const opts: SchedulerOptions = {
     maxBatch: 16,
     maxPrefillTokens: 2048,
     prefillChunkTokens: chunkTokens ?? 2048,
+    mixedPrefill: mode === 'mixed',
     hooks: { afterStep: (s) => steps.push(s) },
   }
   const scheduler = new BatchScheduler(engine, opts)
@@ -116,7 +128,7 @@ async function gaps(engine: ThreadedEngine, chunkTokens: number | null): Promise
   const stepMs = (kind: StepStats['kind']) =>
     median(admission.filter((x) => x.kind === kind).map((x) => x.stepMs))
   const admissionDecodeMs = stepMs('decode')
-  const admissionPrefillMs = stepMs('prefill')
+  const admissionChunkMs = stepMs(mode === 'mixed' ? 'mixed' : 'prefill')
   for (let i = 0; i < 8; i++) scheduler.cancel(`s${i}`)
   const streamTimes = await Promise.all(streams.map((s) => s.done))
   const steady: number[] = []
@@ -130,11 +142,12 @@ async function gaps(engine: ThreadedEngine, chunkTokens: number | null): Promise
   }
   const kinds = steps
     .slice(stepsBefore, stepsBefore + 12)
-    .map((s) => (s.kind === 'decode' ? 'D' : `P${s.tokens}`))
+    .map((s) => (s.kind === 'decode' ? 'D' : s.kind === 'mixed' ? `M${s.tokens}` : `P${s.tokens}`))
   const steadyMedian = median(steady)
   const p99 = quantile(during, 0.99)
   return {
     chunkTokens,
+    mode,
     steadyMedianMs: steadyMedian,
     admissionGaps: during.length,
     admissionP99Ms: p99,
@@ -143,7 +156,7 @@ async function gaps(engine: ThreadedEngine, chunkTokens: number | null): Promise
     longPromptTtftMs: firstLong - arrival,
     steadyDecodeMs: median(steadyDecode),
     admissionDecodeMs,
-    admissionPrefillMs,
+    admissionChunkMs,
     steps: kinds.join(' '),
   }
 }
@@ -170,19 +183,23 @@ async function main() {
       `TTFT, 1,024-token prompt: cold ${t.coldMs.toFixed(0)} ms; sharing a 1,000-token prefix ${t.warmMs.toFixed(0)} ms = ${(t.ratio * 100).toFixed(1)}% (goal <= 25%)`,
     )
     const cases: GapFigures[] = []
-    for (const chunk of [null, ...chunkSizes]) {
-      const g = await gaps(engine, chunk)
+    const runs: Array<[number | null, GapFigures['mode']]> = [
+      [null, 'one pass'],
+      ...chunkSizes.flatMap((c) => modes.map((m) => [c, m] as [number, GapFigures['mode']])),
+    ]
+    for (const [chunk, mode] of runs) {
+      const g = await gaps(engine, chunk, mode)
       cases.push(g)
       console.log(
-        `chunk ${chunk ?? 'off'}: steady median gap ${g.steadyMedianMs.toFixed(0)} ms; while admitting (${g.admissionGaps} gaps) p99 ${g.admissionP99Ms.toFixed(0)} ms = ${g.ratio.toFixed(2)}x (goal <= 3x), max ${g.admissionMaxMs.toFixed(0)} ms; 2,000-token prompt TTFT ${g.longPromptTtftMs.toFixed(0)} ms; median steps: decode ${g.steadyDecodeMs.toFixed(0)} ms before, ${g.admissionDecodeMs.toFixed(0)} ms while admitting, prefill passes ${g.admissionPrefillMs.toFixed(0)} ms; steps ${g.steps}`,
+        `chunk ${chunk ?? 'off'} (${mode}): steady median gap ${g.steadyMedianMs.toFixed(0)} ms; while admitting (${g.admissionGaps} gaps) p99 ${g.admissionP99Ms.toFixed(0)} ms = ${g.ratio.toFixed(2)}x (goal <= 3x), max ${g.admissionMaxMs.toFixed(0)} ms; 2,000-token prompt TTFT ${g.longPromptTtftMs.toFixed(0)} ms; median steps: decode ${g.steadyDecodeMs.toFixed(0)} ms before, ${g.admissionDecodeMs.toFixed(0)} ms while admitting, passes with a chunk ${g.admissionChunkMs.toFixed(0)} ms; steps ${g.steps}`,
       )
     }
     const lines = [
-      '| chunk (tokens) | steady median gap (ms) | gaps while admitting | their p99 (ms) | p99 / steady median | their max (ms) | 2,000-token prompt TTFT (ms) | decode step before / while admitting (ms) | prefill pass (ms) |',
-      '|---|---:|---:|---:|---:|---:|---:|---:|---:|',
+      '| chunk (tokens) | chunk pass | steady median gap (ms) | gaps while admitting | their p99 (ms) | p99 / steady median | their max (ms) | 2,000-token prompt TTFT (ms) | decode step before / while admitting (ms) | pass with the chunk (ms) |',
+      '|---|---|---:|---:|---:|---:|---:|---:|---:|---:|',
       ...cases.map(
         (g) =>
-          `| ${g.chunkTokens ?? 'off (one pass)'} | ${g.steadyMedianMs.toFixed(0)} | ${g.admissionGaps} | ${g.admissionP99Ms.toFixed(0)} | ${g.ratio.toFixed(2)}x | ${g.admissionMaxMs.toFixed(0)} | ${g.longPromptTtftMs.toFixed(0)} | ${g.steadyDecodeMs.toFixed(0)} / ${g.admissionDecodeMs.toFixed(0)} | ${g.admissionPrefillMs.toFixed(0)} |`,
+          `| ${g.chunkTokens ?? 'off'} | ${g.mode} | ${g.steadyMedianMs.toFixed(0)} | ${g.admissionGaps} | ${g.admissionP99Ms.toFixed(0)} | ${g.ratio.toFixed(2)}x | ${g.admissionMaxMs.toFixed(0)} | ${g.longPromptTtftMs.toFixed(0)} | ${g.steadyDecodeMs.toFixed(0)} / ${Number.isNaN(g.admissionDecodeMs) ? '-' : g.admissionDecodeMs.toFixed(0)} | ${g.admissionChunkMs.toFixed(0)} |`,
       ),
     ]
     // Other work on the host skews every figure: say how busy it was.

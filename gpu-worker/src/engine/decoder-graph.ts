@@ -254,10 +254,19 @@ function expertReaders(
   })
 }
 
+/** The valid (unpadded) tokens of a pass as indices into its flat [B*S] rows: [T] and [T,1]. */
+export interface ValidTokens {
+  index: string
+  index2d: string
+}
+
 /**
  * The layer's MLP on normed input h [B,S,H]: routed experts (+ a gated shared
  * expert), or a dense MLP. Returns its output (residual-scaled) and the
- * experts chosen per token, [1, B*S, k] (-1 in dense layers).
+ * experts chosen per token, [1, B*S, k] (-1 in dense layers). The routed
+ * experts run on the valid tokens only (zeros elsewhere): a pass whose rows are
+ * padded to its longest, e.g. decode rows beside a prompt chunk, would
+ * otherwise route every padding position through them.
  */
 export function mlp(
   d: DecoderGraph,
@@ -265,6 +274,7 @@ export function mlp(
   h: string,
   layer: number,
   expertBias: string,
+  valid: ValidTokens,
 ): { out: string; chosen: string } {
   const { c, g } = d
   const H = c.hidden_size
@@ -283,10 +293,15 @@ export function mlp(
     g.op('Add', [d.linear(h, [t.router], H, { exact: true }), expertBias]),
     g.constInt64([-1, E]),
   ])
-  let out = g.op('Reshape', [
-    routedExperts(d, t.experts, flat, logits, `model.layers.${layer}.experts`),
-    g.op('Shape', [h]),
-  ])
+  const packed = routedExperts(
+    d,
+    t.experts,
+    g.op('Gather', [flat, valid.index], { axis: 0 }),
+    g.op('Gather', [logits, valid.index], { axis: 0 }),
+    `model.layers.${layer}.experts`,
+  )
+  const zeros = g.op('Expand', [d.weight(g.fresh('zero'), [], Float32Array.of(0)), g.op('Shape', [flat])])
+  let out = g.op('Reshape', [g.op('ScatterND', [zeros, valid.index2d, packed]), g.op('Shape', [h])])
   if (t.shared) {
     const shared = d.swiglu(h, t.shared, c.shared_expert_intermediate_size, rs)
     const gate = g.op('Sigmoid', [d.linear(h, [t.shared.gate_scale], H, { exact: true })])

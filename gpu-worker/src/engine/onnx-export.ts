@@ -60,7 +60,7 @@ export const graphNames = {
 } as const
 
 /** Bump when the graph this file builds changes, so cached exports are rebuilt. */
-export const EXPORT_FORMAT = 9
+export const EXPORT_FORMAT = 10
 
 /**
  * Where the export of this model lives: under `cacheDir` when one is given (MOE_EXPORT_CACHE,
@@ -165,6 +165,11 @@ function buildGraph(
     g.op('Unsqueeze', [inputLengths, axis1]),
   ]) // [B,S(i)]
   const B = dim(inputIds, 0)
+  const validIndex = g.op('Reshape', [
+    g.op('NonZero', [g.op('Reshape', [newValid, g.constInt64([-1])])]),
+    g.constInt64([-1]),
+  ])
+  const valid = { index: validIndex, index2d: g.op('Unsqueeze', [validIndex, axis1]) }
   const visible = g.op(
     'Concat',
     [
@@ -220,7 +225,7 @@ function buildGraph(
       sin,
     }
     x = g.op('Add', [x, attention(d, t, d.rmsNorm(x, t.inputNorm), io)])
-    const m = mlp(d, t.mlp, d.rmsNorm(x, t.postNorm), l, biasRows)
+    const m = mlp(d, t.mlp, d.rmsNorm(x, t.postNorm), l, biasRows, valid)
     x = g.op('Add', [x, m.out])
     chosen.push(m.chosen)
   }

@@ -32,7 +32,8 @@ export type SequenceOutcome =
   | { kind: 'failed'; error: Error }
 
 export interface StepStats {
-  kind: 'prefill' | 'decode'
+  /** mixed: the decode rows and a prompt chunk (or whole short prompts) in one pass. */
+  kind: 'prefill' | 'decode' | 'mixed'
   rows: number
   tokens: number
   runMs: number
@@ -62,10 +63,19 @@ export interface SchedulerOptions {
   /** Most padded tokens (rows x longest prompt) in one prefill pass. */
   maxPrefillTokens?: number
   /**
-   * Most prompt tokens in one prefill pass while other sequences are decoding: a longer prompt
-   * is prefilled in chunks of this size, each followed by a decode step of the running batch.
+   * Most prompt tokens in one pass while other sequences are decoding: a longer prompt is
+   * prefilled in chunks of this size, each followed by a decode step of the running batch (or,
+   * with mixedPrefill, run in the same pass as that decode step).
    */
   prefillChunkTokens?: number
+  /**
+   * Runs each chunk in the decode rows' pass, vLLM-style: the pass takes at most
+   * prefillChunkTokens tokens, decode rows first, the chunk at least half of them. Off by default:
+   * rows are padded to the longest, so each decode row attends with the chunk's length of queries
+   * over the whole cache, and on the CPU a mixed pass costs more than a decode step and a chunk
+   * pass apart (bench-results/prefix-cpu.md).
+   */
+  mixedPrefill?: boolean
   /** Prompt positions whose KV is kept for reuse by later prompts with the same prefix; 0 = off. */
   prefixCacheTokens?: number
   hooks?: SchedulerHooks
@@ -83,11 +93,16 @@ interface Entry {
   leader: Entry | null
 }
 
-/** What one step runs: a prefill of admitted prompts (or a chunk of one), or a decode of every sequence past its prompt. */
+/**
+ * What one step runs: a prefill of admitted prompts (or a chunk of one), a decode of every
+ * sequence past its prompt, or both in one pass (the decode rows first).
+ */
 export interface StepPlan {
-  kind: 'prefill' | 'decode'
+  kind: StepStats['kind']
   entries: Entry[]
   rows: StepRow[]
+  /** The leading rows that decode; the rest prefill. */
+  decodeRows: number
 }
 
 /** What one step did to one sequence: a token (and whether it ended the sequence), or a failure. */
@@ -119,7 +134,8 @@ export class SchedulerError extends Error {
  * Running sequences sit in KV slots 0..n-1: first those decoding, then those
  * still prefilling (admitted together, prefilled front first). While others
  * decode, a long prompt is prefilled in chunks of prefillChunkTokens, one
- * chunk between two decode steps. On admission a prompt takes the longest
+ * chunk between two decode steps (or, with mixedPrefill, each in the same
+ * pass as a decode step). On admission a prompt takes the longest
  * prefix the prefix cache holds and prefills only the rest; identical
  * prompts admitted together are prefilled once.
  */
@@ -128,6 +144,7 @@ export class BatchScheduler {
   readonly maxBatch: number
   readonly maxPrefillTokens: number
   readonly prefillChunkTokens: number
+  readonly mixedPrefill: boolean
   readonly prefixCache: PrefixCache | null
   private readonly hooks: SchedulerHooks
   private readonly waitingQueue = new FairQueue<Entry>()
@@ -149,7 +166,8 @@ export class BatchScheduler {
     this.engine = engine
     this.maxBatch = opts.maxBatch ?? engine.maxBatch
     this.maxPrefillTokens = opts.maxPrefillTokens ?? 4096
-    this.prefillChunkTokens = opts.prefillChunkTokens ?? 64
+    this.prefillChunkTokens = opts.prefillChunkTokens ?? 32
+    this.mixedPrefill = opts.mixedPrefill ?? false
     const cacheTokens = opts.prefixCacheTokens ?? 0
     this.prefixCache = cacheTokens > 0 ? new PrefixCache(engine, cacheTokens) : null
     this.hooks = opts.hooks ?? {}
@@ -283,10 +301,15 @@ export class BatchScheduler {
     // New sequences are admitted once the last admitted ones have finished prefilling.
     if (this.decoding === this.runningList.length && this.prefillDue()) this.admit()
     const prefilling = this.runningList.length > this.decoding
-    const kind = prefilling && (this.decoding === 0 || !this.lastWasPrefill) ? 'prefill' : 'decode'
+    const kind =
+      prefilling && this.decoding > 0 && this.mixedPrefill
+        ? 'mixed'
+        : prefilling && (this.decoding === 0 || !this.lastWasPrefill)
+          ? 'prefill'
+          : 'decode'
     this.lastWasPrefill = kind === 'prefill'
-    this.stepsWaited = kind === 'decode' && this.waitingQueue.size > 0 ? this.stepsWaited + 1 : 0
-    if (kind === 'prefill') return this.prefillPlan()
+    this.stepsWaited = kind !== 'prefill' && this.waitingQueue.size > 0 ? this.stepsWaited + 1 : 0
+    if (kind === 'prefill') return this.prefillPlan(this.prefillBudget())
     const entries = this.runningList.slice(0, this.decoding)
     const rows = entries.map((e) => ({
       slot: e.seq.slot,
@@ -294,18 +317,31 @@ export class BatchScheduler {
       pastLength: e.seq.pastLength,
       allowedExperts: e.seq.params.allowedExperts,
     }))
-    return { kind, entries, rows }
+    if (kind === 'decode') return { kind, entries, rows, decodeRows: rows.length }
+    // The decode rows sit in the slots just before the prefilling ones, so one pass takes both.
+    const budget = this.prefillBudget()
+    const chunk = this.prefillPlan(Math.max(budget - rows.length, Math.ceil(budget / 2)))
+    return {
+      kind,
+      entries: [...entries, ...chunk.entries],
+      rows: [...rows, ...chunk.rows],
+      decodeRows: rows.length,
+    }
+  }
+
+  /** Prompt tokens one pass may take: the chunk size while others decode, so they wait at most one chunk. */
+  private prefillBudget(): number {
+    return this.decoding > 0
+      ? Math.min(this.prefillChunkTokens, this.maxPrefillTokens)
+      : this.maxPrefillTokens
   }
 
   /**
    * A pass over the prefilling sequences from the front: as many whole prompts as the budget
    * holds when they start from an empty cache (right-padded rows), else the next chunk of the
-   * front one (the engine extends a non-empty cache one row at a time). The budget is the
-   * chunk size while others decode, so they wait at most one chunk for their next token.
+   * front one.
    */
-  private prefillPlan(): StepPlan {
-    const budget =
-      this.decoding > 0 ? Math.min(this.prefillChunkTokens, this.maxPrefillTokens) : this.maxPrefillTokens
+  private prefillPlan(budget: number): StepPlan {
     const left = (e: Entry) => e.seq.promptIds.length - e.seq.pastLength
     const front = this.runningList[this.decoding]!
     const entries = [front]
@@ -328,7 +364,7 @@ export class BatchScheduler {
       pastLength: e.seq.pastLength,
       allowedExperts: e.seq.params.allowedExperts,
     }))
-    return { kind: 'prefill', entries, rows }
+    return { kind: 'prefill', entries, rows, decodeRows: 0 }
   }
 
   /** Tells the engine which slots hold live KV beyond this pass's rows (sequences still prefilling). */
@@ -351,8 +387,9 @@ export class BatchScheduler {
       const row = plan.rows[i]!
       const seq = entry.seq
       let joined = false
+      const prefilling = i >= plan.decodeRows
       try {
-        if (plan.kind === 'prefill' && row.pastLength + row.tokens.length < seq.promptIds.length) {
+        if (prefilling && row.pastLength + row.tokens.length < seq.promptIds.length) {
           this.engine.acceptChunk(seq, row, out, i)
           return
         }
@@ -360,7 +397,7 @@ export class BatchScheduler {
         const logits = entry.followers.length > 0 ? out.logits.slice(i * V, (i + 1) * V) : null
         const token = this.engine.acceptRow(seq, row, out, i)
         outputs.push({ entry, kind: 'token', token, finished: seq.finished })
-        if (plan.kind !== 'prefill') return
+        if (!prefilling) return
         this.decoding++
         joined = true
         this.prefixCache?.store(entry.namespace, seq.promptIds, seq.slot)
@@ -380,7 +417,7 @@ export class BatchScheduler {
       } catch (error) {
         // One row's failure (e.g. logits it cannot sample from) ends that sequence only.
         // Past its prompt, it sits among the decoding slots until it leaves.
-        if (plan.kind === 'prefill' && !joined && seq.pastLength >= seq.promptIds.length) this.decoding++
+        if (prefilling && !joined && seq.pastLength >= seq.promptIds.length) this.decoding++
         outputs.push({ entry, kind: 'failed', error: error as Error })
       }
     })

@@ -42,7 +42,7 @@ export const WorkerVariables = z.object({
   MOE_MAX_CONTEXT: int(16, 1 << 20).default(2048),
   MOE_MAX_PREFILL_TOKENS: int(1, 1 << 20).default(4096),
   /** While sequences decode, a longer prompt is prefilled in chunks of this many tokens between their steps. */
-  MOE_PREFILL_CHUNK_TOKENS: int(16, 1 << 20).default(64),
+  MOE_PREFILL_CHUNK_TOKENS: int(16, 1 << 20).default(32),
   /** Prompt positions whose KV is kept for prompts that share a prefix (0 turns the cache off). */
   MOE_PREFIX_CACHE_TOKENS: z.coerce
     .number()
