@@ -367,11 +367,15 @@ export class BatchScheduler {
     return { kind: 'prefill', entries, rows, decodeRows: 0 }
   }
 
-  /** Tells the engine which slots hold live KV beyond this pass's rows (sequences still prefilling). */
+  /**
+   * Tells the engine which slots hold live KV beyond this pass's rows (sequences still prefilling),
+   * and how long they will grow: the whole prompt, so the cache is re-laid once as a long prompt is
+   * admitted, not at every few chunks (each re-layout copies every live slot and stalls every stream).
+   */
   private reserveLive(): void {
     let length = 0
     for (let i = this.decoding; i < this.runningList.length; i++)
-      length = Math.max(length, this.runningList[i]!.seq.pastLength)
+      length = Math.max(length, this.runningList[i]!.seq.promptIds.length)
     // Followers' slots too: their leader's KV is copied there after its last pass.
     const slots = this.runningList.length > this.decoding ? this.runningList.length : 0
     if (slots === this.reserved.slots && length === this.reserved.length) return
