@@ -12,7 +12,7 @@ import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import type { MoeEngine } from '../engine/engine.ts'
 import { BENCH_CONFIG, writeRandomMixtral } from '../engine/random-model.ts'
-import type { Sequence } from '../engine/sequence.ts'
+import { decodeStep, prefilledBatch } from './bench-batch.ts'
 
 const modelDir = process.env.MOE_BENCH_DIR ?? join(tmpdir(), 'moe-bench-model')
 const trees: Record<string, string | undefined> = {
@@ -57,29 +57,13 @@ for (const variant of variants) {
       ...(expertKernel ? { expertKernel: expertKernel as 'fused' | 'per-expert' } : {}),
       log: () => {},
     })
-    const seqs: Sequence[] = Array.from({ length: batch }, (_, b) => {
-      const s = engine.createSequence(`b${b}`, prompt(context, b), { seed: b, maxTokens: 1 << 20 })
-      s.slot = b
-      return s
-    })
-    for (let i = 0; i < batch; i += 8) {
-      const group = seqs.slice(i, i + 8)
-      const rows = group.map((s) => ({
-        slot: s.slot,
-        tokens: s.nextInput(),
-        pastLength: 0,
-        allowedExperts: null,
-      }))
-      engine.acceptStep(group, rows, await engine.forward(rows))
-    }
+    const seqs = await prefilledBatch(
+      engine,
+      Array.from({ length: batch }, (_, b) => prompt(context, b)),
+      (b) => ({ seed: b, maxTokens: 1 << 20 }),
+    )
     const step = async () => {
-      const rows = seqs.map((s) => ({
-        slot: s.slot,
-        tokens: s.nextInput(),
-        pastLength: s.pastLength,
-        allowedExperts: null,
-      }))
-      engine.acceptStep(seqs, rows, await engine.forward(rows))
+      await decodeStep(engine, seqs)
     }
     for (let i = 0; i < 3; i++) await step()
     runners.push({ name: `${variant} batch ${batch} context ${context}`, step, wall: [], cpu: [] })

@@ -10,7 +10,7 @@ import { join } from 'node:path'
 import { MoeEngine as Engine, type MoeEngine } from '../engine/engine.ts'
 import { EXPERT_KERNELS, type ExpertKernel } from '../engine/onnx-export.ts'
 import { BENCH_CONFIG, writeRandomMixtral } from '../engine/random-model.ts'
-import type { Sequence } from '../engine/sequence.ts'
+import { prefilledBatch, stepRows } from './bench-batch.ts'
 import { measureCeilings } from './ceilings.ts'
 import {
   attnParams,
@@ -54,27 +54,11 @@ async function decode(
   steps: number,
   bandwidth: number,
 ): Promise<DecodeFigures> {
-  const seqs: Sequence[] = []
-  for (let b = 0; b < batch; b++) {
-    const s = engine.createSequence(`b${b}`, prompt(context, b), {
-      seed: b,
-      maxTokens: steps + 4,
-      temperature: 0,
-    })
-    s.slot = b
-    seqs.push(s)
-  }
-  // Prefill in chunks of up to 8 rows to bound the padded batch.
-  for (let i = 0; i < batch; i += 8) {
-    const group = seqs.slice(i, i + 8)
-    const rows = group.map((s) => ({
-      slot: s.slot,
-      tokens: s.nextInput(),
-      pastLength: 0,
-      allowedExperts: null,
-    }))
-    engine.acceptStep(group, rows, await engine.forward(rows))
-  }
+  const seqs = await prefilledBatch(
+    engine,
+    Array.from({ length: batch }, (_, b) => prompt(context, b)),
+    (b) => ({ seed: b, maxTokens: steps + 4, temperature: 0 }),
+  )
   const walls: number[] = []
   let wall = 0
   let run = 0
@@ -82,12 +66,7 @@ async function decode(
   // Two untimed steps first: steady state, after any cache re-layout the prefill left due.
   for (let step = -2; step < steps; step++) {
     const t0 = performance.now()
-    const rows = seqs.map((s) => ({
-      slot: s.slot,
-      tokens: s.nextInput(),
-      pastLength: s.pastLength,
-      allowedExperts: null,
-    }))
+    const rows = stepRows(seqs)
     const out = await engine.forward(rows)
     engine.acceptStep(seqs, rows, out)
     if (step < 0) continue

@@ -16,8 +16,8 @@ import { MoeEngine } from '../engine/engine.ts'
 import { openModelDir } from '../engine/model-dir.ts'
 import type { ExportDtype } from '../engine/onnx-export.ts'
 import { BENCH_CONFIG, writeRandomMixtral } from '../engine/random-model.ts'
-import type { Sequence } from '../engine/sequence.ts'
 import { REPO_ROOT } from '../service/config.ts'
+import { decodeStep, prefilledBatch } from './bench-batch.ts'
 import { writeMixtralGguf } from './gguf-mixtral.ts'
 import type { GgmlTensorType } from './gguf-writer.ts'
 import { BenchService, benchJob, benchPrompt } from './service-load.ts'
@@ -151,40 +151,17 @@ async function engineRun(
   steps: number,
   timeAll: boolean,
 ): Promise<number> {
-  const seqs: Sequence[] = []
-  for (let b = 0; b < batch; b++) {
-    const s = engine.createSequence(`b${b}`, benchPrompt(context, b), {
-      seed: b,
-      maxTokens: steps + 4,
-      temperature: 0,
-      ignoreEos: true,
-    })
-    s.slot = b
-    seqs.push(s)
-  }
   const t0 = performance.now()
-  // Prefill in groups of up to 8 rows, as the scheduler bounds a padded batch.
-  for (let i = 0; i < batch; i += 8) {
-    const group = seqs.slice(i, i + 8)
-    const rows = group.map((s) => ({
-      slot: s.slot,
-      tokens: s.nextInput(),
-      pastLength: 0,
-      allowedExperts: null,
-    }))
-    engine.acceptStep(group, rows, await engine.forward(rows))
-  }
+  const seqs = await prefilledBatch(
+    engine,
+    Array.from({ length: batch }, (_, b) => benchPrompt(context, b)),
+    (b) => ({ seed: b, maxTokens: steps + 4, temperature: 0, ignoreEos: true }),
+  )
   const warm = timeAll ? 0 : 2
   let start = t0
   for (let step = 0; step < warm + steps - (timeAll ? 1 : 0); step++) {
     if (step === warm && !timeAll) start = performance.now()
-    const rows = seqs.map((s) => ({
-      slot: s.slot,
-      tokens: s.nextInput(),
-      pastLength: s.pastLength,
-      allowedExperts: null,
-    }))
-    engine.acceptStep(seqs, rows, await engine.forward(rows))
+    await decodeStep(engine, seqs)
   }
   return perSecond(batch * steps, performance.now() - start)
 }
