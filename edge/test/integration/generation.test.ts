@@ -174,8 +174,9 @@ describe('generation through the real GPU worker', () => {
     const res = await fetch(`${edge.url}/v1/chat/completions`, {
       method: 'POST',
       headers: { authorization: `Bearer ${tenant.key}`, 'content-type': 'application/json' },
-      // The pool's longest answer, so the job is still generating when the disconnect is noticed.
-      body: JSON.stringify({ model: 'general', messages: question, max_tokens: 512, stream: true }),
+      // The pool's longest answers, eight of them, so the job is still generating when the
+      // disconnect is noticed (one 512-token answer on the tiny model can end within half a second).
+      body: JSON.stringify({ model: 'general', messages: question, max_tokens: 512, n: 8, stream: true }),
       signal: ctrl.signal,
     })
     const id = res.headers.get('x-request-id')!

@@ -15,6 +15,11 @@ export interface GenerationParams extends LogitsProcessingParams {
   allowedExperts: readonly number[] | null
   /** Keep generating past EOS (vLLM's ignore_eos): for benchmarks that need fixed lengths. */
   ignoreEos?: boolean
+  /**
+   * Tokens an earlier attempt of this job already streamed: taken in order instead of the sampled
+   * ones (each still spends its seeded draw), so a retried job continues the text its client has.
+   */
+  resumeIds?: readonly number[]
   /** Drop tokens less likely than minP times the most likely one (0 = off). */
   minP?: number
   /** Report each token's log-probability with this many most likely alternatives (absent = none). */
@@ -116,7 +121,8 @@ export class Sequence {
       this.params.logprobs === undefined
         ? null
         : new StepLogprobs(logits, this.params.temperature, this.params.logprobs)
-    const tokenId = this.sampler.sample(logits)
+    const sampled = this.sampler.sample(logits)
+    const tokenId = this.params.resumeIds?.[this.outputIds.length] ?? sampled
     this.processor?.accept(tokenId)
     this.constraint?.advance(tokenId)
     // Truncation (top-k, top-p, min-p) never touches the sampled token's logit.

@@ -174,6 +174,10 @@ export class PoolConsumer {
         this.telemetry?.ended(payload.tenantId, pool.name, 'cancelled')
         return jobResultOf(done)
       }
+      // A retried job continues the tokens its stream already holds rather than sampling anew: a
+      // different batch can round differently and sample other tokens from the same seed.
+      const streamed =
+        resume.lastIndex >= 0 ? await this.streams.streamedTokens(jobId) : new Map<number, number[]>()
       if (resume.lastIndex >= 0)
         log.info(
           { lastIndex: resume.lastIndex },
@@ -194,8 +198,8 @@ export class PoolConsumer {
         const choices = choiceCount(payload)
         const outcome =
           choices === 1 && payload.sampling.logprobs === undefined
-            ? await this.generate(payload, ctx, promptIds, resume.lastIndex, await nextConstraint?.())
-            : await this.generateChoices(payload, ctx, prompts, resume.lastIndex, nextConstraint)
+            ? await this.generate(payload, ctx, promptIds, streamed, await nextConstraint?.())
+            : await this.generateChoices(payload, ctx, prompts, streamed, nextConstraint)
         if (outcome.kind === 'failed') throw new JobError('internal_error', outcome.error.message, false)
         if (outcome.kind === 'cancelled' && entry.handBack) {
           // The last step's tokens must be in Redis before another worker reads where to resume.
@@ -341,12 +345,13 @@ export class PoolConsumer {
     p: JobPayload,
     ctx: JobContext,
     promptIds: number[],
-    lastIndex: number,
+    streamed: Map<number, number[]>,
     constraint: JsonConstraint | undefined,
   ): Promise<SequenceOutcome & { choices?: ChoiceResult[] }> {
+    const resumeIds = streamed.get(0) ?? []
     try {
-      return this.submit(p, { id: p.requestId, promptIds, seed: ctx.seed, constraint }, (t) =>
-        this.streamToken(p, ctx, t, lastIndex),
+      return this.submit(p, { id: p.requestId, promptIds, seed: ctx.seed, constraint, resumeIds }, (t) =>
+        this.streamToken(p, ctx, t, resumeIds.length - 1),
       )
     } catch (e) {
       return Promise.reject(e instanceof SchedulerError ? new JobError(e.code, e.message) : e)
@@ -361,15 +366,12 @@ export class PoolConsumer {
     p: JobPayload,
     ctx: JobContext,
     prompts: number[][],
-    lastIndex: number,
+    streamed: Map<number, number[]>,
     nextConstraint: (() => Promise<JsonConstraint | undefined>) | undefined,
   ): Promise<SequenceOutcome & { choices?: ChoiceResult[] }> {
     const n = p.sampling.n ?? 1
     const count = prompts.length * n
     const multi = count > 1
-    // A retried job skips, per choice, the tokens its stream already holds.
-    const skip =
-      multi && lastIndex >= 0 ? await this.streams.lastIndices(p.requestId) : new Map([[0, lastIndex]])
     const logprobs: SampledLogprob[][] = Array.from({ length: count }, () => [])
     const outcomes: Array<Promise<SequenceOutcome>> = []
     const tokenizer = this.runtime.engine.tokenizer
@@ -382,6 +384,7 @@ export class PoolConsumer {
           promptIds: prompts[Math.floor(c / n)]!,
           seed: choiceSeed(ctx.seed, c),
           constraint: await nextConstraint?.(),
+          resumeIds: streamed.get(c) ?? [],
         }
         outcomes.push(
           this.submit(p, seq, (t) => {
@@ -391,7 +394,7 @@ export class PoolConsumer {
               top: t.logprobs.top.map((x) => piece(x.tokenId, x.logprob)),
             }
             if (entry) logprobs[c]!.push(entry)
-            this.streamToken(p, ctx, t, skip.get(c) ?? -1, multi ? c : undefined, entry)
+            this.streamToken(p, ctx, t, seq.resumeIds.length - 1, multi ? c : undefined, entry)
           }),
         )
       }
@@ -432,6 +435,7 @@ export class PoolConsumer {
       promptIds: number[]
       seed: number
       constraint?: JsonConstraint | undefined
+      resumeIds?: number[]
     },
     onToken: (t: TokenOutput) => void,
   ): Promise<SequenceOutcome> {
@@ -468,6 +472,7 @@ export class PoolConsumer {
         repetitionPenalty: s.repetitionPenalty,
         minP: s.minP,
         logitBias: s.logitBias,
+        ...(seq.resumeIds?.length ? { resumeIds: seq.resumeIds } : {}),
         logprobs: s.logprobs,
       },
       onToken: (t) => onToken(t),

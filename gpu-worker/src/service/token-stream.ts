@@ -54,17 +54,21 @@ export class TokenStreamWriter {
   }
 
   /**
-   * The last token index already written for each choice of a job with several (a retried job skips
-   * them); one pass over the stream, read only when a job with choices is retried.
+   * The token ids already written for each choice of a retried job, in index order: the retry takes
+   * them instead of sampling (see GenerationParams.resumeIds), so the text its client already has
+   * continues. One pass over the stream, read only when a job is retried mid-stream.
    */
-  async lastIndices(jobId: string): Promise<Map<number, number>> {
+  async streamedTokens(jobId: string): Promise<Map<number, number[]>> {
     const entries = await this.redis.xrange(jobEventsKey(jobId), '-', '+')
-    const last = new Map<number, number>()
+    const ids = new Map<number, number[]>()
     for (const [, fields] of entries) {
       const e = streamEntryEvent(fields)
-      if (e?.type === 'token') last.set(e.choice ?? 0, Math.max(last.get(e.choice ?? 0) ?? -1, e.index))
+      if (e?.type !== 'token') continue
+      const choice = ids.get(e.choice ?? 0) ?? []
+      choice[e.index] = e.tokenId
+      ids.set(e.choice ?? 0, choice)
     }
-    return last
+    return ids
   }
 
   /** Drops what this writer remembers about a job that left this worker (retry, hand-back, end). */
