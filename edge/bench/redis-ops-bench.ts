@@ -195,6 +195,17 @@ const chatBody = (i: number, maxTokens: number) => ({
   messages: [{ role: 'user', content: `Request ${i}: say something about experts.` }],
 })
 
+/** A batch input file of `n` chat lines of up to 64 tokens each. */
+const batchJsonl = (n: number): string =>
+  `${Array.from({ length: n }, (_, i) =>
+    JSON.stringify({
+      custom_id: `r${i}`,
+      method: 'POST',
+      url: '/v1/chat/completions',
+      body: chatBody(i, 64),
+    }),
+  ).join('\n')}\n`
+
 async function runLive(
   stack: Stack,
   tenant: TestTenant,
@@ -457,14 +468,7 @@ async function main() {
       timeout: 120_000,
     })
     const runBatch = async (n: number): Promise<JobRef[]> => {
-      const text = `${Array.from({ length: n }, (_, i) =>
-        JSON.stringify({
-          custom_id: `r${i}`,
-          method: 'POST',
-          url: '/v1/chat/completions',
-          body: chatBody(i, 64),
-        }),
-      ).join('\n')}\n`
+      const text = batchJsonl(n)
       const f = await client.files.create({
         file: await toFile(Buffer.from(text), 'm.jsonl'),
         purpose: 'batch',
@@ -492,14 +496,7 @@ async function main() {
         }
       })
     }
-    const jsonl = `${Array.from({ length: N }, (_, i) =>
-      JSON.stringify({
-        custom_id: `r${i}`,
-        method: 'POST',
-        url: '/v1/chat/completions',
-        body: chatBody(i, 64),
-      }),
-    ).join('\n')}\n`
+    const jsonl = batchJsonl(N)
     const file = await client.files.create({
       file: await toFile(Buffer.from(jsonl), 'ops.jsonl'),
       purpose: 'batch',

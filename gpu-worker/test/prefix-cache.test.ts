@@ -76,45 +76,36 @@ function recorded(
 }
 
 describe('forward passes that extend a non-empty cache', () => {
+  const row = (slot: number, tokens: number[], pastLength: number) => ({
+    slot,
+    tokens,
+    pastLength,
+    allowedExperts: null,
+  })
+  const a = tokens(1, 40)
+  const b = tokens(2, 56)
+  /** The logits of a and b prefilled whole, then their first `heldA` / `heldB` tokens prefilled alone. */
+  async function wholeThenStarts(heldA: number, heldB: number): Promise<Float32Array> {
+    const whole = (await engine.forward([row(0, a, 0), row(1, b, 0)])).logits.slice()
+    await engine.forward([row(0, a.slice(0, heldA), 0), row(1, b.slice(0, heldB), 0)])
+    return whole
+  }
+
   it('give the logits of one whole prefill', async () => {
-    const a = tokens(1, 40)
-    const b = tokens(2, 56)
-    const whole = await engine.forward([
-      { slot: 0, tokens: a, pastLength: 0, allowedExperts: null },
-      { slot: 1, tokens: b, pastLength: 0, allowedExperts: null },
-    ])
-    const wholeLogits = whole.logits.slice()
-    // Row 0 holds 24 positions, row 1 holds 40; each then feeds the rest of its prompt.
-    await engine.forward([
-      { slot: 0, tokens: a.slice(0, 24), pastLength: 0, allowedExperts: null },
-      { slot: 1, tokens: b.slice(0, 40), pastLength: 0, allowedExperts: null },
-    ])
-    const ra = await engine.forward([{ slot: 0, tokens: a.slice(24), pastLength: 24, allowedExperts: null }])
-    const la = ra.logits.slice()
-    const rb = await engine.forward([{ slot: 1, tokens: b.slice(40), pastLength: 40, allowedExperts: null }])
+    // Row 0 holds 24 positions, row 1 holds 40; each then feeds the rest of its prompt alone.
+    const whole = await wholeThenStarts(24, 40)
+    const la = (await engine.forward([row(0, a.slice(24), 24)])).logits.slice()
+    const rb = await engine.forward([row(1, b.slice(40), 40)])
     const V = engine.config.vocab_size
-    expect(maxAbsDiff(la, wholeLogits.subarray(0, V))).toBeLessThan(1e-4)
-    expect(maxAbsDiff(rb.logits, wholeLogits.subarray(V))).toBeLessThan(1e-4)
+    expect(maxAbsDiff(la, whole.subarray(0, V))).toBeLessThan(1e-4)
+    expect(maxAbsDiff(rb.logits, whole.subarray(V))).toBeLessThan(1e-4)
   })
 
   it('extend several rows of different lengths in one pass', async () => {
-    const a = tokens(1, 40)
-    const b = tokens(2, 56)
-    const whole = await engine.forward([
-      { slot: 0, tokens: a, pastLength: 0, allowedExperts: null },
-      { slot: 1, tokens: b, pastLength: 0, allowedExperts: null },
-    ])
-    const wholeLogits = whole.logits.slice()
-    await engine.forward([
-      { slot: 0, tokens: a.slice(0, 24), pastLength: 0, allowedExperts: null },
-      { slot: 1, tokens: b.slice(0, 30), pastLength: 0, allowedExperts: null },
-    ])
     // 16 and 26 new tokens on caches of 24 and 30: the shorter row is padded.
-    const both = await engine.forward([
-      { slot: 0, tokens: a.slice(24), pastLength: 24, allowedExperts: null },
-      { slot: 1, tokens: b.slice(30), pastLength: 30, allowedExperts: null },
-    ])
-    expect(maxAbsDiff(both.logits, wholeLogits)).toBeLessThan(1e-4)
+    const whole = await wholeThenStarts(24, 30)
+    const both = await engine.forward([row(0, a.slice(24), 24), row(1, b.slice(30), 30)])
+    expect(maxAbsDiff(both.logits, whole)).toBeLessThan(1e-4)
   })
 })
 
